@@ -1,0 +1,3 @@
+"""pg-llm command line (placeholder until the CLI module lands)."""
+def main() -> int:
+    return 0

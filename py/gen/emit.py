@@ -1,0 +1,90 @@
+"""Builders for the SQL objects the generator emits: commented statements, SQL/PL/pgSQL functions, and
+PL/Python numpy microkernels whose body is the source of a plain Python function (so the same code is
+unit-tested in numpy and runs inside the server)."""
+from __future__ import annotations
+
+import inspect
+import re
+import textwrap
+from collections.abc import Callable, Sequence
+
+from pg_llm.gen.sqlfmt import check_function_header, sql
+
+
+def comment(text: str) -> str:
+    return "\n".join(("-- " + line).rstrip() for line in textwrap.dedent(text).strip().splitlines())
+
+
+def stmt(text: str, note: str | None = None) -> str:
+    """A top-level statement, parse-checked and pretty-printed, with an optional comment above it."""
+    head = comment(note) + "\n" if note else ""
+    return head + sql(text) + ";\n"
+
+
+def _header(name: str, args: str, returns: str, language: str, volatility: str,
+            settings: Sequence[str], strict: bool, parallel: str) -> str:
+    parts = [f"CREATE OR REPLACE FUNCTION {name}({args})", f"RETURNS {returns}", f"LANGUAGE {language}",
+             volatility]
+    if strict:
+        parts.append("STRICT")
+    if parallel:
+        parts.append(f"PARALLEL {parallel}")
+    parts += [f"SET {s}" for s in settings]
+    header = "\n".join(parts)
+    # sqlglot does not know PARALLEL SAFE; check the rest of the header.
+    check_function_header(" ".join(p for p in parts if not p.startswith("PARALLEL")))
+    return header
+
+
+def function(name: str, args: str, returns: str, body: str, *, language: str = "plpgsql",
+             volatility: str = "VOLATILE", note: str | None = None, settings: Sequence[str] = (),
+             strict: bool = False, parallel: str = "") -> str:
+    """CREATE OR REPLACE FUNCTION with a dollar-quoted body. SQL statements inside PL/pgSQL bodies are
+    built with sqlfmt.sql() by the caller; the envelope is parse-checked here."""
+    header = _header(name, args, returns, language, volatility, settings, strict, parallel)
+    body = textwrap.dedent(body).strip("\n")
+    head = comment(note) + "\n" if note else ""
+    return f"{head}{header}\nAS $fn$\n{body}\n$fn$;\n"
+
+
+_PLACEHOLDER = re.compile(r"^(\s*)@(\w+)(.*)$")
+
+
+def embed(body: str, **queries: str) -> str:
+    """Dedent `body` and replace each line `@name<suffix>` by the pretty-printed, parse-checked SQL
+    statement queries[name], indented like the placeholder, with <suffix> (e.g. ';' or ')') appended."""
+    lines = []
+    for line in textwrap.dedent(body).strip("\n").splitlines():
+        m = _PLACEHOLDER.match(line)
+        if not m:
+            lines.append(line)
+            continue
+        indent, name, suffix = m.groups()
+        if name not in queries:
+            raise KeyError(f"no SQL given for placeholder @{name}")
+        lines.append(textwrap.indent(sql(queries[name]), indent) + suffix)
+    return "\n".join(lines)
+
+
+def plpgsql(declare: str, body: str, **queries: str) -> str:
+    """A PL/pgSQL block; `@name` lines in body are SQL statements built by sqlglot (see embed)."""
+    declare = textwrap.dedent(declare).strip()
+    out = ""
+    if declare:
+        out += "DECLARE\n" + textwrap.indent(declare, "  ") + "\n"
+    return out + "BEGIN\n" + textwrap.indent(embed(body, **queries), "  ") + "\nEND"
+
+
+# Every microkernel starts by fetching numpy from GD: llm_py_boot() imports it once per backend, after
+# putting pg_llm's numpy (a pip wheel with a fast OpenBLAS) on sys.path.
+_BOOT = "np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']"
+
+
+def microkernel(name: str, args: str, returns: str, fn: Callable, call: str, *, note: str,
+                volatility: str = "IMMUTABLE", strict: bool = True) -> str:
+    """A PL/Python function whose body defines `fn` (its exact source) and returns `call`.
+    `fn` takes numpy as its first argument so tests can run it without a server."""
+    src = textwrap.dedent(inspect.getsource(fn)).strip()
+    body = f"{_BOOT}\n{src}\nreturn {call}"
+    return function(name, args, returns, body, language="plpython3u", volatility=volatility, note=note,
+                    strict=strict, parallel="SAFE")

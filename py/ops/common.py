@@ -1,0 +1,58 @@
+"""Shared pieces of every op: output allocation/checks, tile accumulation, the bytea tile-sum aggregate.
+
+Every kernel writes into an output tensor `p_out`: NULL allocates a scratch tensor; an existing tensor must
+have the expected shape and tile; with p_accumulate the result is added into its tiles (ON CONFLICT ...
+DO UPDATE), which is how backward kernels accumulate gradients."""
+from __future__ import annotations
+
+from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.gen.sqlfmt import raw_ddl
+
+SQL_FILE = "kernels/02_common.sql"
+ORDER = 2
+
+KERNEL_SETTINGS = ("jit = off",)  # JIT adds 0.5-2 s to short analytic queries; kernels never benefit.
+UPSERT = "ON CONFLICT (tensor_id, tr, tc) DO UPDATE SET data = llm_mk_add(llm_tile.data, excluded.data)"
+
+
+def add_tiles(np, a, b):
+    x = np.frombuffer(a, dtype='<f4')
+    y = np.frombuffer(b, dtype='<f4')
+    if x.size != y.size:
+        plpy.error('pg_llm: cannot add tiles of %d and %d floats (tile shapes differ)' % (x.size, y.size))  # noqa: F821
+    return (x + y).tobytes()
+
+
+def emit() -> str:
+    out = [microkernel("llm_mk_add", "a BYTEA, b BYTEA", "BYTEA", add_tiles, "add_tiles(np, a, b)",
+                       note="Elementwise sum of two tiles of the same shape (accumulation, tile-sum aggregate).")]
+    out.append(comment("Sum of tiles of one shape: reduces per-block partial results (e.g. bias gradients).") + "\n"
+               + raw_ddl("CREATE AGGREGATE llm_tile_sum(BYTEA) (SFUNC = llm_mk_add, STYPE = BYTEA)") + ";\n")
+    body = plpgsql("r llm_tensor;", """
+        SELECT * INTO r FROM llm_tensor WHERE id = p_id;
+        IF NOT FOUND THEN
+          RAISE EXCEPTION 'pg_llm: %: input % (tensor id %) does not exist', p_op, p_arg, p_id
+            USING HINT = 'Look the tensor up with llm_tensor(model, name) or in the llm_tensors view.';
+        END IF;
+        RETURN r;
+    """)
+    out.append(function("llm_input", "p_id BIGINT, p_op TEXT, p_arg TEXT", "llm_tensor", body, volatility="STABLE",
+                        note="Catalog row of a kernel input, or an error naming the op and argument."))
+    body = plpgsql("r llm_tensor;", """
+        IF p_out IS NULL THEN
+          RETURN llm_tensor_create(p_name, p_shape, p_tile);
+        END IF;
+        r := llm_input(p_out, p_name, 'out');
+        IF llm_rows(r.shape) <> llm_rows(p_shape) OR llm_cols(r.shape) <> llm_cols(p_shape) OR r.tile <> p_tile THEN
+          RAISE EXCEPTION 'pg_llm: %: output tensor "%" has shape % tile %, expected shape % tile %',
+            p_name, r.name, llm_shape_text(r.shape), r.tile, llm_shape_text(p_shape), p_tile;
+        END IF;
+        IF NOT p_accumulate THEN
+          DELETE FROM llm_tile WHERE tensor_id = p_out;
+        END IF;
+        RETURN p_out;
+    """)
+    out.append(function("llm_output", "p_out BIGINT, p_name TEXT, p_shape INT[], p_tile INT[], p_accumulate BOOLEAN",
+                        "BIGINT", body,
+                        note="Allocate (p_out NULL) or check and prepare the output tensor of a kernel."))
+    return "\n".join(out)

@@ -1,0 +1,75 @@
+"""Tests run against a real PostgreSQL: one ephemeral cluster per test session (py/harness), a fresh database
+with pg_llm installed per test module. PG_LLM_TEST_DSN points the suite at an existing server instead;
+PG_LLM_TEST_BACKEND=docker uses testcontainers (skipped with a reason where no Docker engine runs)."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import psycopg
+import pytest
+
+from pg_llm.harness.cluster import Cluster, install_pg_llm, start_ephemeral
+
+
+class Server:
+    """Where test databases are created: our ephemeral cluster, a DSN, or a container."""
+
+    def __init__(self, admin_dsn: str, cluster: Cluster | None = None) -> None:
+        self.admin_dsn = admin_dsn
+        self.cluster = cluster
+
+    def fresh_db(self, name: str) -> str:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        dsn = psycopg.conninfo.make_conninfo(self.admin_dsn, dbname=name)
+        install_pg_llm(dsn)
+        return dsn
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    backend = os.environ.get("PG_LLM_TEST_BACKEND", "local")
+    if os.environ.get("PG_LLM_TEST_DSN"):
+        yield Server(os.environ["PG_LLM_TEST_DSN"])
+    elif backend == "docker":
+        from pg_llm.harness.container import start_container  # skips with a reason when Docker is absent
+
+        with start_container() as dsn:
+            yield Server(dsn)
+    else:
+        cluster = start_ephemeral()
+        try:
+            yield Server(cluster.dsn(), cluster)
+        finally:
+            cluster.destroy()
+
+
+@pytest.fixture(scope="module")
+def dsn(server: Server, request: pytest.FixtureRequest) -> str:
+    name = "t_" + re.sub(r"\W", "_", request.module.__name__.split(".")[-1])[:50]
+    return server.fresh_db(name)
+
+
+@pytest.fixture(scope="module")
+def conn(dsn: str) -> Iterator[psycopg.Connection]:
+    """One long-lived autocommit connection per module (the first PL/Python call imports numpy, ~75 ms)."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+def close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-5) -> None:
+    """The foundation's tolerance: max abs error <= rel x the scale (max |expected|, at least 1)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = float(np.abs(actual - expected).max(initial=0.0))
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"

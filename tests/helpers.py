@@ -1,0 +1,19 @@
+"""Small helpers shared by kernel tests: put numpy arrays in, get tensors out."""
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+
+from pg_llm.loader.tensors import read_tensor, write_tensor
+
+
+def put(conn: psycopg.Connection, arr: np.ndarray, tile: tuple[int, int] | None = None, name: str = "t") -> int:
+    return write_tensor(conn, np.asarray(arr, np.float32), name, tile=tile)
+
+
+def get(conn: psycopg.Connection, tid: int) -> np.ndarray:
+    return read_tensor(conn, tid)
+
+
+def call(conn: psycopg.Connection, sql: str, *args: object) -> int:
+    return conn.execute(sql, args).fetchone()[0]
