@@ -69,10 +69,11 @@ def _helpers() -> str:
         note="Stored rows of a tensor: a 1-D tensor of n is one row of n."))
     out.append(function("llm_cols", "shape INT[]", "INT", """
         SELECT shape[cardinality(shape)]""",
-        language="sql", volatility="IMMUTABLE", strict=True, parallel="SAFE"))
+        language="sql", volatility="IMMUTABLE", strict=True, parallel="SAFE", note="Stored columns of a tensor."))
     out.append(function("llm_shape_text", "shape INT[]", "TEXT", """
         SELECT '(' || array_to_string(shape, ', ') || CASE WHEN cardinality(shape) = 1 THEN ',)' ELSE ')' END""",
-        language="sql", volatility="IMMUTABLE", strict=True, parallel="SAFE"))
+        language="sql", volatility="IMMUTABLE", strict=True, parallel="SAFE",
+        note="A shape as text for error messages, Python style: (3, 4) or (5,)."))
     return "\n".join(out)
 
 

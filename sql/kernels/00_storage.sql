@@ -82,6 +82,7 @@ AS $fn$
 SELECT CASE WHEN cardinality(shape) = 1 THEN 1 ELSE shape[1] END
 $fn$;
 
+-- Stored columns of a tensor.
 CREATE OR REPLACE FUNCTION llm_cols(shape INT[])
 RETURNS INT
 LANGUAGE sql
@@ -92,6 +93,7 @@ AS $fn$
 SELECT shape[cardinality(shape)]
 $fn$;
 
+-- A shape as text for error messages, Python style: (3, 4) or (5,).
 CREATE OR REPLACE FUNCTION llm_shape_text(shape INT[])
 RETURNS TEXT
 LANGUAGE sql

@@ -1,0 +1,20 @@
+"""llm_doctor(): what the server sees (version, plpython3u, numpy, BLAS, cores, sgemm speed)."""
+from __future__ import annotations
+
+import os
+
+import psycopg
+
+
+def test_doctor_reports_everything(conn: psycopg.Connection) -> None:
+    rows = {name: (value, status) for name, value, status in conn.execute("SELECT * FROM llm_doctor()")}
+    assert set(rows) >= {"server", "plpython3u", "numpy", "blas", "cores", "sgemm", "jit"}
+    assert rows["server"][0].startswith("PostgreSQL 15")
+    assert rows["plpython3u"][0].startswith("installed, Python 3.")
+    assert rows["numpy"][0].split()[0].count(".") == 2
+    assert int(rows["cores"][0]) == os.cpu_count()
+    gflops = float(rows["sgemm"][0].split()[0])
+    assert gflops > 0
+    # the warning appears exactly when sgemm is slow (reference BLAS); this machine must not need it
+    assert rows["sgemm"][1].startswith("warning") == (gflops < 20)
+    assert "openblas" in rows["blas"][0].lower(), "pg_llm's pip numpy (OpenBLAS) should be the one imported"
