@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+# pip warns once per package about this machine's optional local indexes; keep the log readable
+quiet_pip() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -41,9 +43,9 @@ stamp=.venv/.pg_llm-setup-stamp
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing pg_llm and its test dependencies into .venv"
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e '.[test]'
+  quiet_pip .venv/bin/pip install -q --upgrade pip
+  quiet_pip .venv/bin/pip install -q torch==2.13.0
+  quiet_pip .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
 
@@ -53,7 +55,7 @@ if [ "$(id -u)" -eq 0 ]; then SERVER_PY=/usr/local/lib/pg_llm/python3; else SERV
 if [ "$(cat "$SERVER_PY/.numpy-version" 2>/dev/null)" != "$NUMPY_VERSION" ]; then
   say "installing numpy $NUMPY_VERSION for plpython3u into $SERVER_PY"
   rm -rf "$SERVER_PY"; mkdir -p "$SERVER_PY"
-  .venv/bin/pip install -q --no-deps --target "$SERVER_PY" "numpy==$NUMPY_VERSION"
+  quiet_pip .venv/bin/pip install -q --no-deps --target "$SERVER_PY" "numpy==$NUMPY_VERSION"
   echo "$NUMPY_VERSION" > "$SERVER_PY/.numpy-version"
   chmod -R a+rX "$SERVER_PY"
 fi

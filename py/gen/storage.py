@@ -34,6 +34,7 @@ def _tables() -> str:
           tile INT[] NOT NULL CHECK (cardinality(tile) = 2 AND 0 < ALL(tile)),
           dtype TEXT NOT NULL DEFAULT 'float32' CHECK (dtype = 'float32'),
           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+          backend_pid INT NOT NULL DEFAULT pg_backend_pid(),
           CHECK ((id > 0) = (role NOT IN ('activation', 'cache')))
         )""", "Tensor catalog: one row per tensor. Scratch tensors (activation, cache) have negative ids.")]
     out.append(stmt("CREATE UNIQUE INDEX llm_tensor_name ON llm_tensor (model, name, role) WHERE id > 0",
@@ -129,12 +130,21 @@ def _create() -> str:
     out.append(function("llm_tensor_drop", "p_id BIGINT", "VOID", """
         DELETE FROM llm_tensor WHERE id = p_id""", language="sql",
         note="Drop a tensor and its tiles (ON DELETE CASCADE)."))
-    out.append(function("llm_scratch_clear", "", "BIGINT", plpgsql("n BIGINT;", """
-        TRUNCATE llm_tile_scratch;
-        DELETE FROM llm_tensor WHERE id < 0;
+    out.append(function("llm_scratch_mark", "", "BIGINT", """
+        SELECT nextval('llm_tensor_scratch_id')""", language="sql",
+        note="A mark: every scratch tensor created after it has a smaller id (see llm_scratch_release)."))
+    out.append(function("llm_scratch_release", "p_mark BIGINT", "BIGINT", plpgsql("n BIGINT;", """
+        DELETE FROM llm_tensor WHERE id < p_mark AND id < 0 AND backend_pid = pg_backend_pid();
         GET DIAGNOSTICS n = ROW_COUNT;
         RETURN n;
-    """), note="Drop every scratch tensor (activations, caches). Returns how many were dropped."))
+    """), note="Drop this backend's scratch tensors created after p_mark (the activations of one call)."))
+    out.append(function("llm_scratch_clear", "", "BIGINT", plpgsql("n BIGINT;", """
+        DELETE FROM llm_tensor AS v
+        WHERE v.id < 0 AND (v.backend_pid = pg_backend_pid()
+          OR NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = v.backend_pid));
+        GET DIAGNOSTICS n = ROW_COUNT;
+        RETURN n;
+    """), note="Drop this backend's scratch tensors and those of backends that no longer run."))
     return "\n".join(out)
 
 

@@ -1,0 +1,140 @@
+"""GPT-2 forward pass as a chain of tile kernels, and the inference API on top of it.
+
+    x = wte[tokens] + wpe[positions]                       (embedding, add)
+    for each block h.i:                                    (pre-LayerNorm transformer block)
+        x = x + attn.c_proj(attention(attn.c_attn(ln_1(x))))
+        x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
+    logits = ln_f(x) @ wte^T                               (tied output projection)
+
+Activations are scratch tensors (UNLOGGED partition); every API call releases the ones it made.
+A batch is B sequences of T tokens flattened to B*T rows; positions restart at 0 for each sequence.
+"""
+from __future__ import annotations
+
+from pg_llm.gen.emit import comment, function, plpgsql
+from pg_llm.ops.common import KERNEL_SETTINGS
+
+SQL_FILE = "api/gpt2.sql"
+ORDER = 80
+
+TILE_ROWS = 256  # activation row tile (rows of B*T); columns follow the weights' tiling
+
+
+def _checks() -> str:
+    body = plpgsql("c llm_model_config; v_bad INT;", """
+        c := llm_model_get(p_model);
+        IF p_tokens IS NULL OR cardinality(p_tokens) = 0 THEN
+          RAISE EXCEPTION 'pg_llm: model "%": empty input: need at least one token id', p_model;
+        END IF;
+        IF p_seq_len < 1 OR cardinality(p_tokens) % p_seq_len <> 0 THEN
+          RAISE EXCEPTION 'pg_llm: model "%": % tokens are not a whole number of sequences of %', p_model,
+            cardinality(p_tokens), p_seq_len;
+        END IF;
+        IF p_seq_len > c.n_ctx THEN
+          RAISE EXCEPTION 'pg_llm: model "%": % tokens in a sequence, more than its context of %', p_model,
+            p_seq_len, c.n_ctx USING HINT = 'Shorten the input or evaluate it with llm_perplexity (sliding window).';
+        END IF;
+        v_bad := (
+          @bad
+        );
+        IF v_bad IS NOT NULL THEN
+          RAISE EXCEPTION 'pg_llm: model "%": token id % is outside the vocabulary [0, %)', p_model, v_bad,
+            c.vocab_size;
+        END IF;
+        RETURN c;
+    """, bad="SELECT t FROM unnest(p_tokens) AS u(t) WHERE t IS NULL OR t < 0 OR t >= c.vocab_size LIMIT 1")
+    return function("llm_gpt2_check_input", "p_model TEXT, p_tokens INT[], p_seq_len INT", "llm_model_config",
+                    body, volatility="STABLE",
+                    note="Validate a model's input: known model, non-empty, within the context, ids in range.")
+
+
+def _forward() -> str:
+    body = plpgsql("""
+        c llm_model_config;
+        n INT := cardinality(p_tokens);
+        t INT := coalesce(p_seq_len, cardinality(p_tokens));
+        x BIGINT; h BIGINT; pre TEXT;
+    """, f"""
+        c := llm_gpt2_check_input(p_model, p_tokens, t);
+        x := llm_add(llm_embedding(llm_param(p_model, 'wte.weight'), p_tokens, NULL, least({TILE_ROWS}, n)),
+                     llm_embedding(llm_param(p_model, 'wpe.weight'),
+                                   ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i), NULL,
+                                   least({TILE_ROWS}, n)));
+        FOR layer IN 0 .. c.n_layer - 1 LOOP
+          pre := 'h.' || layer || '.';
+          h := llm_layernorm(x, llm_param(p_model, pre || 'ln_1.weight'), llm_param(p_model, pre || 'ln_1.bias'),
+                             NULL, c.layer_norm_epsilon);
+          h := llm_linear(h, p_model, pre || 'attn.c_attn');
+          h := llm_attention(h, c.n_head, t);
+          h := llm_linear(h, p_model, pre || 'attn.c_proj');
+          x := llm_add(x, h);
+          h := llm_layernorm(x, llm_param(p_model, pre || 'ln_2.weight'), llm_param(p_model, pre || 'ln_2.bias'),
+                             NULL, c.layer_norm_epsilon);
+          h := llm_gelu(llm_linear(h, p_model, pre || 'mlp.c_fc'));
+          h := llm_linear(h, p_model, pre || 'mlp.c_proj');
+          x := llm_add(x, h);
+        END LOOP;
+        x := llm_layernorm(x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'), NULL,
+                           c.layer_norm_epsilon);
+        RETURN llm_matmul(x, llm_param(p_model, 'wte.weight'), NULL, FALSE, TRUE);
+    """)
+    return function("llm_gpt2_forward", "p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL", "BIGINT", body,
+                    settings=KERNEL_SETTINGS,
+                    note="""op: GPT-2 forward. tokens (B*T ids, sequences of p_seq_len = T, default all one
+                    sequence) -> logits scratch tensor (B*T, vocab). Caller releases scratch tensors.""")
+
+
+def _helpers() -> str:
+    out = [function("llm_param", "p_model TEXT, p_name TEXT", "BIGINT", """
+        SELECT llm_tensor(p_model, p_name, 'param')""", language="sql", volatility="STABLE",
+                    note="Id of a model parameter by its GPT-2 name (h.0.attn.c_attn.weight ...).")]
+    out.append(function("llm_linear", "p_x BIGINT, p_model TEXT, p_prefix TEXT", "BIGINT", """
+        SELECT llm_add_bias(llm_matmul(p_x, llm_param(p_model, p_prefix || '.weight')),
+                            llm_param(p_model, p_prefix || '.bias'))""", language="sql",
+                        note="GPT-2 Conv1D: x @ weight [in, out] + bias, parameters found by prefix."))
+    return "\n".join(out)
+
+
+def _api() -> str:
+    out = []
+    body = plpgsql("v_mark BIGINT; v_logits BIGINT; v_out FLOAT4[];", """
+        v_mark := llm_scratch_mark();
+        v_logits := llm_gpt2_forward(model, tokens);
+        v_out := (SELECT r.vals FROM llm_tensor_rows(v_logits, cardinality(tokens) - 1, 1) AS r);
+        PERFORM llm_scratch_release(v_mark);
+        RETURN v_out;
+    """)
+    out.append(function("llm_logits", "model TEXT, tokens INT[]", "FLOAT4[]", body, settings=KERNEL_SETTINGS,
+                        note="Logits of the last position (vocab floats) for one sequence of token ids."))
+    body = plpgsql("v_mark BIGINT; v_logits BIGINT;", """
+        v_mark := llm_scratch_mark();
+        v_logits := llm_gpt2_forward(model, tokens);
+        RETURN QUERY SELECT r.row_index, r.vals FROM llm_tensor_rows(v_logits) AS r;
+        PERFORM llm_scratch_release(v_mark);
+    """)
+    out.append(function("llm_logits_all", "model TEXT, tokens INT[]", "TABLE(pos INT, logits FLOAT4[])", body,
+                        settings=KERNEL_SETTINGS, note="Logits of every position of one sequence of token ids."))
+    body = plpgsql("v_mark BIGINT; v_logits BIGINT; v_loss FLOAT8;", """
+        IF cardinality(targets) IS DISTINCT FROM cardinality(tokens) THEN
+          RAISE EXCEPTION 'pg_llm: llm_loss: % tokens but % targets', cardinality(tokens), cardinality(targets)
+            USING HINT = 'targets[i] is the id that should follow tokens[i]: same length.';
+        END IF;
+        IF training THEN
+          RAISE EXCEPTION 'pg_llm: llm_loss(training => true) needs the training extension (dropout)'
+            USING HINT = 'Use training => false for evaluation.';
+        END IF;
+        v_mark := llm_scratch_mark();
+        v_logits := llm_gpt2_forward(model, tokens, seq_len);
+        v_loss := llm_cross_entropy(v_logits, targets);
+        PERFORM llm_scratch_release(v_mark);
+        RETURN v_loss;
+    """)
+    out.append(function("llm_loss", "model TEXT, tokens INT[], targets INT[], training BOOLEAN DEFAULT FALSE, "
+                        "seq_len INT DEFAULT NULL", "FLOAT8", body, settings=KERNEL_SETTINGS,
+                        note="Mean negative log-likelihood per token of targets given tokens (B*T of them, "
+                             "sequences of seq_len)."))
+    return "\n".join(out)
+
+
+def emit() -> str:
+    return "\n".join([comment(__doc__ or ""), _checks(), _helpers(), _forward(), _api()])
