@@ -21,11 +21,12 @@ generate:  ## regenerate sql/**, install.sql and the extension script from py/
 check-generated:  ## fail when committed SQL differs from the generator's output
 	$(PY) -m pg_llm.gen.build --check
 
-install: generate  ## install the extension files so CREATE EXTENSION pg_llm works
+install:  ## install the (committed, generated) extension files so CREATE EXTENSION pg_llm works
 	@if [ -w "$(EXTDIR)" ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO install -m 644 pg_llm.control pg_llm--0.1.0.sql "$(EXTDIR)/" && echo "installed pg_llm into $(EXTDIR)"
 
 test:  ## the whole default suite on an ephemeral PostgreSQL (tiny configs)
+	@if [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then $(MAKE) --no-print-directory install >/dev/null; fi
 	$(VENV)/bin/ruff check py tests
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

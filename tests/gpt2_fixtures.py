@@ -9,7 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = dict(n_embd=48, n_head=3, n_layer=2, n_positions=37, vocab_size=301)  # not multiples of the tile
+TINY = dict(n_embd=48, n_head=3, n_layer=2, n_positions=37, vocab_size=301,  # not multiples of the tile
+            bos_token_id=300, eos_token_id=300)
 
 
 def make_hf_model(path: Path, seed: int = 0, **overrides: int):

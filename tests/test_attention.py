@@ -5,6 +5,7 @@ import numpy as np
 import psycopg
 import pytest
 import torch
+
 from conftest import close
 from helpers import call, get, put
 
@@ -45,3 +46,30 @@ def test_errors(conn: psycopg.Connection) -> None:
         conn.execute("SELECT llm_attention(%s, 3, 3)", (q,))
     with pytest.raises(psycopg.errors.RaiseException, match="not a whole number of sequences of 4"):
         conn.execute("SELECT llm_attention(%s, 2, 4)", (q,))
+
+
+def test_dropout_on_probabilities(conn: psycopg.Connection, rng: np.random.Generator) -> None:
+    """Dropout on attention probabilities: reproducible per seed, and backward consistent with forward
+    (checked by a directional finite difference in float64 of the same masked function)."""
+    from pg_llm.ops.attention import attention_backward, attention_forward
+
+    B, T, C, H = 2, 9, 12, 3
+    qkv = rng.standard_normal((B * T, 3 * C)).astype(np.float32)
+    iq = put(conn, qkv, (256, 256))
+    y1 = get(conn, call(conn, "SELECT llm_attention(%s, %s, %s, NULL, 0.3, 7)", iq, H, T))
+    y2 = get(conn, call(conn, "SELECT llm_attention(%s, %s, %s, NULL, 0.3, 7)", iq, H, T))
+    y3 = get(conn, call(conn, "SELECT llm_attention(%s, %s, %s, NULL, 0.3, 8)", iq, H, T))
+    y0 = get(conn, call(conn, "SELECT llm_attention(%s, %s, %s)", iq, H, T))
+    assert (y1 == y2).all() and not (y1 == y3).all() and not (y1 == y0).all()
+
+    def f(x: np.ndarray) -> np.ndarray:  # the masked forward in float64 via the same microkernel
+        out = attention_forward(np, [x.astype(np.float32).tobytes()], B * T, 3 * C, B * T, 3 * C, H, T, 0.3, 7)
+        return np.frombuffer(out[0], "<f4").reshape(B * T, C).astype(np.float64)
+
+    dy = rng.standard_normal((B * T, C))
+    g = np.frombuffer(attention_backward(np, [qkv.tobytes()], [dy.astype(np.float32).tobytes()], B * T, 3 * C,
+                                         B * T, 3 * C, H, T, 0.3, 7)[0], "<f4").reshape(B * T, 3 * C)
+    d = rng.standard_normal(qkv.shape).astype(np.float32)
+    eps = 1e-2
+    fd = ((f(qkv + eps * d) - f(qkv - eps * d)) * dy).sum() / (2 * eps)
+    assert abs(fd - (g * d).sum()) <= 1e-2 * max(1.0, abs(fd))

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Server
 
 from pg_llm.gen import build
 from pg_llm.gen.sqlfmt import SqlGenError, sql
+
+from conftest import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 

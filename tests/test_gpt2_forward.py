@@ -5,6 +5,7 @@ import numpy as np
 import psycopg
 import pytest
 import torch
+
 from gpt2_fixtures import import_tiny
 
 

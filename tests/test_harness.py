@@ -9,10 +9,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Server
 
 from pg_llm.harness.cluster import start_ephemeral
 from pg_llm.harness.container import docker_unavailable_reason
+
+from conftest import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,14 +1,16 @@
-"""matmul forward and backward over tiles, against numpy and torch.autograd, with ragged tiles."""
+"""matmul forward and backward over tiles, against numpy and torch.autograd, with ragged tiles; the panel
+kernel with the default budget (one call) and tiny budgets (one call per output tile, mixed panels)."""
 from __future__ import annotations
 
 import numpy as np
 import psycopg
 import pytest
 import torch
+
+from pg_llm.ops.matmul import matmul_panel, matmul_tile, panel_block
+
 from conftest import close
 from helpers import call, get, put
-
-from pg_llm.ops.matmul import matmul_tile
 
 SHAPES = [  # (m, k, n, tile): sizes that are not multiples of the tile
     (5, 7, 3, (4, 4)),
@@ -27,13 +29,55 @@ def test_microkernel_in_numpy(rng: np.random.Generator) -> None:
     close(out, a @ b)
 
 
+def tile_grid(x: np.ndarray, tile: tuple[int, int]) -> list[bytes]:
+    th, tw = tile
+    return [np.ascontiguousarray(x[r:r + th, c:c + tw]).tobytes()
+            for r in range(0, x.shape[0], th) for c in range(0, x.shape[1], tw)]
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_panel_microkernel_in_numpy(rng: np.random.Generator, ta: bool, tb: bool) -> None:
+    m, k, n, tile = 10, 9, 7, (4, 3)
+    a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+    geom = [*a.shape, *tile, 0, -(-a.shape[0] // 4), 0, -(-a.shape[1] // 3)]
+    geom_b = [*b.shape, *tile, 0, -(-b.shape[0] // 4), 0, -(-b.shape[1] // 3)]
+    got = np.zeros((m, n), np.float32)
+    tm, tn = (3 if ta else 4), (4 if tb else 3)
+    for i, j, data in matmul_panel(np, tile_grid(a, tile), geom, ta, tile_grid(b, tile), geom_b, tb):
+        got[i * tm:(i + 1) * tm, j * tn:(j + 1) * tn] = np.frombuffer(data, "<f4").reshape(
+            min(tm, m - i * tm), min(tn, n - j * tn))
+    close(got, (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64))
+
+
+def test_panel_block_boxes() -> None:
+    """panel_block asks for the right tile box (fake plpy: no server) and returns the geometry with it."""
+    class FakePlpy:
+        def prepare(self, sql: str, types: list[str]) -> str:
+            assert "ORDER BY tr, tc" in sql
+            return "plan"
+
+        def execute(self, plan: str, args: list[int]) -> list[dict[str, bytes]]:
+            self.args = args
+            return [{"data": b"x"}]
+    plpy, gd = FakePlpy(), {}
+    _, geom = panel_block(plpy, gd, 7, [10, 9, 4, 3], False, 1, 2)  # rows in 3 tiles, cols in 3 tiles
+    assert plpy.args == [7, 2, 3, 0, 3] and geom == [10, 9, 4, 3, 2, 3, 0, 3] and gd["llm_panel_plan"] == "plan"
+    panel_block(plpy, gd, 7, [10, 9, 4, 3], True, 0, 2)
+    assert plpy.args == [7, 0, 3, 0, 2]
+
+
+@pytest.mark.parametrize("budget", [None, 1, 3000])
 @pytest.mark.parametrize("m,k,n,tile", SHAPES)
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
 def test_forward(conn: psycopg.Connection, rng: np.random.Generator, m: int, k: int, n: int,
-                 tile: tuple[int, int], ta: bool, tb: bool) -> None:
+                 tile: tuple[int, int], ta: bool, tb: bool, budget: int | None) -> None:
+    """budget (pg_llm.matmul_panel_floats): None = one panel, 1 = one call per output tile, 3000 = a mix."""
     a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
     b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+    conn.execute("SELECT set_config('pg_llm.matmul_panel_floats', %s, FALSE)", ("" if budget is None else str(budget),))
     out = call(conn, "SELECT llm_matmul(%s, %s, NULL, %s, %s)", put(conn, a, tile), put(conn, b, tile), ta, tb)
+    conn.execute("SELECT set_config('pg_llm.matmul_panel_floats', '', FALSE)")
     want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
     close(get(conn, out), want)
     shape, tile_out = conn.execute("SELECT shape, tile FROM llm_tensor WHERE id = %s", (out,)).fetchone()
@@ -80,4 +124,5 @@ def test_errors(conn: psycopg.Connection) -> None:
     n_before = call(conn, "SELECT count(*) FROM llm_tile")
     with pytest.raises(psycopg.errors.RaiseException, match=r'output tensor "o" has shape \(3, 3\)'):
         conn.execute("SELECT llm_matmul(%s, %s, %s)", (a, put(conn, np.ones((4, 2)), (2, 2)), wrong))
-    assert call(conn, "SELECT count(*) FROM llm_tile") == n_before + 2  # only the new input (4x2 in 2x2 tiles) was written
+    # only the new input (4x2 in 2x2 tiles) was written
+    assert call(conn, "SELECT count(*) FROM llm_tile") == n_before + 2

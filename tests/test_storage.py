@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import psycopg
 import pytest
-from helpers import call, get, put
 
 from pg_llm.loader.tensors import iter_tiles, read_tensor, write_tensor
+
+from helpers import call, get, put
 
 
 @pytest.mark.parametrize("shape,tile", [((50, 37), (16, 16)), ((301,), (1, 64)), ((5, 3), (256, 256)),

@@ -56,43 +56,39 @@ def _forward() -> str:
         x BIGINT; h BIGINT; pre TEXT;
     """, f"""
         c := llm_gpt2_check_input(p_model, p_tokens, t);
-        x := llm_add(llm_embedding(llm_param(p_model, 'wte.weight'), p_tokens, NULL, least({TILE_ROWS}, n)),
-                     llm_embedding(llm_param(p_model, 'wpe.weight'),
-                                   ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i), NULL,
-                                   least({TILE_ROWS}, n)));
+        x := llm_t_add(p_tape,
+                       llm_t_embedding(p_tape, llm_param(p_model, 'wte.weight'), p_tokens, least({TILE_ROWS}, n)),
+                       llm_t_embedding(p_tape, llm_param(p_model, 'wpe.weight'),
+                                       ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i), least({TILE_ROWS}, n)));
+        x := llm_t_dropout(p_tape, x, p_dropout, llm_site_seed(p_seed, 'embd'));
         FOR layer IN 0 .. c.n_layer - 1 LOOP
           pre := 'h.' || layer || '.';
-          h := llm_layernorm(x, llm_param(p_model, pre || 'ln_1.weight'), llm_param(p_model, pre || 'ln_1.bias'),
-                             NULL, c.layer_norm_epsilon);
-          h := llm_linear(h, p_model, pre || 'attn.c_attn');
-          h := llm_attention(h, c.n_head, t);
-          h := llm_linear(h, p_model, pre || 'attn.c_proj');
-          x := llm_add(x, h);
-          h := llm_layernorm(x, llm_param(p_model, pre || 'ln_2.weight'), llm_param(p_model, pre || 'ln_2.bias'),
-                             NULL, c.layer_norm_epsilon);
-          h := llm_gelu(llm_linear(h, p_model, pre || 'mlp.c_fc'));
-          h := llm_linear(h, p_model, pre || 'mlp.c_proj');
-          x := llm_add(x, h);
+          h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || 'ln_1.weight'),
+                               llm_param(p_model, pre || 'ln_1.bias'), c.layer_norm_epsilon);
+          h := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_attn');
+          h := llm_t_attention(p_tape, h, c.n_head, t, p_dropout, llm_site_seed(p_seed, pre || 'attn'));
+          h := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_proj');
+          h := llm_t_dropout(p_tape, h, p_dropout, llm_site_seed(p_seed, pre || 'attn.resid'));
+          x := llm_t_add(p_tape, x, h);
+          h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || 'ln_2.weight'),
+                               llm_param(p_model, pre || 'ln_2.bias'), c.layer_norm_epsilon);
+          h := llm_t_gelu(p_tape, llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_fc'));
+          h := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_proj');
+          h := llm_t_dropout(p_tape, h, p_dropout, llm_site_seed(p_seed, pre || 'mlp.resid'));
+          x := llm_t_add(p_tape, x, h);
         END LOOP;
-        x := llm_layernorm(x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'), NULL,
-                           c.layer_norm_epsilon);
-        RETURN llm_matmul(x, llm_param(p_model, 'wte.weight'), NULL, FALSE, TRUE);
+        x := llm_t_layernorm(p_tape, x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'),
+                             c.layer_norm_epsilon);
+        RETURN llm_t_matmul(p_tape, x, llm_param(p_model, 'wte.weight'), FALSE, TRUE);
     """)
-    return function("llm_gpt2_forward", "p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL", "BIGINT", body,
+    return function("llm_gpt2_forward",
+                    "p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, "
+                    "p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0", "BIGINT", body,
                     settings=KERNEL_SETTINGS,
                     note="""op: GPT-2 forward. tokens (B*T ids, sequences of p_seq_len = T, default all one
-                    sequence) -> logits scratch tensor (B*T, vocab). Caller releases scratch tensors.""")
-
-
-def _helpers() -> str:
-    out = [function("llm_param", "p_model TEXT, p_name TEXT", "BIGINT", """
-        SELECT llm_tensor(p_model, p_name, 'param')""", language="sql", volatility="STABLE",
-                    note="Id of a model parameter by its GPT-2 name (h.0.attn.c_attn.weight ...).")]
-    out.append(function("llm_linear", "p_x BIGINT, p_model TEXT, p_prefix TEXT", "BIGINT", """
-        SELECT llm_add_bias(llm_matmul(p_x, llm_param(p_model, p_prefix || '.weight')),
-                            llm_param(p_model, p_prefix || '.bias'))""", language="sql",
-                        note="GPT-2 Conv1D: x @ weight [in, out] + bias, parameters found by prefix."))
-    return "\n".join(out)
+                    sequence) -> logits scratch tensor (B*T, vocab). With p_tape every op is recorded for
+                    backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
+                    branches) with masks seeded from p_seed. Caller releases scratch tensors.""")
 
 
 def _api() -> str:
@@ -137,4 +133,4 @@ def _api() -> str:
 
 
 def emit() -> str:
-    return "\n".join([comment(__doc__ or ""), _checks(), _helpers(), _forward(), _api()])
+    return "\n".join([comment(__doc__ or ""), _checks(), _forward(), _api()])

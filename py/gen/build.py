@@ -61,14 +61,15 @@ def outputs() -> dict[str, str]:
     head = BANNER.format(src="all generator modules")
     files["install.sql"] = (head + "-- Install pg_llm into the current database: psql -f install.sql\n"
                             "SET client_min_messages = warning;\n"
-                            "CREATE EXTENSION IF NOT EXISTS plpython3u;\n" + body)
+                            "CREATE EXTENSION IF NOT EXISTS plpython3u;\n"
+                            "CREATE EXTENSION IF NOT EXISTS dblink;\n" + body)
     files[f"pg_llm--{VERSION}.sql"] = (head + "\\echo Use \"CREATE EXTENSION pg_llm\" to load this file. \\quit\n"
                                        + body)
     files["pg_llm.control"] = ("# pg_llm: GPT-2 trained, evaluated and sampled from SQL\n"
                                f"comment = 'GPT-2 in SQL: tiled tensors, numpy microkernels, training'\n"
                                f"default_version = '{VERSION}'\n"
                                "relocatable = false\n"
-                               "requires = 'plpython3u'\n"
+                               "requires = 'plpython3u, dblink'\n"
                                "superuser = true\n")
     return files
 

@@ -5,9 +5,9 @@ A tensor is 1-D (n) or 2-D (rows, cols); a 1-D tensor is stored as one row (1, n
 [tr*tile_rows, min((tr+1)*tile_rows, rows)) and the matching columns, as raw little-endian float32 in
 row-major order: a bytea, because float4[] costs 0.5-0.8 us per element leaving PL/Python and bytea ~0.5 ns.
 
-Durable tensors (param, grad, adam_m, adam_v) have positive ids and live in the logged partition
-llm_tile_durable. Scratch tensors (activation, cache) have negative ids and live in the UNLOGGED partition
-llm_tile_scratch: no WAL for activations, and a crash simply empties them.
+Durable tensors (param, adam_m, adam_v) have positive ids and live in the logged partition llm_tile_durable.
+Scratch tensors (activation, cache, grad) have negative ids and live in the UNLOGGED partition
+llm_tile_scratch: no WAL for what a training step or a forward pass throws away, and a crash empties them.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ SQL_FILE = "kernels/00_storage.sql"
 ORDER = 0
 
 DEFAULT_TILE = (256, 256)
-SCRATCH_ROLES = ("activation", "cache")
+SCRATCH_ROLES = ("activation", "cache", "grad")
 ROLES = ("param", "grad", "adam_m", "adam_v", "activation", "cache")
 
 
@@ -35,7 +35,7 @@ def _tables() -> str:
           dtype TEXT NOT NULL DEFAULT 'float32' CHECK (dtype = 'float32'),
           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
           backend_pid INT NOT NULL DEFAULT pg_backend_pid(),
-          CHECK ((id > 0) = (role NOT IN ('activation', 'cache')))
+          CHECK ((id > 0) = (role NOT IN ('activation', 'cache', 'grad')))
         )""", "Tensor catalog: one row per tensor. Scratch tensors (activation, cache) have negative ids.")]
     out.append(stmt("CREATE UNIQUE INDEX llm_tensor_name ON llm_tensor (model, name, role) WHERE id > 0",
                     "Durable tensors are found by (model, name, role): GPT-2 names such as h.0.attn.c_attn.weight."))
@@ -93,7 +93,7 @@ def _create() -> str:
           RAISE EXCEPTION 'pg_llm: tensor "%" has invalid tile shape % (want ARRAY[tile_rows, tile_cols] > 0)',
             p_name, v_tile;
         END IF;
-        IF p_role IN ('activation', 'cache') THEN
+        IF p_role IN ('activation', 'cache', 'grad') THEN
           v_id := nextval('llm_tensor_scratch_id');
         ELSE
           v_id := nextval('llm_tensor_durable_id');
@@ -118,6 +118,9 @@ def _create() -> str:
     """, q="SELECT id FROM llm_tensor WHERE model = p_model AND name = p_name AND role = p_role AND id > 0")
     out.append(function("llm_tensor", "p_model TEXT, p_name TEXT, p_role TEXT DEFAULT 'param'", "BIGINT", body,
                         volatility="STABLE", note="Id of a durable tensor by model, GPT-2 name and role."))
+    out.append(function("llm_param", "p_model TEXT, p_name TEXT", "BIGINT", """
+        SELECT llm_tensor(p_model, p_name, 'param')""", language="sql", volatility="STABLE",
+                        note="Id of a model parameter by its GPT-2 name (h.0.attn.c_attn.weight ...)."))
     body = plpgsql("r llm_tensor;", """
         SELECT * INTO r FROM llm_tensor WHERE id = p_id;
         IF NOT FOUND THEN

@@ -64,7 +64,7 @@ def write_tensor(conn: psycopg.Connection, arr: np.ndarray, name: str, *, model:
     if check_nan:
         check_finite(name, a)
     t = default_tile(a.shape, tile)
-    if replace and role not in ("activation", "cache"):
+    if replace and role not in ("activation", "cache", "grad"):
         conn.execute("DELETE FROM llm_tensor WHERE model = %s AND name = %s AND role = %s AND id > 0",
                      (model, name, role))
     tid = conn.execute("SELECT llm_tensor_create(%s, %s, %s, %s, %s)",

@@ -17,8 +17,9 @@ SQL_FILE = "kernels/attention.sql"
 ORDER = 30
 
 
-def attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len):
-    """y tiles (row-major tile order, tile th x min(tw, C)) of causal attention over qkv's tiles."""
+def attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len, rate, seed):
+    """y tiles (row-major tile order, tile th x min(tw, C)) of causal attention over qkv's tiles.
+    rate > 0 applies inverted dropout to the probabilities with a mask drawn from `seed` (backward redraws it)."""
     f = '<f4'
     ntc = -(-cols // tw)
     qkv = np.vstack([np.hstack([np.frombuffer(tiles[r * ntc + c], dtype=f).reshape(min(th, rows - r * th), -1)
@@ -32,14 +33,18 @@ def attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len):
     att = np.where(np.tril(np.ones((seq_len, seq_len), dtype=bool)), att, np.float32(-np.inf))
     att = np.exp(att - att.max(axis=-1, keepdims=True))
     att /= att.sum(axis=-1, keepdims=True)
+    if rate > 0:
+        keep = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed))).random(att.shape) >= rate
+        att = att * keep * np.float32(1.0 / (1.0 - rate))
     y = np.matmul(att, v).transpose(0, 2, 1, 3).reshape(rows, C)
     otw = min(tw, C)
     return [np.ascontiguousarray(y[r:r + th, c:c + otw], dtype=f).tobytes()
             for r in range(0, rows, th) for c in range(0, C, otw)]
 
 
-def attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len):
-    """dqkv tiles (qkv's tiling) given qkv's tiles and dy's tiles (tile th x min(tw, C))."""
+def attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len, rate, seed):
+    """dqkv tiles (qkv's tiling) given qkv's tiles and dy's tiles (tile th x min(tw, C)); the dropout mask
+    of the forward is redrawn from the same seed."""
     f = '<f4'
     C = cols // 3
     otw = min(tw, C)
@@ -61,8 +66,12 @@ def attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     dyh = dy.reshape(B, seq_len, n_head, hd).transpose(0, 2, 1, 3)
-    dv = np.matmul(p.transpose(0, 1, 3, 2), dyh)
-    dp = np.matmul(dyh, v.transpose(0, 1, 3, 2))
+    drop = 1.0
+    if rate > 0:
+        keep = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed))).random(p.shape) >= rate
+        drop = keep / (1.0 - rate)
+    dv = np.matmul((p * drop).transpose(0, 1, 3, 2), dyh)
+    dp = np.matmul(dyh, v.transpose(0, 1, 3, 2)) * drop
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
     dq = np.matmul(ds, k)
     dk = np.matmul(ds.transpose(0, 1, 3, 2), q)
@@ -83,6 +92,9 @@ CHECKS = """
         r.name, v_rows, p_seq_len USING HINT = 'Rows are B sequences of T tokens stacked: B * T.';
     END IF;
     v_otile := ARRAY[r.tile[1], least(r.tile[2], v_cols / 3)];
+    IF p_dropout IS NULL OR p_dropout < 0 OR p_dropout >= 1 OR p_seed IS NULL OR p_seed < 0 THEN
+      RAISE EXCEPTION 'pg_llm: attention: dropout must be in [0, 1) and seed >= 0, got % and %', p_dropout, p_seed;
+    END IF;
 """
 
 FORWARD = """
@@ -93,7 +105,7 @@ FORWARD = """
       FROM llm_tile AS t WHERE t.tensor_id = p_qkv
     ) AS g
     CROSS JOIN LATERAL unnest(llm_mk_attention(g.tiles, v_rows, v_cols, r.tile[1], r.tile[2], p_n_head,
-                                               p_seq_len)) WITH ORDINALITY AS o(data, n)
+                                               p_seq_len, p_dropout, p_seed)) WITH ORDINALITY AS o(data, n)
 """
 
 BACKWARD = """
@@ -108,7 +120,8 @@ BACKWARD = """
       FROM llm_tile AS t WHERE t.tensor_id = p_dy
     ) AS d
     CROSS JOIN LATERAL unnest(llm_mk_attention_backward(g.tiles, d.tiles, v_rows, v_cols, r.tile[1], r.tile[2],
-                                                        p_n_head, p_seq_len)) WITH ORDINALITY AS o(data, n)
+                                                        p_n_head, p_seq_len, p_dropout, p_seed))
+      WITH ORDINALITY AS o(data, n)
     WHERE TRUE
     ON CONFLICT (tensor_id, tr, tc) DO UPDATE SET data = llm_mk_add(llm_tile.data, excluded.data)
 """
@@ -121,7 +134,8 @@ def _forward() -> str:
         @forward;
         RETURN v_out;
     """, forward=FORWARD)
-    return function("llm_attention", "p_qkv BIGINT, p_n_head INT, p_seq_len INT, p_out BIGINT DEFAULT NULL",
+    return function("llm_attention", "p_qkv BIGINT, p_n_head INT, p_seq_len INT, p_out BIGINT DEFAULT NULL, "
+                    "p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0",
                     "BIGINT", body, settings=KERNEL_SETTINGS,
                     note="""op: attention forward (causal, multi-head). qkv (B*T, 3C) -> y (B*T, C).
                     tiling: one llm_mk_attention call over all qkv tiles; y tiles are (qkv tile rows, min(tile
@@ -144,18 +158,18 @@ def _backward() -> str:
     """, backward=BACKWARD)
     return function("llm_attention_backward",
                     "p_qkv BIGINT, p_dy BIGINT, p_n_head INT, p_seq_len INT, p_out BIGINT DEFAULT NULL, "
-                    "p_accumulate BOOLEAN DEFAULT FALSE", "BIGINT", body, settings=KERNEL_SETTINGS,
+                    "p_accumulate BOOLEAN DEFAULT FALSE, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0", "BIGINT", body, settings=KERNEL_SETTINGS,
                     note="""op: attention backward. qkv (B*T, 3C), dy (B*T, C) -> dqkv (B*T, 3C), recomputing
                     the probabilities in float64. tiling: one call over all tiles; dqkv has qkv's tiling.""")
 
 
 def emit() -> str:
     fwd = microkernel("llm_mk_attention", "tiles BYTEA[], rows INT, cols INT, th INT, tw INT, n_head INT, "
-                      "seq_len INT", "BYTEA[]", attention_forward,
-                      "attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len)",
+                      "seq_len INT, rate FLOAT8, seed BIGINT", "BYTEA[]", attention_forward,
+                      "attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len, rate, seed)",
                       note="attention microkernel: causal multi-head attention of one qkv matrix given as tiles.")
     bwd = microkernel("llm_mk_attention_backward", "tiles BYTEA[], dy_tiles BYTEA[], rows INT, cols INT, th INT, "
-                      "tw INT, n_head INT, seq_len INT", "BYTEA[]", attention_backward,
-                      "attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len)",
+                      "tw INT, n_head INT, seq_len INT, rate FLOAT8, seed BIGINT", "BYTEA[]", attention_backward,
+                      "attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len, rate, seed)",
                       note="attention backward microkernel: dqkv tiles from qkv and dy tiles.")
     return "\n".join([comment(__doc__ or ""), fwd, bwd, _forward(), _backward()])

@@ -1,0 +1,201 @@
+"""Training from SQL: one optimizer step (llm_train_step) and the loop (CALL llm_train / SELECT llm_train).
+
+A step: sample a seeded mini-batch of llm_dataset rows -> forward with a tape (dropout on) -> loss ->
+backward -> global grad-norm clip -> AdamW with the warmup + cosine schedule -> log. Everything random in
+step s is derived from (seed, s), so the step number is the RNG position: resuming at step s replays exactly
+what an uninterrupted run would have done. Parameters and moments are durable; activations, gradients and
+the tape are scratch and dropped when the step ends.
+"""
+from __future__ import annotations
+
+from pg_llm.gen.emit import comment, function, plpgsql, stmt
+from pg_llm.ops.common import KERNEL_SETTINGS
+
+SQL_FILE = "api/train.sql"
+ORDER = 86
+
+# The GPT-2 recipe (the user's playbook): every value is overridable per call.
+HYPER = """lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL,
+min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9,
+beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1,
+grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337""".replace("\n", " ")
+
+
+def _tables() -> str:
+    return "\n".join([
+        stmt("""
+            CREATE TABLE llm_train_log (
+              model TEXT NOT NULL REFERENCES llm_model (name) ON DELETE CASCADE,
+              step INT NOT NULL,
+              loss FLOAT8 NOT NULL,
+              lr FLOAT8 NOT NULL,
+              grad_norm FLOAT8 NOT NULL,
+              tokens BIGINT NOT NULL,
+              seconds FLOAT8 NOT NULL,
+              val_loss FLOAT8,
+              dataset TEXT NOT NULL,
+              batch_size INT NOT NULL,
+              seed BIGINT NOT NULL,
+              logged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+              PRIMARY KEY (model, step)
+            )""", "One row per completed optimizer step (committed with the step's parameter update)."),
+        stmt("""
+            CREATE TABLE llm_train_job (
+              model TEXT PRIMARY KEY REFERENCES llm_model (name) ON DELETE CASCADE,
+              pid INT NOT NULL,
+              started_at TIMESTAMPTZ NOT NULL,
+              first_step INT NOT NULL,
+              target_step INT NOT NULL,
+              step INT NOT NULL,
+              loss FLOAT8,
+              tokens_per_s FLOAT8,
+              updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )""", "The running (or last) llm_train loop of each model; see the llm_train_progress view."),
+        stmt("""
+            CREATE VIEW llm_train_progress AS
+            SELECT j.model, j.pid, EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = j.pid) AS running,
+                   j.step, j.target_step, round(100.0 * (j.step - j.first_step)
+                   / greatest(j.target_step - j.first_step, 1), 1) AS pct, j.loss, j.tokens_per_s,
+                   j.started_at, j.updated_at,
+                   CASE WHEN j.step > j.first_step THEN (j.updated_at - j.started_at)
+                        * ((j.target_step - j.step)::FLOAT8 / (j.step - j.first_step)) END AS eta
+            FROM llm_train_job AS j""", "Progress of training loops: step, loss, tokens/s, ETA."),
+    ]) + "\n"
+
+
+def _batch() -> str:
+    body = plpgsql("v_rows INT; v_len INT; v_bad INT;", """
+        v_rows := (
+          @count
+        );
+        IF v_rows = 0 THEN
+          RAISE EXCEPTION 'pg_llm: dataset "%" has no rows in split "%"', p_dataset, p_split
+            USING HINT = 'Load a corpus with: pg-llm corpus load --name ' || p_dataset || ' FILES...';
+        END IF;
+        RETURN QUERY
+          @pick;
+    """, count="SELECT count(*) FROM llm_dataset AS d WHERE d.dataset = p_dataset AND d.split = p_split",
+        pick="""
+        SELECT d.tokens, d.targets FROM llm_dataset AS d
+        WHERE d.dataset = p_dataset AND d.split = p_split
+        ORDER BY md5(p_seed::TEXT || ':' || p_step::TEXT || ':' || p_micro::TEXT || ':' || d.id::TEXT)
+        LIMIT p_batch_size""")
+    return function("llm_train_batch", "p_dataset TEXT, p_split TEXT, p_batch_size INT, p_seed BIGINT, p_step INT, "
+                    "p_micro INT", "TABLE(tokens INT[], targets INT[])", body, volatility="STABLE",
+                    settings=KERNEL_SETTINGS,
+                    note="The seeded mini-batch of step p_step (micro-batch p_micro): batch_size rows drawn by a "
+                         "hash of (seed, step, micro, row id), so any session draws the same rows.")
+
+
+def _grads() -> str:
+    body = plpgsql("""
+        v_tape BIGINT := llm_scratch_mark();
+        v_after BIGINT := nextval('llm_tape_seq');
+        v_logits BIGINT; v_loss FLOAT8;
+    """, """
+        v_logits := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed);
+        v_loss := llm_cross_entropy(v_logits, p_targets);
+        PERFORM llm_backward(p_tape, v_logits, llm_cross_entropy_backward(v_logits, p_targets, NULL, p_loss_scale),
+                             v_after);
+        RETURN v_loss;
+    """)
+    return function("llm_gpt2_loss_backward", "p_model TEXT, p_tokens INT[], p_targets INT[], p_seq_len INT, "
+                    "p_tape BIGINT, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_loss_scale FLOAT8 DEFAULT 1",
+                    "FLOAT8", body, settings=KERNEL_SETTINGS,
+                    note="""Forward (recorded on p_tape) + mean cross-entropy + backward of p_loss_scale * loss.
+                    Parameter gradients accumulate on p_tape across calls (grad accumulation).""")
+
+
+STEP = """
+    v_t0 := clock_timestamp();
+    PERFORM llm_model_get(model);
+    PERFORM llm_train_guard(model, on_behalf_of);
+    IF batch_size < 1 OR grad_accum < 1 OR lr <= 0 OR dropout < 0 OR dropout >= 1 OR grad_clip < 0 THEN
+      RAISE EXCEPTION 'pg_llm: llm_train_step: need batch_size >= 1, grad_accum >= 1, lr > 0, 0 <= dropout < 1, '
+        'grad_clip >= 0 (got %, %, %, %, %)', batch_size, grad_accum, lr, dropout, grad_clip;
+    END IF;
+    v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model FOR UPDATE) + 1;
+    v_tape := llm_scratch_mark();
+    FOR micro IN 1 .. grad_accum LOOP
+      v_tokens := '{}'; v_targets := '{}'; v_t := NULL;
+      FOR r IN SELECT * FROM llm_train_batch(dataset, split, batch_size, seed, v_step, micro) LOOP
+        IF v_t IS NULL THEN v_t := cardinality(r.tokens); END IF;
+        IF cardinality(r.tokens) <> v_t OR cardinality(r.targets) <> v_t THEN
+          RAISE EXCEPTION 'pg_llm: dataset "%": rows of different lengths (% and %) in one batch', dataset, v_t,
+            cardinality(r.tokens) USING HINT = 'Load the corpus with one --block-size.';
+        END IF;
+        v_tokens := v_tokens || r.tokens; v_targets := v_targets || r.targets;
+      END LOOP;
+      v_loss := v_loss + llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
+        llm_site_seed(seed, v_step::TEXT || ':' || micro::TEXT), 1.0 / grad_accum) / grad_accum;
+      v_ntok := v_ntok + cardinality(v_tokens);
+    END LOOP;
+    v_params := ARRAY(SELECT v.id FROM llm_tensor AS v WHERE v.model = llm_train_step.model AND v.role = 'param'
+                      AND v.id > 0 ORDER BY v.id);
+    v_grads := ARRAY(SELECT llm_grad_of(v_tape, p) FROM unnest(v_params) AS p);
+    v_norm := llm_global_grad_norm(ARRAY(SELECT g FROM unnest(v_grads) AS g WHERE g IS NOT NULL));
+    v_coef := llm_clip_coef(v_norm, grad_clip);
+    v_lr := llm_lr_at(v_step, lr, warmup_steps, coalesce(max_steps, v_step), min_lr);
+    FOR i IN 1 .. cardinality(v_params) LOOP
+      CONTINUE WHEN v_grads[i] IS NULL;  -- like torch: a parameter without a gradient is not updated
+      v_name := (SELECT v.name FROM llm_tensor AS v WHERE v.id = v_params[i]);
+      st := llm_adamw_state(v_params[i]);
+      PERFORM llm_adamw_step(v_params[i], v_grads[i], st.m_id, st.v_id, v_step, v_lr, beta1, beta2, eps,
+        CASE WHEN llm_param_decays(v_name) THEN weight_decay ELSE 0 END, v_coef);
+    END LOOP;
+    UPDATE llm_model AS m SET step = v_step WHERE m.name = model;
+    DELETE FROM llm_tape AS tp WHERE tp.tape = v_tape;
+    DELETE FROM llm_tape_grad AS tg WHERE tg.tape = v_tape;
+    PERFORM llm_scratch_release(v_tape);
+    INSERT INTO llm_train_log AS l (model, step, loss, lr, grad_norm, tokens, seconds, dataset, batch_size, seed)
+    VALUES (model, v_step, v_loss, v_lr, v_norm, v_ntok,
+            extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed)
+    RETURNING * INTO v_log;
+    RETURN v_log;
+"""
+
+
+def _step() -> str:
+    body = plpgsql("""
+        v_t0 TIMESTAMPTZ; v_step INT; v_tape BIGINT; v_t INT; r RECORD; st RECORD;
+        v_tokens INT[]; v_targets INT[]; v_loss FLOAT8 := 0; v_ntok BIGINT := 0;
+        v_params BIGINT[]; v_grads BIGINT[]; v_norm FLOAT8; v_coef FLOAT8; v_lr FLOAT8; v_name TEXT;
+        v_log llm_train_log;
+    """, STEP)
+    return function("llm_train_step", "model TEXT, dataset TEXT, batch_size INT DEFAULT 8, " + HYPER
+                    + ", split TEXT DEFAULT 'train', on_behalf_of INT DEFAULT NULL", "llm_train_log", body,
+                    settings=KERNEL_SETTINGS,
+                    note="""One optimizer step (AdamW, clip, warmup+cosine lr, dropout) on a seeded mini-batch
+                    of llm_dataset; returns and logs its llm_train_log row. max_steps NULL = this step.
+                    on_behalf_of: the pid of the llm_train loop driving this step (internal).""")
+
+
+def _guard() -> str:
+    body = plpgsql("v_pid INT;", """
+        IF NOT pg_try_advisory_xact_lock(hashtext('pg_llm.train'), hashtext(p_model)) THEN
+          RAISE EXCEPTION 'pg_llm: model "%" is being trained by another session', p_model
+            USING HINT = 'See SELECT * FROM llm_train_progress; one training run per model at a time.';
+        END IF;
+        v_pid := (
+          @job
+        );
+        IF v_pid IS NOT NULL AND v_pid NOT IN (pg_backend_pid(), coalesce(p_on_behalf_of, 0)) THEN
+          RAISE EXCEPTION 'pg_llm: model "%" is being trained by another session (pid %)', p_model, v_pid
+            USING HINT = 'See SELECT * FROM llm_train_progress; one training run per model at a time.';
+        END IF;
+    """, job="""
+        SELECT j.pid FROM llm_train_job AS j
+        WHERE j.model = p_model AND EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = j.pid)""")
+    return function("llm_train_guard", "p_model TEXT, p_on_behalf_of INT DEFAULT NULL", "VOID", body,
+                    note="One trainer per model: a transaction lock for the step and the live llm_train_job owner.")
+
+
+def _decay() -> str:
+    return function("llm_param_decays", "p_name TEXT", "BOOLEAN", """
+        SELECT p_name LIKE '%.weight' AND p_name NOT LIKE '%ln\\_%' ESCAPE '\\'""",
+                    language="sql", volatility="IMMUTABLE", strict=True,
+                    note="Weight decay applies to matmul weights and embeddings, not to biases or LayerNorm.")
+
+
+def emit() -> str:
+    return "\n".join([comment(__doc__ or ""), _tables(), _guard(), _decay(), _batch(), _grads(), _step()])

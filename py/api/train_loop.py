@@ -1,0 +1,174 @@
+"""The training loop: CALL llm_train_run(...) (a procedure committing after every step) and
+SELECT llm_train(...) (a function driving each step through a loopback dblink connection, so every step
+commits in its own transaction even though a SELECT cannot COMMIT). Both resume from llm_model.step up to
+`steps` total steps, log every step, evaluate every eval_every steps, and keep llm_train_job current.
+"""
+from __future__ import annotations
+
+from pg_llm.api.train import HYPER
+from pg_llm.gen.emit import comment, function, plpgsql
+
+SQL_FILE = "api/train_loop.sql"
+ORDER = 87
+
+HYPER_NAMES = ("lr", "warmup_steps", "max_steps", "min_lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
+               "dropout", "grad_accum", "seed")
+LOOP_ARGS = ("model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, " + HYPER
+             + ", eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', "
+               "grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL")
+
+
+def _eval() -> str:
+    body = plpgsql("v_sum FLOAT8 := 0; v_n INT := 0; v_tokens INT[]; v_targets INT[]; v_t INT; r RECORD;", """
+        PERFORM llm_model_get(model);
+        FOR r IN
+          @rows
+        LOOP
+          v_sum := v_sum + llm_loss(model, r.tokens, r.targets) * cardinality(r.tokens);
+          v_n := v_n + cardinality(r.tokens);
+        END LOOP;
+        IF v_n = 0 THEN
+          RAISE EXCEPTION 'pg_llm: dataset "%" has no rows in split "%"', dataset, split
+            USING HINT = 'pg-llm corpus load assigns a validation split with --val-fraction.';
+        END IF;
+        RETURN v_sum / v_n;
+    """, rows="""
+        SELECT d.tokens, d.targets FROM llm_dataset AS d WHERE d.dataset = llm_eval_loss.dataset
+          AND d.split = llm_eval_loss.split ORDER BY d.id LIMIT max_rows""")
+    return function("llm_eval_loss", "model TEXT, dataset TEXT, split TEXT DEFAULT 'val', max_rows INT DEFAULT NULL",
+                    "FLOAT8", body, note="Mean loss per token (dropout off) over the first max_rows rows of a split.")
+
+
+def _claim() -> str:
+    body = plpgsql("v_pid INT; v_step INT;", """
+        PERFORM llm_train_guard(p_model, p_pid);
+        v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = p_model);
+        INSERT INTO llm_train_job AS j (model, pid, started_at, first_step, target_step, step)
+        VALUES (p_model, p_pid, clock_timestamp(), v_step, p_steps, v_step)
+        ON CONFLICT (model) DO UPDATE SET pid = excluded.pid, started_at = excluded.started_at,
+          first_step = excluded.first_step, target_step = excluded.target_step, step = excluded.step,
+          loss = NULL, tokens_per_s = NULL, updated_at = clock_timestamp();
+        RETURN v_step;
+    """)
+    return function("llm_train_claim", "p_model TEXT, p_steps INT, p_pid INT", "INT", body,
+                    note="Register a training loop (pid) as the model's trainer; error when another one runs.")
+
+
+def _hints() -> str:
+    body = plpgsql("", """
+        IF p_dataset IS NULL THEN
+          p_dataset := (SELECT min(d.dataset) FROM llm_dataset AS d);
+          IF p_dataset IS NULL THEN
+            RAISE EXCEPTION 'pg_llm: llm_train: llm_dataset is empty'
+              USING HINT = 'Load a corpus first: pg-llm corpus load --name NAME FILES...';
+          END IF;
+          IF (SELECT count(DISTINCT d.dataset) FROM llm_dataset AS d) > 1 THEN
+            RAISE EXCEPTION 'pg_llm: llm_train: several datasets are loaded; name one with dataset => ...';
+          END IF;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM llm_dataset AS d WHERE d.dataset = p_dataset AND d.split = p_split) THEN
+          RAISE EXCEPTION 'pg_llm: dataset "%" has no rows in split "%"', p_dataset, p_split
+            USING HINT = 'Load a corpus with: pg-llm corpus load --name ' || p_dataset || ' FILES...';
+        END IF;
+        IF p_grad_workers IS NOT NULL OR p_prune_workers IS NOT NULL THEN
+          RAISE NOTICE 'pg_llm: grad_workers => % and prune_workers => % are accepted for playbook compatibility '
+            'and ignored: pg_llm runs each kernel in one backend (parallel workers would re-import numpy, '
+            '~75 ms each, longer than most kernels)', p_grad_workers, p_prune_workers;
+        END IF;
+        RETURN p_dataset;
+    """)
+    return function("llm_train_prepare", "p_model TEXT, p_dataset TEXT, p_split TEXT, p_grad_workers INT, "
+                    "p_prune_workers INT", "TEXT", body,
+                    note="Check a training call before it starts: dataset (default: the only one), split, hints.")
+
+
+NOTICE = """
+        RAISE NOTICE '%', format('step %s/%s | loss %s | lr %s | %s tok/s | ETA %s%s', v_log.step, steps,
+          round(v_log.loss::NUMERIC, 4), to_char(v_log.lr, '9.999EEEE'), round(v_log.tokens / v_log.seconds),
+          date_trunc('second', (clock_timestamp() - v_t0) * ((steps - v_log.step)::FLOAT8
+            / greatest(v_log.step - v_first, 1))),
+          CASE WHEN v_val IS NOT NULL THEN ' | val_loss ' || round(v_val::NUMERIC, 4) ELSE '' END);
+"""
+
+STEP_CALL = ("llm_train_step(model, dataset, batch_size, " + ", ".join(f"{n} => {n}" for n in HYPER_NAMES)
+             + ", max_steps => coalesce(max_steps, steps), split => split")
+
+
+def _procedure() -> str:
+    body = plpgsql("v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8;", f"""
+        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+        v_first := llm_train_claim(model, steps, pg_backend_pid());
+        COMMIT;
+        WHILE (SELECT m.step FROM llm_model AS m WHERE m.name = model) < steps LOOP
+          v_log := {STEP_CALL});
+          v_val := NULL;
+          IF eval_every > 0 AND (v_log.step % eval_every = 0 OR v_log.step = steps) THEN
+            v_val := llm_eval_loss(model, dataset, 'val', eval_rows);
+            UPDATE llm_train_log AS l SET val_loss = v_val WHERE l.model = v_log.model AND l.step = v_log.step;
+          END IF;
+          UPDATE llm_train_job AS j SET step = v_log.step, loss = v_log.loss,
+            tokens_per_s = v_log.tokens / v_log.seconds, updated_at = clock_timestamp() WHERE j.model = v_log.model;
+    """ + NOTICE + """
+          COMMIT;
+        END LOOP;
+    """)
+    header_body = body
+    return (function_proc("llm_train_run", LOOP_ARGS, header_body,
+                          note="""CALL form of the training loop: steps are committed one by one (an interruption
+                          loses at most the step in progress); resumes at llm_model.step up to `steps`."""))
+
+
+def function_proc(name: str, args: str, body: str, note: str) -> str:
+    """CREATE PROCEDURE (no SET clause: a procedure with SET cannot COMMIT)."""
+    from pg_llm.gen.emit import comment as c
+    from pg_llm.gen.sqlfmt import check_function_header
+
+    check_function_header(f"CREATE OR REPLACE FUNCTION {name}({args}) RETURNS VOID LANGUAGE plpgsql")
+    return f"{c(note)}\nCREATE OR REPLACE PROCEDURE {name}({args})\nLANGUAGE plpgsql\nAS $fn$\n{body}\n$fn$;\n"
+
+
+def _function() -> str:
+    remote_step = ("format('SELECT (llm_train_step(%L, %L, %s, " + ", ".join(f"{n} => %L" for n in HYPER_NAMES)
+                   + ", max_steps => %s, split => %L, on_behalf_of => %s)).step', model, dataset, batch_size, "
+                   + ", ".join(HYPER_NAMES) + ", coalesce(max_steps, steps), split, pg_backend_pid())")
+    body = plpgsql("""
+        v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
+        v_loss FLOAT8;
+    """, f"""
+        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+        v_conn := 'pg_llm_train_' || pg_backend_pid();
+        PERFORM dblink_connect_u(v_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
+          || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
+          || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));
+        PERFORM * FROM dblink(v_conn, format('SELECT llm_train_claim(%L, %s, %s)', model, steps, pg_backend_pid()))
+          AS x(step INT);
+        LOOP
+          EXIT WHEN (SELECT s FROM dblink(v_conn, format('SELECT step FROM llm_model WHERE name = %L', model))
+                     AS x(s INT)) >= steps;
+          PERFORM * FROM dblink(v_conn, {remote_step}) AS x(step INT);
+          SELECT * INTO v_log FROM llm_train_log AS l WHERE l.model = llm_train.model ORDER BY l.step DESC LIMIT 1;
+          v_first := coalesce(v_first, v_log.step - 1);
+          v_val := NULL;
+          IF eval_every > 0 AND (v_log.step % eval_every = 0 OR v_log.step = steps) THEN
+            v_val := (SELECT x.v FROM dblink(v_conn, format('SELECT llm_eval_loss(%L, %L, %L, %s)', model, dataset,
+                      'val', eval_rows)) AS x(v FLOAT8));
+            PERFORM dblink_exec(v_conn, format('UPDATE llm_train_log SET val_loss = %s WHERE model = %L AND step = %s',
+                                               v_val, model, v_log.step));
+          END IF;
+          PERFORM dblink_exec(v_conn, format('UPDATE llm_train_job SET step = %s, loss = %s, tokens_per_s = %s, '
+            'updated_at = clock_timestamp() WHERE model = %L', v_log.step, v_log.loss, v_log.tokens / v_log.seconds,
+            model));
+          v_loss := v_log.loss;
+    """ + NOTICE + """
+        END LOOP;
+        PERFORM dblink_disconnect(v_conn);
+        RETURN v_loss;
+    """)
+    return function("llm_train", LOOP_ARGS, "FLOAT8", body,
+                    note="""SELECT form of the training loop: each step runs and commits in its own transaction
+                    through a loopback dblink connection (set pg_llm.loopback to extra conninfo, e.g. a password,
+                    if the server needs it). Resumes at llm_model.step up to `steps`; returns the last loss.""")
+
+
+def emit() -> str:
+    return "\n".join([comment(__doc__ or ""), _eval(), _claim(), _hints(), _procedure(), _function()])

@@ -1,0 +1,138 @@
+"""One training step (and ten) of a tiny GPT-2 from identical weights equals PyTorch: transformers
+GPT2LMHeadModel + torch.optim.AdamW with decay/no-decay groups, clip_grad_norm_, the same lr, dropout off."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import psycopg
+import pytest
+import torch
+from gpt2_fixtures import import_tiny
+
+from pg_llm.loader.tensors import read_tensor
+
+T, ROWS = 16, 6
+HP = dict(lr=1e-3, warmup_steps=3, max_steps=12, min_lr=1e-4, weight_decay=0.01, beta1=0.9, beta2=0.999,
+          eps=1e-8, grad_clip=1.0)
+
+
+def lr_at(step: int) -> float:
+    """The reference schedule: linear warmup to the peak, cosine to min_lr at max_steps."""
+    peak, warm, total, low = HP["lr"], HP["warmup_steps"], HP["max_steps"], HP["min_lr"]
+    if step <= warm:
+        return peak * step / warm
+    if step >= total:
+        return low
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+
+
+@pytest.fixture(scope="module")
+def setup(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory):
+    model = import_tiny(conn, tmp_path_factory.mktemp("train"), "tr")
+    rng = np.random.default_rng(5)
+    seqs = rng.integers(0, 301, (ROWS, T + 1))
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO llm_dataset_source (dataset, source_hash, tokenizer, block_size, stride, val_fraction, "
+                    "documents, tokens, train_rows, val_rows, encoder, sources) VALUES ('ds', 'synthetic', 'gpt2', "
+                    "%s, %s, 0, 1, %s, %s, 0, 'synthetic', '{}')", (T, T, ROWS * T, ROWS))
+        for i, s in enumerate(seqs):
+            cur.execute("INSERT INTO llm_dataset (dataset, split, tokens, targets, source_hash, pos) "
+                        "VALUES ('ds', 'train', %s, %s, 'synthetic', %s)", (s[:-1].tolist(), s[1:].tolist(), i))
+    return model
+
+
+def torch_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if n.endswith(".weight") and ".ln_" not in n]
+    other = [p for n, p in model.named_parameters() if not (n.endswith(".weight") and ".ln_" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": HP["weight_decay"]},
+                              {"params": other, "weight_decay": 0.0}], lr=HP["lr"],
+                             betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"])
+
+
+def sql_step(conn: psycopg.Connection, model: str) -> tuple[float, float, float]:
+    row = conn.execute(
+        "SELECT loss, lr, grad_norm FROM llm_train_step(%s, dataset => 'ds', batch_size => 2, lr => %s, "
+        "warmup_steps => %s, max_steps => %s, min_lr => %s, weight_decay => %s, beta1 => %s, beta2 => %s, "
+        "eps => %s, grad_clip => %s, dropout => 0, seed => 7)",
+        (model, HP["lr"], HP["warmup_steps"], HP["max_steps"], HP["min_lr"], HP["weight_decay"], HP["beta1"],
+         HP["beta2"], HP["eps"], HP["grad_clip"])).fetchone()
+    return row
+
+
+def torch_step(conn: psycopg.Connection, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int):
+    rows = conn.execute("SELECT tokens, targets FROM llm_train_batch('ds', 'train', 2, 7, %s, 1)",
+                        (step,)).fetchall()
+    x = torch.tensor([r[0] for r in rows])
+    y = torch.tensor([r[1] for r in rows])
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x).logits.reshape(-1, 301), y.reshape(-1))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), HP["grad_clip"])
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step)
+    opt.step()
+    return loss.item(), float(norm)
+
+
+def params(conn: psycopg.Connection, name: str, role: str = "param") -> dict[str, np.ndarray]:
+    rows = conn.execute("SELECT name, id FROM llm_tensor WHERE model = %s AND role = %s", (name, role)).fetchall()
+    return {n: read_tensor(conn, i) for n, i in rows}
+
+
+def test_one_step_equals_torch(conn: psycopg.Connection, setup) -> None:
+    model = setup
+    model.train()  # dropout probabilities are 0 in the fixture config
+    opt = torch_optimizer(model)
+    loss, lr, norm = sql_step(conn, "tr")
+    ref_loss, ref_norm = torch_step(conn, model, opt, 1)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert lr == pytest.approx(lr_at(1), rel=1e-12)
+    assert norm == pytest.approx(ref_norm, rel=1e-4)
+    sd = {n.removeprefix("transformer."): p for n, p in model.named_parameters()}
+    state = {n.removeprefix("transformer."): opt.state[p] for n, p in model.named_parameters()}
+    for role, get in (("param", lambda n: sd[n].detach()), ("adam_m", lambda n: state[n]["exp_avg"]),
+                      ("adam_v", lambda n: state[n]["exp_avg_sq"])):
+        got = params(conn, "tr", role)
+        assert set(got) == set(sd)
+        for n, a in got.items():
+            ref = get(n).numpy().reshape(a.shape)
+            assert np.abs(a - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max(), (role, n)
+    assert conn.execute("SELECT step FROM llm_model WHERE name = 'tr'").fetchone()[0] == 1
+    # nothing of the step is left behind
+    assert conn.execute("SELECT count(*) FROM llm_tensor WHERE id < 0").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM llm_tape").fetchone()[0] == 0
+
+
+def test_ten_steps_track_torch(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory, setup) -> None:
+    model = import_tiny(conn, tmp_path_factory.mktemp("train10"), "tr10")
+    model.train()
+    opt = torch_optimizer(model)
+    for step in range(1, 11):
+        loss, _, _ = sql_step(conn, "tr10")
+        ref, _ = torch_step(conn, model, opt, step)
+        assert abs(loss - ref) <= 1e-4, (step, loss, ref)
+    logged = conn.execute("SELECT step FROM llm_train_log WHERE model = 'tr10' ORDER BY step").fetchall()
+    assert [s for (s,) in logged] == list(range(1, 11))
+
+
+def test_gradients_equal_torch(conn: psycopg.Connection, setup, tmp_path_factory: pytest.TempPathFactory) -> None:
+    model = import_tiny(conn, tmp_path_factory.mktemp("grads"), "trg")
+    rng = np.random.default_rng(11)
+    x, y = rng.integers(0, 301, (2, T)), rng.integers(0, 301, (2, T))
+    with conn.transaction():
+        tape = conn.execute("SELECT llm_scratch_mark()").fetchone()[0]
+        loss = conn.execute("SELECT llm_gpt2_loss_backward('trg', %s, %s, %s, %s)",
+                            (x.ravel().tolist(), y.ravel().tolist(), T, tape)).fetchone()[0]
+        grads = {n: read_tensor(conn, g) for n, g in conn.execute(
+            "SELECT v.name, llm_grad_of(%s, v.id) FROM llm_tensor AS v WHERE v.model = 'trg' AND v.role = 'param'",
+            (tape,))}
+        conn.execute("SELECT llm_scratch_release(%s)", (tape,))
+    ref = torch.nn.functional.cross_entropy(model(torch.tensor(x)).logits.reshape(-1, 301),
+                                            torch.tensor(y).reshape(-1))
+    ref.backward()
+    assert abs(loss - ref.item()) <= 1e-5 * ref.item()
+    for n, p in model.named_parameters():
+        g = grads[n.removeprefix("transformer.")]
+        want = p.grad.numpy().reshape(g.shape)
+        assert np.abs(g - want).max() <= 1e-5 + 1e-4 * np.abs(want).max(), n
