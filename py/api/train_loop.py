@@ -56,6 +56,7 @@ def _claim() -> str:
 
 def _hints() -> str:
     body = plpgsql("", """
+        PERFORM llm_model_get(p_model);
         IF p_dataset IS NULL THEN
           p_dataset := (SELECT min(d.dataset) FROM llm_dataset AS d);
           IF p_dataset IS NULL THEN
@@ -90,7 +91,8 @@ NOTICE = """
           CASE WHEN v_val IS NOT NULL THEN ' | val_loss ' || round(v_val::NUMERIC, 4) ELSE '' END);
 """
 
-STEP_CALL = ("llm_train_step(model, dataset, batch_size, " + ", ".join(f"{n} => {n}" for n in HYPER_NAMES)
+STEP_CALL = ("llm_train_step(model, dataset, batch_size, "
+             + ", ".join(f"{n} => {n}" for n in HYPER_NAMES if n != "max_steps")
              + ", max_steps => coalesce(max_steps, steps), split => split")
 
 
@@ -128,9 +130,10 @@ def function_proc(name: str, args: str, body: str, note: str) -> str:
 
 
 def _function() -> str:
-    remote_step = ("format('SELECT (llm_train_step(%L, %L, %s, " + ", ".join(f"{n} => %L" for n in HYPER_NAMES)
+    names = [n for n in HYPER_NAMES if n != "max_steps"]
+    remote_step = ("format('SELECT (llm_train_step(%L, %L, %s, " + ", ".join(f"{n} => %L" for n in names)
                    + ", max_steps => %s, split => %L, on_behalf_of => %s)).step', model, dataset, batch_size, "
-                   + ", ".join(HYPER_NAMES) + ", coalesce(max_steps, steps), split, pg_backend_pid())")
+                   + ", ".join(names) + ", coalesce(max_steps, steps), split, pg_backend_pid())")
     body = plpgsql("""
         v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
         v_loss FLOAT8;

@@ -1,0 +1,220 @@
+"""adamw: one AdamW step on one parameter tensor, in place, exactly as torch.optim.AdamW (single-tensor form).
+
+    g <- grad_scale * grad                       (grad_scale: clip coefficient and/or 1 / accumulation steps)
+    p <- p * (1 - lr * weight_decay)             (decoupled weight decay)
+    m <- beta1 * m + (1 - beta1) * g
+    v <- beta2 * v + (1 - beta2) * g^2
+    p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+`t` is the optimizer step, starting at 1. llm_adamw_step(param, grad, m, v, t, lr, ...): param, grad, m and v must
+be four different tensors of one shape, cut in the same tiles. Each tile is ONE microkernel call (llm_mk_adamw)
+that returns the new param, m and v payloads together; one UPDATE joined on (tr, tc) writes the three tensors'
+tiles, per chunk of whole tile rows holding at most 8M parameter floats (setting pg_llm.adamw_chunk_floats), so
+GPT-2's wte (154 MB) takes a few UPDATEs of bounded memory. Arithmetic is float64 inside a tile; m and v are rounded
+to float32 (their stored type, as torch keeps them) before the parameter update; the parameter is rounded once.
+
+Optimizer state: llm_adamw_state(param) returns (m_id, v_id), the durable tensors of roles adam_m / adam_v with
+the parameter's model and name, creating them zero-filled when missing (the first step's state).
+Utilities: llm_tensor_zero(id) fills every tile of a tensor with zeros (creating missing tiles: zero_grad);
+llm_tensor_zeros_like(id, role, name, model) creates a zero tensor with the same shape and tiling.
+"""
+from __future__ import annotations
+
+from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.ops.common import KERNEL_SETTINGS
+from pg_llm.ops.elementwise import eff_tile, lines, n_tiles, same_layout
+
+SQL_FILE = "kernels/adamw.sql"
+ORDER = 40
+CHUNK_FLOATS = 8 * 1024 * 1024  # parameter floats per UPDATE (32 MiB; setting pg_llm.adamw_chunk_floats overrides)
+
+
+# ---- numpy microkernel --------------------------------------------------------------------------------------
+
+def adamw_tile(np, p, g, m, v, h):
+    """New (param, m, v) payloads of one tile. h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step]."""
+    f = '<f4'
+    lr, b1, b2, eps, wd, scale, t = h
+    bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t  # Python floats: beta^t underflows quietly to 0 at late steps
+    x = np.frombuffer(p, dtype=f).astype(np.float64)
+    n = x.size
+    if not (len(g) == len(m) == len(v) == 4 * n):
+        plpy.error('pg_llm: adamw: param, grad, m and v tiles of %d, %d, %d and %d floats (tile shapes differ)'  # noqa: F821
+                   % (n, len(g) // 4, len(m) // 4, len(v) // 4))
+    grad = np.frombuffer(g, dtype=f).astype(np.float64) * scale
+    m32 = (b1 * np.frombuffer(m, dtype=f) + (1.0 - b1) * grad).astype(f)
+    v32 = (b2 * np.frombuffer(v, dtype=f) + (1.0 - b2) * grad * grad).astype(f)
+    x *= 1.0 - lr * wd
+    denom = np.sqrt(v32.astype(np.float64)) / np.sqrt(bc2) + eps
+    x -= (lr / bc1) * m32 / denom
+    return [x.astype(f).tobytes(), m32.tobytes(), v32.tobytes()]
+
+
+# ---- SQL ----------------------------------------------------------------------------------------------------
+
+STEP = """
+    WITH u AS MATERIALIZED (
+      SELECT p.tr, p.tc, k.id, k.data
+      FROM llm_tile AS p
+      JOIN llm_tile AS g ON g.tensor_id = p_grad AND g.tr = p.tr AND g.tc = p.tc
+      JOIN llm_tile AS m ON m.tensor_id = p_m AND m.tr = p.tr AND m.tc = p.tc
+      JOIN llm_tile AS v ON v.tensor_id = p_v AND v.tr = p.tr AND v.tc = p.tc
+      CROSS JOIN LATERAL unnest(ARRAY[p_param, p_m, p_v], llm_mk_adamw(p.data, g.data, m.data, v.data, v_h))
+        AS k(id, data)
+      WHERE p.tensor_id = p_param AND p.tr >= v_r0 AND p.tr < v_r0 + v_chunk
+    )
+    UPDATE llm_tile AS t SET data = u.data
+    FROM u
+    WHERE t.tensor_id IN (p_param, p_m, p_v) AND t.tr >= v_r0 AND t.tr < v_r0 + v_chunk
+      AND t.tensor_id = u.id AND t.tr = u.tr AND t.tc = u.tc"""
+
+
+def _require(cond: str, msg: str, *args: str) -> str:
+    """PL/pgSQL: raise 'pg_llm: adamw: <msg>' unless cond is TRUE (NULL fails too)."""
+    fmt = ", ".join(("'pg_llm: adamw: " + msg + "'", *args))
+    return f"""
+        IF ({cond}) IS NOT TRUE THEN
+          RAISE EXCEPTION {fmt};
+        END IF;"""
+
+
+def _step() -> str:
+    inf = "'Infinity'::FLOAT8"
+    body = plpgsql("""
+        rp llm_tensor; rg llm_tensor; rm llm_tensor; rv llm_tensor;
+        v_tile INT[]; v_h FLOAT8[]; v_want BIGINT; v_written BIGINT := 0; v_n BIGINT; v_chunk INT;
+    """, lines(
+        _require("p_step >= 1", "step must be >= 1 (the first optimizer step is 1), got %", "p_step"),
+        _require(f"p_lr >= 0 AND p_lr < {inf}", "lr must be finite and >= 0, got %", "p_lr"),
+        _require("p_beta1 >= 0 AND p_beta1 < 1", "beta1 must be in [0, 1), got %", "p_beta1"),
+        _require("p_beta2 >= 0 AND p_beta2 < 1", "beta2 must be in [0, 1), got %", "p_beta2"),
+        _require(f"p_eps >= 0 AND p_eps < {inf}", "eps must be finite and >= 0, got %", "p_eps"),
+        _require(f"p_weight_decay >= 0 AND p_weight_decay < {inf}", "weight_decay must be finite and >= 0, got %",
+                 "p_weight_decay"),
+        _require(f"p_grad_scale >= 0 AND p_grad_scale < {inf}",
+                 "grad_scale must be finite and >= 0, got % (a NaN clip coefficient means a non-finite gradient "
+                 "norm: skip the step)", "p_grad_scale"),
+        """
+        rp := llm_input(p_param, 'adamw', 'param');
+        rg := llm_input(p_grad, 'adamw', 'grad');
+        rm := llm_input(p_m, 'adamw', 'm');
+        rv := llm_input(p_v, 'adamw', 'v');""",
+        _require("cardinality(ARRAY(SELECT DISTINCT u FROM unnest(ARRAY[p_param, p_grad, p_m, p_v]) AS u)) = 4",
+                 "param, grad, m and v must be four different tensors, got ids %, %, %, %",
+                 "p_param", "p_grad", "p_m", "p_v"),
+        same_layout("adamw", "rp", "param", "rg", "grad"),
+        same_layout("adamw", "rp", "param", "rm", "m"),
+        same_layout("adamw", "rp", "param", "rv", "v"),
+        f"""
+        v_h := ARRAY[p_lr, p_beta1, p_beta2, p_eps, p_weight_decay, p_grad_scale, p_step];
+        v_want := 3 * {n_tiles("llm_rows(rp.shape)", "llm_cols(rp.shape)", "v_tile")};
+        -- chunks of v_chunk whole tile rows of at most pg_llm.adamw_chunk_floats parameter floats
+        v_chunk := greatest(1, coalesce(nullif(current_setting('pg_llm.adamw_chunk_floats', TRUE), '')::BIGINT,
+                                        {CHUNK_FLOATS}) / (v_tile[1]::BIGINT * llm_cols(rp.shape)));
+        FOR v_r0 IN 0..(llm_rows(rp.shape) - 1) / v_tile[1] BY v_chunk LOOP
+          @step;
+          GET DIAGNOSTICS v_n = ROW_COUNT;
+          v_written := v_written + v_n;
+        END LOOP;
+        IF v_written <> v_want THEN
+          RAISE EXCEPTION 'pg_llm: adamw: updated % of the % tiles of param "%", m and v: a tensor is missing tiles',
+            v_written, v_want, rp.name USING HINT = 'Check the tensors with llm_tensor_validate(id).';
+        END IF;
+        RETURN p_param;"""), step=STEP)
+    return function(
+        "llm_adamw_step",
+        "p_param BIGINT, p_grad BIGINT, p_m BIGINT, p_v BIGINT, p_step INT, p_lr FLOAT8, "
+        "p_beta1 FLOAT8 DEFAULT 0.9, p_beta2 FLOAT8 DEFAULT 0.999, p_eps FLOAT8 DEFAULT 1e-8, "
+        "p_weight_decay FLOAT8 DEFAULT 0.01, p_grad_scale FLOAT8 DEFAULT 1.0",
+        "BIGINT", body, settings=KERNEL_SETTINGS, note="""
+        op: AdamW step (torch.optim.AdamW) on one parameter, in place: param, m and v are updated from
+        grad_scale * grad at optimizer step p_step (1 for the first step; bias corrections 1 - beta^step).
+        tiling: param, grad, m, v of one shape and tiling; one llm_mk_adamw call per tile returns the three new
+        payloads, written by one UPDATE. Errors (bad hyperparameters, shapes, missing tiles) write nothing.
+        Returns p_param.""")
+
+
+def _state() -> str:
+    find = ("SELECT t.id FROM llm_tensor AS t "
+            "WHERE t.model = rp.model AND t.name = rp.name AND t.role = v_role AND t.id > 0")
+    body = plpgsql("rp llm_tensor; rs llm_tensor; v_role TEXT; v_found BIGINT;", f"""
+        rp := llm_input(p_param, 'adamw_state', 'param');
+        IF rp.role <> 'param' THEN
+          RAISE EXCEPTION 'pg_llm: adamw_state: tensor "%" (id %) has role %, expected a durable param tensor',
+            rp.name, p_param, rp.role USING HINT = 'Optimizer state is kept for tensors of role param.';
+        END IF;
+        FOREACH v_role IN ARRAY ARRAY['adam_m', 'adam_v'] LOOP
+          v_found := (
+            @find
+          );
+          IF v_found IS NULL THEN
+            v_found := llm_tensor_zeros_like(p_param, v_role);
+          ELSE
+            rs := llm_tensor_get(v_found);
+            IF llm_rows(rs.shape) <> llm_rows(rp.shape) OR llm_cols(rs.shape) <> llm_cols(rp.shape)
+               OR {eff_tile("rs")} <> {eff_tile("rp")} THEN
+              RAISE EXCEPTION 'pg_llm: adamw_state: % tensor "%" (id %) has shape % tile %, expected shape % tile % '
+                '(those of param "%")', v_role, rs.name, v_found, llm_shape_text(rs.shape), {eff_tile("rs")},
+                llm_shape_text(rp.shape), {eff_tile("rp")}, rp.name
+                USING HINT = 'Drop the stale state (llm_tensor_drop(id)) to restart it from zeros.';
+            END IF;
+          END IF;
+          IF v_role = 'adam_m' THEN m_id := v_found; ELSE v_id := v_found; END IF;
+        END LOOP;""", find=find)
+    return function("llm_adamw_state", "p_param BIGINT, OUT m_id BIGINT, OUT v_id BIGINT", "RECORD", body,
+                    settings=KERNEL_SETTINGS, note="""
+        AdamW state of a durable parameter: (m_id, v_id), the tensors of roles adam_m and adam_v with the
+        parameter's model and name, created zero-filled with its shape and tiling when missing.""")
+
+
+ZERO = """
+    INSERT INTO llm_tile (tensor_id, tr, tc, data)
+    SELECT p_id, i.tr, j.tc,
+           decode(repeat('00', 4 * llm_tile_dim(v_rows, r.tile[1], i.tr) * llm_tile_dim(v_cols, r.tile[2], j.tc)),
+                  'hex')
+    FROM generate_series(0, (v_rows + r.tile[1] - 1) / r.tile[1] - 1) AS i(tr)
+    CROSS JOIN generate_series(0, (v_cols + r.tile[2] - 1) / r.tile[2] - 1) AS j(tc)
+    WHERE TRUE
+    ON CONFLICT (tensor_id, tr, tc) DO UPDATE SET data = excluded.data"""
+
+
+def _zero() -> str:
+    body = plpgsql("r llm_tensor; v_rows INT; v_cols INT;", """
+        r := llm_input(p_id, 'tensor_zero', 'tensor');
+        v_rows := llm_rows(r.shape);
+        v_cols := llm_cols(r.shape);
+        @zero;
+        RETURN p_id;
+    """, zero=ZERO)
+    out = [function("llm_tensor_zero", "p_id BIGINT", "BIGINT", body, settings=KERNEL_SETTINGS, note="""
+        Fill every tile of a tensor with zeros in place, creating missing tiles (e.g. zero_grad). Returns p_id.""")]
+    find = ("SELECT t.id FROM llm_tensor AS t "
+            "WHERE t.model = v_model AND t.name = v_name AND t.role = p_role AND t.id > 0")
+    body = plpgsql("r llm_tensor; v_name TEXT; v_model TEXT; v_found BIGINT; v_new BIGINT;", """
+        r := llm_input(p_id, 'zeros_like', 'tensor');
+        v_name := coalesce(p_name, r.name);
+        v_model := coalesce(p_model, r.model);
+        v_found := (
+          @find
+        );
+        IF v_found IS NOT NULL THEN
+          RAISE EXCEPTION 'pg_llm: zeros_like: tensor "%" (role %) of model "%" already exists (id %)',
+            v_name, p_role, v_model, v_found USING HINT = 'Use llm_tensor_zero(id) to clear it.';
+        END IF;
+        v_new := llm_tensor_create(v_name, r.shape, r.tile, p_role, v_model);
+        RETURN llm_tensor_zero(v_new);
+    """, find=find)
+    out.append(function("llm_tensor_zeros_like",
+                        "p_id BIGINT, p_role TEXT DEFAULT 'activation', p_name TEXT DEFAULT NULL, "
+                        "p_model TEXT DEFAULT NULL", "BIGINT", body, settings=KERNEL_SETTINGS, note="""
+        A new zero-filled tensor with the shape and tiling of p_id, of role p_role (a scratch role gives a scratch
+        tensor), named p_name in model p_model (default: p_id's). Returns its id."""))
+    return "\n".join(out)
+
+
+def emit() -> str:
+    mk = microkernel("llm_mk_adamw", "p BYTEA, g BYTEA, m BYTEA, v BYTEA, h FLOAT8[]", "BYTEA[]", adamw_tile,
+                     "adamw_tile(np, p, g, m, v, h)", note="""
+        adamw microkernel: one tile's new ARRAY[param, m, v] payloads (h, w) from param, grad, m, v tiles (h, w);
+        h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step t], bias corrections 1 - beta^t.""")
+    return "\n".join([comment(__doc__ or "") + "\n", _zero(), mk, _step(), _state()])

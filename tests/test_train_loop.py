@@ -1,0 +1,146 @@
+"""llm_train (SELECT) and llm_train_run (CALL): per-step commits, resume = uninterrupted run, interruption
+by pg_terminate_backend and by an immediate shutdown, one trainer per model, progress, clear errors."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from gpt2_fixtures import import_tiny
+from train_fixtures import same, snapshot, synthetic_dataset
+
+from pg_llm.harness.cluster import start_ephemeral
+
+ARGS = "dataset => 'ds', batch_size => 2, lr => 1e-3, warmup_steps => 2, max_steps => 6, dropout => 0.1, seed => 3"
+
+
+@pytest.fixture(scope="module")
+def models(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("loop")
+    synthetic_dataset(conn, "ds")
+    for name in ("ref", "a", "b", "c"):
+        import_tiny(conn, tmp, name)
+    return tmp
+
+
+def run_async(dsn: str, sql: str) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                out["pid"] = c.info.backend_pid
+                c.add_notice_handler(lambda d: out.setdefault("notices", []).append(d.message_primary))
+                out["result"] = c.execute(sql).fetchall() if sql.startswith("SELECT") else c.execute(sql)
+        except psycopg.Error as e:
+            out["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    return t, out
+
+
+def wait_for_step(conn: psycopg.Connection, model: str, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while conn.execute("SELECT coalesce(max(step), 0) FROM llm_train_log WHERE model = %s",
+                       (model,)).fetchone()[0] < step:
+        assert time.time() < deadline, "training did not progress"
+        time.sleep(0.05)
+
+
+def test_call_and_select_forms_resume_to_the_same_parameters(conn: psycopg.Connection, dsn: str, models) -> None:
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+    conn.execute(f"CALL llm_train_run('ref', 6, {ARGS}, eval_every => 3)")
+    assert any(n.startswith("step 6/6 | loss ") and "val_loss" in n for n in notices), notices
+    ref = snapshot(conn, "ref")
+    # SELECT form in two calls (3 steps, then resume to 6): every value equals the uninterrupted CALL run
+    assert conn.execute(f"SELECT llm_train('a', 3, {ARGS})").fetchone()[0] > 0
+    assert conn.execute("SELECT step FROM llm_model WHERE name = 'a'").fetchone()[0] == 3
+    conn.execute(f"SELECT llm_train('a', 6, {ARGS})")
+    assert same(snapshot(conn, "a"), ref)
+    logs = conn.execute("SELECT model, step, loss, lr FROM llm_train_log WHERE model IN ('ref', 'a') "
+                        "ORDER BY step, model").fetchall()
+    ref_log = [(s, loss, lr) for m, s, loss, lr in logs if m == "ref"]
+    assert ref_log == [(s, loss, lr) for m, s, loss, lr in logs if m == "a"] and len(ref_log) == 6
+    assert conn.execute("SELECT count(*) FROM llm_train_log WHERE model = 'ref' AND val_loss IS NOT NULL"
+                        ).fetchone()[0] == 2
+
+
+def test_terminate_backend_mid_run_then_resume(conn: psycopg.Connection, dsn: str, models) -> None:
+    ref = snapshot(conn, "ref") if conn.execute("SELECT step FROM llm_model WHERE name = 'ref'").fetchone()[0] == 6 \
+        else None
+    if ref is None:
+        conn.execute(f"CALL llm_train_run('ref', 6, {ARGS})")
+        ref = snapshot(conn, "ref")
+    t, out = run_async(dsn, f"CALL llm_train_run('b', 6, {ARGS})")
+    wait_for_step(conn, "b", 2)
+    # a second trainer on the same model is refused while the first one runs
+    with pytest.raises(psycopg.errors.RaiseException, match='model "b" is being trained by another session'):
+        conn.execute(f"CALL llm_train_run('b', 6, {ARGS})")
+    prog = conn.execute("SELECT running, target_step FROM llm_train_progress WHERE model = 'b'").fetchone()
+    assert prog == (True, 6)
+    conn.execute("SELECT pg_terminate_backend(%s)", (out["pid"],))
+    t.join(60)
+    assert "error" in out
+    step = conn.execute("SELECT step FROM llm_model WHERE name = 'b'").fetchone()[0]
+    logged = [s for (s,) in conn.execute("SELECT step FROM llm_train_log WHERE model = 'b' ORDER BY step")]
+    assert 2 <= step < 6 and logged == list(range(1, step + 1))
+    conn.execute(f"CALL llm_train_run('b', 6, {ARGS})")
+    assert same(snapshot(conn, "b"), ref)
+
+
+def test_immediate_shutdown_mid_run_then_resume(tmp_path: Path) -> None:
+    """A separate cluster (we stop it hard): committed steps survive, resuming reaches the same parameters."""
+    cluster = start_ephemeral(prefix="pg_llm_crash_")
+    try:
+        dsn = cluster.create_database("crash")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_commit = on")  # the harness default is off (speed)
+            conn.execute("SELECT pg_reload_conf()")
+            synthetic_dataset(conn, "ds")
+            import_tiny(conn, tmp_path, "ref")
+            import_tiny(conn, tmp_path, "c")
+            conn.execute(f"CALL llm_train_run('ref', 5, {ARGS})")
+            ref = snapshot(conn, "ref")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            t, out = run_async(dsn, f"CALL llm_train_run('c', 5, {ARGS})")
+            wait_for_step(conn, "c", 2)
+        cluster.stop("immediate")
+        t.join(60)
+        assert "error" in out
+        cluster.start()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            step = conn.execute("SELECT step FROM llm_model WHERE name = 'c'").fetchone()[0]
+            logged = [s for (s,) in conn.execute("SELECT step FROM llm_train_log WHERE model = 'c' ORDER BY step")]
+            assert step >= 2 and logged == list(range(1, step + 1))
+            assert conn.execute("SELECT count(*) FROM llm_tape").fetchone()[0] == 0  # UNLOGGED: emptied
+            conn.execute(f"CALL llm_train_run('c', 5, {ARGS})")
+            assert same(snapshot(conn, "c"), ref)
+            assert conn.execute("SELECT count(*) FROM llm_tensor WHERE id < 0").fetchone()[0] == 0
+    finally:
+        cluster.destroy()
+
+
+@pytest.mark.parametrize("sql,match", [
+    ("CALL llm_train_run('ref', 1, dataset => 'nope')", 'dataset "nope" has no rows in split "train"'),
+    ("SELECT llm_train('ref', 1, dataset => 'ds', split => 'test')", 'dataset "ds" has no rows in split "test"'),
+    ("SELECT llm_train('ghost', 1, dataset => 'ds')", 'unknown model "ghost"'),
+    ("SELECT llm_train_step('ref', 'ds', batch_size => 0)", "need batch_size >= 1"),
+])
+def test_bad_input_changes_nothing(conn: psycopg.Connection, models, sql: str, match: str) -> None:
+    before = conn.execute("SELECT (SELECT count(*) FROM llm_train_log), (SELECT sum(step) FROM llm_model)").fetchone()
+    with pytest.raises(psycopg.errors.RaiseException, match=match):
+        conn.execute(sql)
+    after = conn.execute("SELECT (SELECT count(*) FROM llm_train_log), (SELECT sum(step) FROM llm_model)").fetchone()
+    assert before == after
+
+
+def test_playbook_worker_hints_are_reported(conn: psycopg.Connection, models) -> None:
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+    step = conn.execute("SELECT step FROM llm_model WHERE name = 'ref'").fetchone()[0]
+    conn.execute(f"SELECT llm_train('ref', {step}, dataset => 'ds', grad_workers => 4, prune_workers => 4)")
+    assert any("grad_workers => 4 and prune_workers => 4 are accepted" in n for n in notices)
