@@ -4,6 +4,7 @@ the client; tensors travel by binary COPY).
   pg-llm model import --name gpt2 ~/models/gpt2          # Hugging Face dir: config.json + model.safetensors
   pg-llm model import --name mine weights.npz --config my-config   # .npz: same names; config by name
   pg-llm model export --name gpt2 out/gpt2               # GPT2LMHeadModel.from_pretrained('out/gpt2') loads it
+  pg-llm model export --name gpt2 --checkpoint 3 out/c3  # the parameters of in-database checkpoint 3
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ def _import(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     with psycopg.connect(resolve_dsn(args.dsn)) as conn:
-        r = export_model(conn, args.name, args.out_dir, force=args.force, progress=not args.quiet)
-    print(f"exported model {r.model!r} to {r.out_dir}: {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB "
+        r = export_model(conn, args.name, args.out_dir, force=args.force, progress=not args.quiet,
+                         checkpoint=args.checkpoint)
+    src = f" (checkpoint {args.checkpoint})" if args.checkpoint is not None else ""
+    print(f"exported model {r.model!r}{src} to {r.out_dir}: {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB "
           f"in {r.seconds:.1f} s")
     return 0
 
@@ -74,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "transformers' GPT2LMHeadModel.from_pretrained loads.")
     e.add_argument("--name", required=True, help="model name")
     e.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created; client side)")
+    e.add_argument("--checkpoint", type=int, default=None, metavar="ID", help="export this in-database checkpoint "
+                   "of the model (llm_checkpoints) instead of its current parameters")
     e.add_argument("--force", action="store_true", help="overwrite config.json / model.safetensors in OUT_DIR")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     dsn_argument(e)

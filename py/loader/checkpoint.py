@@ -241,7 +241,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{d / 'config.json'}: {e}") from e
     ckpt = Checkpoint(p, cfg)
     if p.is_file():
-        if p.suffix == ".npz":
+        if p.suffix == ".npz" or p.name.endswith(".npz.gz"):
             read_npz(p, ckpt)
         elif p.suffix == ".safetensors":
             read_safetensors(p, ckpt)

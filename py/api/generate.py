@@ -1,0 +1,323 @@
+"""Sampling from a GPT-2 model with a key/value cache: llm_generate_tokens, llm_generate, llm_generate_stream.
+
+llm_generate_tokens(model, tokens, ...) returns prompt + new token ids (like transformers' generate);
+llm_generate(model, prompt, ...) returns the text of the new tokens only (prompt encoded with llm_encode, new
+ids decoded with llm_decode, the model config's tokenizer); llm_generate_stream returns one row per new
+token (step, token_id, token text) and raises a NOTICE per token while it runs, so psql shows progress.
+
+Decoding loop (llm_generate_steps): prefill runs the whole prompt through llm_gpt2_forward_cached once, which
+appends every layer's keys/values to that layer's cache (llm_kv_cache_create: scratch tensors of role
+'cache'); each later step feeds only the newest token (one row through every layer, attending to the cached
+rows), so the cost of a token does not grow with the prefix beyond reading the cache. use_cache => false
+recomputes the whole sequence every step (the reference path). Only the last row's logits are computed.
+
+Sampling (llm_mk_sample, on the float32 logits row, in float64): temperature 0 is greedy (argmax, first
+maximum); otherwise logits / temperature, then top-k (keep the scores >= the k-th largest; 0 disables), then
+top-p (sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the most
+likely; 1 disables): the semantics of transformers' TemperatureLogitsWarper, TopKLogitsWarper and
+TopPLogitsWarper applied in that order, as generate() does. The draw uses numpy's
+Generator(PCG64(SeedSequence([seed, step]))) with step = 0 for the first new token: the same seed gives the
+same tokens in any session and on any server with the same numpy.
+
+Stopping: after max_new_tokens; at the tokenizer's <|endoftext|> (50256 when the tokenizer has none) when
+eos is true (the eos token is returned, as transformers does); and when the sequence fills the context: a
+token is produced from at most n_ctx tokens, so at most n_ctx - len(prompt) + 1 new tokens, after which a
+NOTICE says generation stopped at the context length (not an error). Inputs are validated before anything
+is written. Scratch tensors (activations, caches) are released at the end; a failed or cancelled call rolls
+its transaction back, which removes the scratch tensors it created (they are ordinary rows), so nothing
+leaks; llm_scratch_clear() drops those of backends that died.
+"""
+from __future__ import annotations
+
+from pg_llm.api.gpt2 import TILE_ROWS
+from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.gen.sqlfmt import sql
+from pg_llm.ops.common import KERNEL_SETTINGS
+
+SQL_FILE = "api/generate.sql"
+ORDER = 84
+
+EOS_TEXT = "<|endoftext|>"
+EOS_DEFAULT = 50256
+
+
+def sample_logits(np, logits, temperature, top_k, top_p, seed, step, keep):
+    """The token drawn from a logits row (float32 bytes), or (keep) the ids the filters keep, ascending."""
+    z = np.frombuffer(logits, dtype='<f4').astype(np.float64)
+    if temperature == 0:
+        best = int(np.argmax(z))
+        return [best] if keep else best
+    z = z / temperature
+    n = z.size
+    if 0 < top_k < n:
+        z[z < np.partition(z, n - top_k)[n - top_k]] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(z, kind='stable')
+        s = z[order]
+        p = np.exp(s - s[-1])
+        cum = np.cumsum(p / p.sum())
+        drop = cum <= 1.0 - top_p
+        drop[-1] = False
+        z[order[drop]] = -np.inf
+    kept = np.flatnonzero(z > -np.inf)
+    if keep:
+        return kept.tolist()
+    w = np.exp(z[kept] - z[kept].max())
+    cdf = np.cumsum(w)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(step)])))
+    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side='right'))
+    return int(kept[min(i, kept.size - 1)])
+
+
+def _sampling() -> str:
+    out = []
+    for name, ret, keep in (("llm_mk_sample", "INT", "False"), ("llm_mk_sample_keep", "INT[]", "True")):
+        out.append(microkernel(
+            name, "logits BYTEA, temperature FLOAT8, top_k INT, top_p FLOAT8, seed BIGINT, step INT", ret,
+            sample_logits, f"sample_logits(np, logits, temperature, top_k, top_p, seed, step, {keep})",
+            note="sampling microkernel: " + ("the token drawn from" if keep == "False" else "the ids kept by the "
+                 "temperature/top-k/top-p filters of") + " one float32 logits row (see api/generate.sql)."))
+    body = plpgsql("", """
+        IF p_temperature IS NULL OR NOT (p_temperature >= 0 AND p_temperature < 'Infinity') THEN
+          RAISE EXCEPTION 'pg_llm: %: temperature must be a finite number >= 0, got %', p_op, p_temperature
+            USING HINT = '0 is greedy decoding (argmax); 1 samples from the model''s distribution.';
+        END IF;
+        IF p_top_k IS NULL OR p_top_k < 0 THEN
+          RAISE EXCEPTION 'pg_llm: %: top_k must be >= 0, got %', p_op, p_top_k
+            USING HINT = 'top_k => 0 keeps every token; top_k => 50 keeps the 50 most likely.';
+        END IF;
+        IF p_top_p IS NULL OR NOT (p_top_p > 0 AND p_top_p <= 1) THEN
+          RAISE EXCEPTION 'pg_llm: %: top_p must be in (0, 1], got %', p_op, p_top_p
+            USING HINT = 'top_p => 1 disables nucleus sampling; 0.9 keeps the most likely tokens totalling 90%.';
+        END IF;
+        IF p_seed IS NULL OR p_seed < 0 THEN
+          RAISE EXCEPTION 'pg_llm: %: seed must be >= 0, got %', p_op, p_seed
+            USING HINT = 'The same seed gives the same tokens in any session.';
+        END IF;
+    """)
+    out.append(function("llm_sampling_check", "p_op TEXT, p_temperature FLOAT8, p_top_k INT, p_top_p FLOAT8, "
+                        "p_seed BIGINT", "VOID", body, volatility="IMMUTABLE",
+                        note="Validate sampling parameters (clear errors naming the caller)."))
+    args = "logits FLOAT4[], temperature FLOAT8 DEFAULT 1.0, top_k INT DEFAULT 0, top_p FLOAT8 DEFAULT 1.0"
+    check = """
+        PERFORM llm_sampling_check('{fn}', temperature, top_k, top_p, {seed});
+        IF logits IS NULL OR cardinality(logits) = 0 THEN
+          RAISE EXCEPTION 'pg_llm: {fn}: logits must be a non-empty float4[]';
+        END IF;
+        RETURN {call}(llm_float4_to_tile(logits), temperature, top_k, top_p, {seed}, {step});"""
+    out.append(function("llm_sample_keep", args, "INT[]",
+                        plpgsql("", check.format(fn="llm_sample_keep", seed="0", step="0", call="llm_mk_sample_keep")),
+                        volatility="IMMUTABLE", note="The token ids (ascending) that temperature, top-k and top-p "
+                        "keep in a logits row: the support llm_generate samples from."))
+    out.append(function("llm_sample", args + ", seed BIGINT DEFAULT 0, step INT DEFAULT 0", "INT",
+                        plpgsql("", check.format(fn="llm_sample", seed="seed", step="step", call="llm_mk_sample")),
+                        volatility="IMMUTABLE", note="One token drawn from a logits row exactly as llm_generate "
+                        "draws the token of a step (same seed and step, same token)."))
+    return "\n".join(out)
+
+
+def _lin(x: str, name: str) -> str:
+    """GPT-2 Conv1D x @ weight [in, out] + bias of layer `pre` (a PL/pgSQL expression)."""
+    return (f"llm_add_bias(llm_matmul({x}, llm_param(p_model, pre || '{name}.weight')), "
+            f"llm_param(p_model, pre || '{name}.bias'))")
+
+
+def _forward() -> str:
+    layer = f"""
+        pre := 'h.' || layer || '.';
+        h := llm_layernorm(x, llm_param(p_model, pre || 'ln_1.weight'), llm_param(p_model, pre || 'ln_1.bias'),
+                           NULL, c.layer_norm_epsilon);
+        h := {_lin('h', 'attn.c_attn')};
+        IF p_caches IS NULL THEN
+          h := llm_attention(h, c.n_head, n);
+        ELSE
+          h := llm_attention_cached(h, p_caches[layer + 1], p_past, c.n_head);
+        END IF;
+        x := llm_add(x, {_lin('h', 'attn.c_proj')});
+        h := llm_layernorm(x, llm_param(p_model, pre || 'ln_2.weight'), llm_param(p_model, pre || 'ln_2.bias'),
+                           NULL, c.layer_norm_epsilon);
+        h := llm_gelu({_lin('h', 'mlp.c_fc')});
+        x := llm_add(x, {_lin('h', 'mlp.c_proj')});"""
+    body = plpgsql("""
+        c llm_model_config; n INT := cardinality(p_tokens); v_from INT; x BIGINT; h BIGINT; pre TEXT;
+    """, f"""
+        c := llm_gpt2_check_input(p_model, p_tokens, n);
+        v_from := coalesce(p_logits_from, n - 1);
+        IF p_past IS NULL OR p_past < 0 OR p_past + n > c.n_ctx OR (p_caches IS NULL AND p_past <> 0) THEN
+          RAISE EXCEPTION 'pg_llm: model "%": positions % .. % are outside its context of % (or past tokens '
+            'without caches)', p_model, p_past, p_past + n - 1, c.n_ctx;
+        END IF;
+        IF p_caches IS NOT NULL AND cardinality(p_caches) IS DISTINCT FROM c.n_layer THEN
+          RAISE EXCEPTION 'pg_llm: model "%": % caches for % layers', p_model, cardinality(p_caches), c.n_layer
+            USING HINT = 'Create them with llm_kv_cache_create(model).';
+        END IF;
+        IF v_from < 0 OR v_from >= n THEN
+          RAISE EXCEPTION 'pg_llm: model "%": logits from row % of % rows', p_model, v_from, n;
+        END IF;
+        x := llm_add(llm_embedding(llm_param(p_model, 'wte.weight'), p_tokens, NULL, least({TILE_ROWS}, n)),
+                     llm_embedding(llm_param(p_model, 'wpe.weight'),
+                                   ARRAY(SELECT p_past + i FROM generate_series(0, n - 1) AS i), NULL,
+                                   least({TILE_ROWS}, n)));
+        FOR layer IN 0 .. c.n_layer - 1 LOOP{layer}
+        END LOOP;
+        IF v_from > 0 THEN
+          x := llm_embedding(x, ARRAY(SELECT generate_series(v_from, n - 1)), NULL, least({TILE_ROWS}, n - v_from));
+        END IF;
+        x := llm_layernorm(x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'), NULL,
+                           c.layer_norm_epsilon);
+        RETURN llm_matmul(x, llm_param(p_model, CASE WHEN c.tied_embeddings THEN 'wte.weight'
+                                                     ELSE 'lm_head.weight' END), NULL, FALSE, TRUE);
+    """)
+    return function(
+        "llm_gpt2_forward_cached",
+        "p_model TEXT, p_tokens INT[], p_past INT DEFAULT 0, p_caches BIGINT[] DEFAULT NULL, "
+        "p_logits_from INT DEFAULT NULL", "BIGINT", body, settings=KERNEL_SETTINGS,
+        note="""
+        op: GPT-2 forward of one sequence's tokens at positions p_past .. p_past+n-1 -> logits scratch tensor of
+        rows p_logits_from .. n-1 (default: the last row only). With p_caches (llm_kv_cache_create) every layer
+        attends to and appends to its key/value cache (llm_attention_cached); without, p_past = 0 and the
+        tokens are the whole context (llm_attention). Caller releases scratch tensors.""")
+
+
+def _cache() -> str:
+    body = plpgsql("c llm_model_config; v_ids BIGINT[] := '{}';", """
+        c := llm_model_get(p_model);
+        FOR layer IN 0 .. c.n_layer - 1 LOOP
+          v_ids := v_ids || llm_tensor_create('kv_cache.h.' || layer, ARRAY[c.n_ctx, 2 * c.n_embd],
+                                              ARRAY[1, 2 * c.n_embd], 'cache', p_model);
+        END LOOP;
+        RETURN v_ids;
+    """)
+    return function(
+        "llm_kv_cache_create", "p_model TEXT", "BIGINT[]", body,
+        note="""
+        Empty key/value caches of a model, one per layer (scratch tensors of role 'cache', (n_ctx, 2C), one
+        tile per position): element i + 1 is layer i's. Drop them with llm_scratch_release / llm_tensor_drop.""")
+
+
+def _loop() -> str:
+    check = plpgsql("c llm_model_config;", """
+        c := llm_model_get(p_model);
+        PERFORM llm_sampling_check('llm_generate', p_temperature, p_top_k, p_top_p, p_seed);
+        IF p_max_new_tokens IS NULL OR p_max_new_tokens < 0 THEN
+          RAISE EXCEPTION 'pg_llm: llm_generate: max_new_tokens must be >= 0, got %', p_max_new_tokens;
+        END IF;
+        IF p_eos IS NULL OR p_use_cache IS NULL THEN
+          RAISE EXCEPTION 'pg_llm: llm_generate: eos and use_cache must not be NULL';
+        END IF;
+        IF cardinality(p_tokens) > c.n_ctx THEN
+          RAISE EXCEPTION 'pg_llm: llm_generate: the prompt has % tokens, more than the context of % of model "%"',
+            cardinality(p_tokens), c.n_ctx, p_model USING HINT = 'Shorten the prompt (keep its last tokens).';
+        END IF;
+        RETURN llm_gpt2_check_input(p_model, p_tokens, greatest(cardinality(p_tokens), 1));
+    """)
+    out = [function("llm_generate_check", "p_model TEXT, p_tokens INT[], p_max_new_tokens INT, p_temperature FLOAT8, "
+                    "p_top_k INT, p_top_p FLOAT8, p_seed BIGINT, p_eos BOOLEAN, p_use_cache BOOLEAN",
+                    "llm_model_config", check, volatility="STABLE",
+                    note="Validate every argument of a generation (nothing is written before it passes).")]
+    eos = (f"SELECT v.id FROM llm_bpe_vocab AS v WHERE v.tokenizer = p_config.tokenizer AND v.special "
+           f"AND v.printable = '{EOS_TEXT}'")
+    out.append(function("llm_generate_eos", "p_config llm_model_config", "INT", plpgsql("", f"""
+        RETURN coalesce((
+          @eos
+        ), {EOS_DEFAULT});
+    """, eos=eos), volatility="STABLE", note=f"The end-of-text id of a config's tokenizer ({EOS_TEXT}), "
+        f"{EOS_DEFAULT} when the tokenizer is not imported."))
+    logits_row = ("SELECT string_agg(t.data, ''::BYTEA ORDER BY t.tr, t.tc) FROM llm_tile AS t "
+                  "WHERE t.tensor_id = v_logits")
+    body = plpgsql("""
+        c llm_model_config; v_eos INT; v_mark BIGINT; v_step_mark BIGINT; v_caches BIGINT[]; v_seq INT[];
+        v_input INT[]; v_past INT := 0; v_logits BIGINT; v_tok INT;
+    """, """
+        c := llm_generate_check(p_model, p_tokens, p_max_new_tokens, p_temperature, p_top_k, p_top_p, p_seed, p_eos,
+                                p_use_cache);
+        v_eos := llm_generate_eos(c);
+        v_seq := p_tokens[:];
+        v_input := v_seq;
+        v_mark := llm_scratch_mark();
+        IF p_use_cache AND p_max_new_tokens > 0 THEN
+          v_caches := llm_kv_cache_create(p_model);
+        END IF;
+        FOR i IN 0 .. p_max_new_tokens - 1 LOOP
+          IF cardinality(v_seq) > c.n_ctx THEN
+            RAISE NOTICE 'pg_llm: generation stopped after % of % new tokens: the sequence fills the context of % '
+              'tokens of model "%"', i, p_max_new_tokens, c.n_ctx, p_model
+              USING HINT = 'A token is predicted from at most n_ctx tokens: shorten the prompt for more.';
+            EXIT;
+          END IF;
+          v_step_mark := llm_scratch_mark();
+          IF p_use_cache THEN
+            v_logits := llm_gpt2_forward_cached(p_model, v_input, v_past, v_caches);
+            v_past := v_past + cardinality(v_input);
+          ELSE
+            v_logits := llm_gpt2_forward_cached(p_model, v_seq);
+          END IF;
+          v_tok := llm_mk_sample((
+            @logits_row
+          ), p_temperature, p_top_k, p_top_p, p_seed, i);
+          PERFORM llm_scratch_release(v_step_mark);
+          v_seq := v_seq || v_tok;
+          v_input := ARRAY[v_tok];
+          IF p_tokenizer IS NOT NULL THEN
+            RAISE NOTICE 'pg_llm: step %: token % %', i, v_tok, to_json(llm_decode(ARRAY[v_tok], p_tokenizer));
+          END IF;
+          out_step := i;
+          out_token := v_tok;
+          RETURN NEXT;
+          EXIT WHEN p_eos AND v_tok = v_eos;
+        END LOOP;
+        PERFORM llm_scratch_release(v_mark);
+    """, logits_row=logits_row)
+    out.append(function(
+        "llm_generate_steps", "p_model TEXT, p_tokens INT[], p_max_new_tokens INT, p_temperature FLOAT8, p_top_k INT, "
+        "p_top_p FLOAT8, p_seed BIGINT, p_eos BOOLEAN, p_use_cache BOOLEAN, p_tokenizer TEXT DEFAULT NULL",
+        "TABLE(out_step INT, out_token INT)", body, settings=KERNEL_SETTINGS,
+        note="""
+        The decoding loop behind llm_generate*: one row per new token (step from 0). With p_tokenizer, a NOTICE
+        per token (id and text) as it is produced. Releases its scratch tensors and caches."""))
+    return "\n".join(out)
+
+
+ARGS = ("max_new_tokens INT DEFAULT 20, temperature FLOAT8 DEFAULT 1.0, top_k INT DEFAULT 0, "
+        "top_p FLOAT8 DEFAULT 1.0, seed BIGINT DEFAULT 0, eos BOOLEAN DEFAULT FALSE, use_cache BOOLEAN DEFAULT TRUE")
+PASS = "max_new_tokens, temperature, top_k, top_p, seed, eos, use_cache"
+
+
+def _api() -> str:
+    out = [function("llm_generate_tokens", f"model TEXT, tokens INT[], {ARGS}", "INT[]", sql(f"""
+        SELECT tokens || ARRAY(SELECT s.out_token FROM llm_generate_steps(model, tokens, {PASS}) AS s
+                               ORDER BY s.out_step)""") + ";", language="sql", settings=KERNEL_SETTINGS,
+                    note="""
+        Continue a sequence of token ids: returns prompt + new tokens (like transformers' generate). temperature
+        0 is greedy; top_k 0 and top_p 1 disable those filters; seed makes sampling reproducible; eos stops at
+        <|endoftext|>; use_cache false recomputes every step (same tokens, slower). See api/generate.sql.""")]
+    encode = """
+        c := llm_model_get(model);
+        IF prompt IS NULL OR prompt = '' THEN
+          RAISE EXCEPTION 'pg_llm: llm_generate: empty prompt' USING HINT = 'Give at least one token of text.';
+        END IF;
+        v_tokens := llm_encode(prompt, c.tokenizer);"""
+    new = f"SELECT s.out_token FROM llm_generate_steps(model, v_tokens, {PASS}) AS s ORDER BY s.out_step"
+    out.append(function("llm_generate", f"model TEXT, prompt TEXT, {ARGS}", "TEXT",
+                        plpgsql("c llm_model_config; v_tokens INT[];", encode + """
+        RETURN llm_decode(ARRAY(
+          @new
+        ), c.tokenizer);
+    """, new=new), settings=KERNEL_SETTINGS, note="""
+        Continue a text: the prompt is encoded with the model's tokenizer (llm_encode), the new tokens only are
+        decoded (llm_decode) and returned. Arguments as llm_generate_tokens."""))
+    stream = (f"SELECT s.out_step, s.out_token, llm_decode(ARRAY[s.out_token], c.tokenizer) "
+              f"FROM llm_generate_steps(model, v_tokens, {PASS}, c.tokenizer) AS s ORDER BY s.out_step")
+    out.append(function("llm_generate_stream", f"model TEXT, prompt TEXT, {ARGS}",
+                        "TABLE(step INT, token_id INT, token TEXT)",
+                        plpgsql("c llm_model_config; v_tokens INT[];", encode + """
+        RETURN QUERY
+        @stream;
+    """, stream=stream), settings=KERNEL_SETTINGS, note="""
+        llm_generate one row per new token (step from 0, id, its text), with a NOTICE per token while it runs
+        so psql shows progress. A token's own text can be part of a UTF-8 character (shown as U+FFFD)."""))
+    return "\n".join(out)
+
+
+def emit() -> str:
+    return "\n".join([comment(__doc__ or ""), _sampling(), _cache(), _forward(), _loop(), _api()])

@@ -1,0 +1,207 @@
+"""Perplexity of a model on a text, a token sequence or a dataset split, with sliding windows.
+
+llm_perplexity_tokens(model, tokens, stride) follows the Hugging Face perplexity guide (fixed-length models):
+    for begin in range(0, L, stride):                  # stride defaults to n_ctx (no overlap)
+        end = min(begin + n_ctx, L); trg_len = end - prev_end
+        score the last trg_len tokens of tokens[begin:end], each given the window's tokens before it
+        prev_end = end; stop when end == L
+so every scored token gets the most context its window allows. A token is scored only with context: the
+first token of the sequence never is, and with stride = n_ctx neither is the first token of each window
+(exactly as in the guide). Unlike the guide, which weights each window's mean loss by trg_len - 1 (an
+off-by-one when windows overlap), the result is exact: mean_loss = (sum of the per-token NLLs in float64) /
+tokens_scored, perplexity = exp(mean_loss). Each window's logits are computed only for its scored rows
+(llm_gpt2_forward_cached with p_logits_from), and the NLLs come from llm_nll.
+
+llm_perplexity(model, text, stride) encodes the text with the model's tokenizer (llm_encode) first.
+llm_perplexity(model, dataset => name, split => 'val', stride) scores a split of llm_dataset: its rows
+(tokens, targets shifted by one, pos = start of the window in its source's split stream, possibly
+overlapping) are put back into the token stream of each source (contiguous stretches of it when windows
+leave gaps), and each stream is scored exactly like llm_perplexity_tokens; all are pooled into one exact mean.
+So stride means the same thing for a text and a dataset, and a token in two overlapping rows counts once.
+`dataset` has the domain type llm_dataset_name so that a positional call llm_perplexity(model, 'some text')
+is unambiguous (an untyped literal prefers the text form).
+"""
+from __future__ import annotations
+
+from pg_llm.gen.emit import comment, function, plpgsql
+from pg_llm.gen.sqlfmt import raw_ddl
+from pg_llm.ops.common import KERNEL_SETTINGS
+
+SQL_FILE = "api/perplexity.sql"
+ORDER = 82
+
+OUT = "OUT perplexity FLOAT8, OUT tokens_scored BIGINT, OUT mean_loss FLOAT8"
+STRIDE = """
+        v_stride := coalesce(stride, c.n_ctx);
+        IF v_stride < 1 OR v_stride > c.n_ctx THEN
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: stride must be in [1, %] (the context of model "%"), got %',
+            c.n_ctx, model, v_stride USING HINT = 'A smaller stride gives each token more context and costs more.';
+        END IF;"""
+
+
+def _windows() -> str:
+    body = plpgsql("""
+        n INT := cardinality(p_x); v_x INT[] := p_x[:]; v_y INT[] := p_y[:];
+        v_b INT := 0; v_e INT; v_s INT; v_prev INT := 0; v_mark BIGINT; v_logits BIGINT;
+        v_sum FLOAT8 := 0; v_count BIGINT := 0; v_nll FLOAT8[];
+    """, """
+        WHILE v_b < n LOOP
+          v_e := least(v_b + p_window, n);
+          v_s := greatest(v_prev, v_b);
+          IF v_s < v_e THEN
+            v_mark := llm_scratch_mark();
+            v_logits := llm_gpt2_forward_cached(p_model, v_x[v_b + 1:v_e], 0, NULL, v_s - v_b);
+            v_nll := llm_nll(v_logits, v_y[v_s + 1:v_e]);  -- not inside a query: the planner would run it early
+            v_sum := v_sum + (
+              @nll
+            );
+            v_count := v_count + (v_e - v_s);
+            PERFORM llm_scratch_release(v_mark);
+          END IF;
+          v_prev := v_e;
+          EXIT WHEN v_e = n;
+          v_b := v_b + p_stride;
+        END LOOP;
+        RETURN ARRAY[v_sum, v_count];
+    """, nll="SELECT sum(u.v) FROM unnest(v_nll) AS u(v)")
+    return function(
+        "llm_perplexity_windows", "p_model TEXT, p_x INT[], p_y INT[], p_window INT, p_stride INT", "FLOAT8[]",
+        body, settings=KERNEL_SETTINGS,
+        note="""
+        Sliding-window NLL: windows x[b:e) (b = 0, stride, ...; e = min(b + p_window, n)); window scores y[i]
+        for i in [max(previous e, b), e) given x[b..i]. Returns {sum of NLLs (float64), tokens scored}.""")
+
+
+def _tokens() -> str:
+    bad = ("SELECT s.n FROM unnest(v_tokens) WITH ORDINALITY AS s(id, n) "
+           "WHERE s.id IS NULL OR s.id < 0 OR s.id >= c.vocab_size ORDER BY s.n LIMIT 1")
+    body = plpgsql("c llm_model_config; v_tokens INT[] := tokens[:]; n INT; v_stride INT; v_bad BIGINT; v FLOAT8[];",
+                   """
+        c := llm_model_get(model);
+        n := coalesce(cardinality(v_tokens), 0);
+        IF n < 2 THEN
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: % tokens: need at least 2 (the first token is never scored)', n
+            USING HINT = 'Perplexity scores each token given the ones before it.';
+        END IF;
+        v_bad := (
+          @bad
+        );
+        IF v_bad IS NOT NULL THEN
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: token id % at position % is outside the vocabulary [0, %) of '
+            'model "%"', coalesce(v_tokens[v_bad]::TEXT, 'NULL'), v_bad - 1, c.vocab_size, model;
+        END IF;""" + STRIDE + """
+        -- a window of n_ctx tokens predicts its last n_ctx - 1 tokens from its first n_ctx - 1
+        v := llm_perplexity_windows(model, v_tokens[1:n - 1], v_tokens[2:n], c.n_ctx - 1, v_stride);
+        tokens_scored := v[2];
+        IF tokens_scored = 0 THEN
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: no token was scored' USING HINT = 'Use a smaller stride.';
+        END IF;
+        mean_loss := v[1] / v[2];
+        perplexity := exp(mean_loss);
+    """, bad=bad)
+    return function(
+        "llm_perplexity_tokens", f"model TEXT, tokens INT[], stride INT DEFAULT NULL, {OUT}", "RECORD", body,
+        settings=KERNEL_SETTINGS,
+        note="""
+        Perplexity of a token sequence, sliding windows of n_ctx tokens moved by stride (default n_ctx) as in the
+        Hugging Face guide, counted exactly: (perplexity, tokens_scored, mean_loss = NLL sum / tokens_scored).""")
+
+
+def _text() -> str:
+    body = plpgsql("c llm_model_config;", """
+        c := llm_model_get(model);
+        IF $2 IS NULL OR $2 = '' THEN
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: empty text' USING HINT = 'Give at least two tokens of text.';
+        END IF;
+        SELECT q.perplexity, q.tokens_scored, q.mean_loss INTO perplexity, tokens_scored, mean_loss
+        FROM llm_perplexity_tokens(model, llm_encode($2, c.tokenizer), stride) AS q;
+    """)
+    return function(
+        "llm_perplexity", f"model TEXT, text TEXT, stride INT DEFAULT NULL, {OUT}", "RECORD", body,
+        settings=KERNEL_SETTINGS,
+        note="Perplexity of a text, encoded with the model's tokenizer: llm_perplexity_tokens(model, "
+             "llm_encode(text), stride).")
+
+
+def _dataset() -> str:
+    rows = "FROM llm_dataset AS d WHERE d.dataset = $2 AND d.split = $3"
+    check = f"""
+        SELECT count(*) AS n_rows,
+               min(d.id) FILTER (WHERE d.tokens[2:cardinality(d.tokens)]
+                                 IS DISTINCT FROM d.targets[1:cardinality(d.targets) - 1]) AS bad_shift,
+               min(d.id) FILTER (WHERE EXISTS (SELECT 1 FROM unnest(d.tokens || d.targets) AS u(id)
+                                               WHERE u.id IS NULL OR u.id < 0 OR u.id >= c.vocab_size)) AS bad_id
+        {rows}"""
+    # token p of a source's split stream is tokens[p - pos] of every row covering it (the last target included)
+    stream = """
+        SELECT d.source_hash, d.pos + u.o - 1 AS p, min(u.id) AS id, max(u.id) AS hi
+        FROM llm_dataset AS d
+        CROSS JOIN LATERAL unnest(d.tokens || d.targets[cardinality(d.targets)]) WITH ORDINALITY AS u(id, o)
+        WHERE d.dataset = $2 AND d.split = $3
+        GROUP BY d.source_hash, d.pos + u.o - 1"""
+    overlap = f"SELECT min(t.source_hash || ' at ' || t.p) FROM ({stream}) AS t WHERE t.id <> t.hi"
+    segments = f"""
+        SELECT array_agg(s.id ORDER BY s.p) AS ids
+        FROM (
+          SELECT t.source_hash, t.p, t.id, t.p - row_number() OVER (PARTITION BY t.source_hash ORDER BY t.p) AS seg
+          FROM ({stream}) AS t
+        ) AS s
+        GROUP BY s.source_hash, s.seg
+        ORDER BY s.source_hash, s.seg"""
+    known = "SELECT string_agg(DISTINCT d.dataset || '/' || d.split, ', ') FROM llm_dataset AS d"
+    body = plpgsql("""
+        c llm_model_config; v_stride INT; v_rows BIGINT; v_bad_shift BIGINT; v_bad_id BIGINT; v_bad TEXT;
+        v_known TEXT; r RECORD; n INT; v FLOAT8[]; v_sum FLOAT8 := 0; v_count BIGINT := 0;
+    """, """
+        c := llm_model_get(model);""" + STRIDE + """
+        SELECT q.n_rows, q.bad_shift, q.bad_id INTO v_rows, v_bad_shift, v_bad_id FROM (
+          @check
+        ) AS q;
+        IF v_rows = 0 THEN
+          v_known := (
+            @known
+          );
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: dataset "%" has no split "%"', $2, $3
+            USING HINT = format('Known dataset/split pairs: %s (SELECT * FROM llm_datasets).',
+                                coalesce(v_known, '(none)'));
+        END IF;
+        IF v_bad_shift IS NOT NULL OR v_bad_id IS NOT NULL THEN
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: dataset "%" split "%": row id % %', $2, $3,
+            coalesce(v_bad_shift, v_bad_id), CASE WHEN v_bad_shift IS NOT NULL
+              THEN 'is not a window of a token stream (targets must be tokens shifted by one)'
+              ELSE 'has ids outside the vocabulary [0, ' || c.vocab_size || ') of model "' || model || '"' END;
+        END IF;
+        v_bad := (
+          @overlap
+        );
+        IF v_bad IS NOT NULL THEN
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: dataset "%" split "%": overlapping rows disagree on the token '
+            'of source %', $2, $3, v_bad USING HINT = 'Rows of one source are windows of one stream (pos = start).';
+        END IF;
+        FOR r IN
+          @segments
+        LOOP
+          n := cardinality(r.ids);
+          v := llm_perplexity_windows(model, r.ids[1:n - 1], r.ids[2:n], c.n_ctx - 1, v_stride);
+          v_sum := v_sum + v[1];
+          v_count := v_count + v[2]::BIGINT;
+        END LOOP;
+        IF v_count = 0 THEN
+          RAISE EXCEPTION 'pg_llm: llm_perplexity: no token was scored' USING HINT = 'Use a smaller stride.';
+        END IF;
+        tokens_scored := v_count;
+        mean_loss := v_sum / v_count;
+        perplexity := exp(mean_loss);
+    """, check=check, known=known, overlap=overlap, segments=segments)
+    return function(
+        "llm_perplexity", "model TEXT, dataset llm_dataset_name, split TEXT DEFAULT 'val', stride INT DEFAULT NULL, "
+        f"{OUT}", "RECORD", body, settings=KERNEL_SETTINGS,
+        note="""
+        Perplexity of a dataset split: its rows (windows of a token stream, pos = start) are put back into each
+        source's stream, which is scored like llm_perplexity_tokens (sliding windows, stride), pooled exactly.""")
+
+
+def emit() -> str:
+    domain = (comment("A dataset name: a distinct type so llm_perplexity(model, 'text') picks the text form.") + "\n"
+              + raw_ddl("CREATE DOMAIN llm_dataset_name AS TEXT") + ";\n")
+    return "\n".join([comment(__doc__ or ""), domain, _windows(), _tokens(), _text(), _dataset()])
