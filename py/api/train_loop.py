@@ -140,6 +140,9 @@ def _function() -> str:
     """, f"""
         dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
         v_conn := 'pg_llm_train_' || pg_backend_pid();
+        IF v_conn = ANY(coalesce(dblink_get_connections(), '{{}}')) THEN
+          PERFORM dblink_disconnect(v_conn);  -- left open by a cancelled earlier call in this session
+        END IF;
         PERFORM dblink_connect_u(v_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
           || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
           || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));

@@ -8,6 +8,8 @@ import re
 import textwrap
 from collections.abc import Callable, Sequence
 
+import sqlglot
+
 from pg_llm.gen.sqlfmt import check_function_header, sql
 
 
@@ -19,6 +21,13 @@ def stmt(text: str, note: str | None = None) -> str:
     """A top-level statement, parse-checked and pretty-printed, with an optional comment above it."""
     head = comment(note) + "\n" if note else ""
     return head + sql(text) + ";\n"
+
+
+def sql_statements(text: str) -> str:
+    """Parse-check and pretty-print a ';'-separated list of SQL statements (a LANGUAGE sql body)."""
+    parts = [p for p in sqlglot.transpile(text, read="postgres", write="postgres", pretty=True,
+                                          normalize_functions=False) if p.strip()]
+    return ";\n".join(sql(p) for p in parts)
 
 
 def _header(name: str, args: str, returns: str, language: str, volatility: str,
@@ -43,6 +52,8 @@ def function(name: str, args: str, returns: str, body: str, *, language: str = "
     built with sqlfmt.sql() by the caller; the envelope is parse-checked here."""
     header = _header(name, args, returns, language, volatility, settings, strict, parallel)
     body = textwrap.dedent(body).strip("\n")
+    if language == "sql":  # SQL-language bodies are statements: parse-check and pretty-print each
+        body = sql_statements(body)
     head = comment(note) + "\n" if note else ""
     return f"{head}{header}\nAS $fn$\n{body}\n$fn$;\n"
 

@@ -35,6 +35,9 @@ FAST_SETTINGS = {
 }
 
 
+REQUIRED_EXTENSIONS = ("plpython3u", "dblink")  # pg_llm.control: requires = 'plpython3u, dblink'
+
+
 class ClusterError(RuntimeError):
     pass
 
@@ -162,6 +165,13 @@ class Cluster:
             return "(no server log)"
 
     # -- databases -------------------------------------------------------------------------------
+    def prepare_template(self) -> None:
+        """pg_llm's prerequisites in template1, so every new database can run a plain CREATE EXTENSION pg_llm
+        (the playbook's statement) without CASCADE."""
+        with psycopg.connect(self.dsn("template1"), autocommit=True) as conn:
+            for ext in REQUIRED_EXTENSIONS:
+                conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
+
     def create_database(self, name: str, install: bool = True) -> str:
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -185,4 +195,5 @@ def start_ephemeral(prefix: str = "pg_llm_test_") -> Cluster:
     cluster = Cluster(datadir=base / "data", port=free_port())
     cluster.initdb()
     cluster.start()
+    cluster.prepare_template()
     return cluster

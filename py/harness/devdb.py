@@ -65,6 +65,8 @@ def start(recreate: bool = False) -> str:
         c.initdb()
     if not c.is_running():
         c.start()
+    if fresh:
+        c.prepare_template()
     with psycopg.connect(c.dsn(), autocommit=True) as conn:
         if recreate:
             conn.execute(f'DROP DATABASE IF EXISTS "{DBNAME}" WITH (FORCE)')
