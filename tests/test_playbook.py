@@ -18,10 +18,11 @@ import numpy as np
 import psycopg
 import pytest
 import torch
-from conftest import Server
 
 from pg_llm.assets import gpt2_dir
 from pg_llm.loader.corpus import shakespeare_dir
+
+from conftest import Server
 
 CLI = str(Path(sys.executable).parent / "pg-llm")
 EXT = Path("/usr/share/postgresql/15/extension/pg_llm.control")

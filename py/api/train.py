@@ -53,7 +53,8 @@ def _tables() -> str:
             )""", "The running (or last) llm_train loop of each model; see the llm_train_progress view."),
         stmt("""
             CREATE VIEW llm_train_progress AS
-            SELECT j.model, j.pid, EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = j.pid) AS running,
+            SELECT j.model, j.pid, EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = j.pid
+                                           AND a.state = 'active') AS running,
                    j.step, j.target_step, round(100.0 * (j.step - j.first_step)
                    / greatest(j.target_step - j.first_step, 1), 1) AS pct, j.loss, j.tokens_per_s,
                    j.started_at, j.updated_at,
@@ -185,7 +186,8 @@ def _guard() -> str:
         END IF;
     """, job="""
         SELECT j.pid FROM llm_train_job AS j
-        WHERE j.model = p_model AND EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = j.pid)""")
+        WHERE j.model = p_model
+          AND EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = j.pid AND a.state = 'active')""")
     return function("llm_train_guard", "p_model TEXT, p_on_behalf_of INT DEFAULT NULL", "VOID", body,
                     note="One trainer per model: a transaction lock for the step and the live llm_train_job owner.")
 

@@ -7,9 +7,9 @@
 -- [tr*tile_rows, min((tr+1)*tile_rows, rows)) and the matching columns, as raw little-endian float32 in
 -- row-major order: a bytea, because float4[] costs 0.5-0.8 us per element leaving PL/Python and bytea ~0.5 ns.
 --
--- Durable tensors (param, grad, adam_m, adam_v) have positive ids and live in the logged partition
--- llm_tile_durable. Scratch tensors (activation, cache) have negative ids and live in the UNLOGGED partition
--- llm_tile_scratch: no WAL for activations, and a crash simply empties them.
+-- Durable tensors (param, adam_m, adam_v) have positive ids and live in the logged partition llm_tile_durable.
+-- Scratch tensors (activation, cache, grad) have negative ids and live in the UNLOGGED partition
+-- llm_tile_scratch: no WAL for what a training step or a forward pass throws away, and a crash empties them.
 -- Tensor catalog: one row per tensor. Scratch tensors (activation, cache) have negative ids.
 CREATE TABLE llm_tensor (
   id BIGINT PRIMARY KEY,
@@ -20,10 +20,11 @@ CREATE TABLE llm_tensor (
   tile INT[] NOT NULL CHECK (cardinality(tile) = 2 AND 0 < ALL(tile)),
   dtype TEXT NOT NULL DEFAULT 'float32' CHECK (dtype = 'float32'),
   created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  backend_pid INT NOT NULL DEFAULT pg_backend_pid(),
   CHECK ((
     id > 0
   ) = (
-    NOT role IN ('activation', 'cache')
+    NOT role IN ('activation', 'cache', 'grad')
   ))
 );
 
@@ -68,7 +69,8 @@ IMMUTABLE
 STRICT
 PARALLEL SAFE
 AS $fn$
-SELECT least(t, n - i * t)
+SELECT
+  LEAST(t, n - i * t)
 $fn$;
 
 -- Stored rows of a tensor: a 1-D tensor of n is one row of n.
@@ -79,7 +81,8 @@ IMMUTABLE
 STRICT
 PARALLEL SAFE
 AS $fn$
-SELECT CASE WHEN cardinality(shape) = 1 THEN 1 ELSE shape[1] END
+SELECT
+  CASE WHEN cardinality(shape) = 1 THEN 1 ELSE shape[1] END
 $fn$;
 
 -- Stored columns of a tensor.
@@ -90,7 +93,8 @@ IMMUTABLE
 STRICT
 PARALLEL SAFE
 AS $fn$
-SELECT shape[cardinality(shape)]
+SELECT
+  shape[cardinality(shape)]
 $fn$;
 
 -- A shape as text for error messages, Python style: (3, 4) or (5,).
@@ -101,7 +105,8 @@ IMMUTABLE
 STRICT
 PARALLEL SAFE
 AS $fn$
-SELECT '(' || array_to_string(shape, ', ') || CASE WHEN cardinality(shape) = 1 THEN ',)' ELSE ')' END
+SELECT
+  '(' || ARRAY_TO_STRING(shape, ', ') || CASE WHEN cardinality(shape) = 1 THEN ',)' ELSE ')' END
 $fn$;
 
 -- Register an empty tensor; tile defaults to 256x256 capped by the shape. Returns its id.
@@ -123,7 +128,7 @@ BEGIN
     RAISE EXCEPTION 'pg_llm: tensor "%" has invalid tile shape % (want ARRAY[tile_rows, tile_cols] > 0)',
       p_name, v_tile;
   END IF;
-  IF p_role IN ('activation', 'cache') THEN
+  IF p_role IN ('activation', 'cache', 'grad') THEN
     v_id := nextval('llm_tensor_scratch_id');
   ELSE
     v_id := nextval('llm_tensor_durable_id');
@@ -166,6 +171,16 @@ BEGIN
 END
 $fn$;
 
+-- Id of a model parameter by its GPT-2 name (h.0.attn.c_attn.weight ...).
+CREATE OR REPLACE FUNCTION llm_param(p_model TEXT, p_name TEXT)
+RETURNS BIGINT
+LANGUAGE sql
+STABLE
+AS $fn$
+SELECT
+  llm_tensor(p_model, p_name, 'param')
+$fn$;
+
 -- Catalog row of a tensor, or a clear error when it does not exist.
 CREATE OR REPLACE FUNCTION llm_tensor_get(p_id BIGINT)
 RETURNS llm_tensor
@@ -189,10 +204,37 @@ RETURNS VOID
 LANGUAGE sql
 VOLATILE
 AS $fn$
-DELETE FROM llm_tensor WHERE id = p_id
+DELETE FROM llm_tensor
+WHERE
+  id = p_id
 $fn$;
 
--- Drop every scratch tensor (activations, caches). Returns how many were dropped.
+-- A mark: every scratch tensor created after it has a smaller id (see llm_scratch_release).
+CREATE OR REPLACE FUNCTION llm_scratch_mark()
+RETURNS BIGINT
+LANGUAGE sql
+VOLATILE
+AS $fn$
+SELECT
+  nextval('llm_tensor_scratch_id')
+$fn$;
+
+-- Drop this backend's scratch tensors created after p_mark (the activations of one call).
+CREATE OR REPLACE FUNCTION llm_scratch_release(p_mark BIGINT)
+RETURNS BIGINT
+LANGUAGE plpgsql
+VOLATILE
+AS $fn$
+DECLARE
+  n BIGINT;
+BEGIN
+  DELETE FROM llm_tensor WHERE id < p_mark AND id < 0 AND backend_pid = pg_backend_pid();
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$fn$;
+
+-- Drop this backend's scratch tensors and those of backends that no longer run.
 CREATE OR REPLACE FUNCTION llm_scratch_clear()
 RETURNS BIGINT
 LANGUAGE plpgsql
@@ -201,8 +243,9 @@ AS $fn$
 DECLARE
   n BIGINT;
 BEGIN
-  TRUNCATE llm_tile_scratch;
-  DELETE FROM llm_tensor WHERE id < 0;
+  DELETE FROM llm_tensor AS v
+  WHERE v.id < 0 AND (v.backend_pid = pg_backend_pid()
+    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = v.backend_pid));
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END

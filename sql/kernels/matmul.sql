@@ -7,9 +7,70 @@
 -- Backward: dx = dy @ W^T                  (llm_matmul(dy, W, tb => true))
 --           dW = x^T @ dy                  (llm_matmul(x, dy, ta => true, accumulate => true))
 --
--- Tiling: output tile (i, j) = one microkernel call that receives the ordered array_agg of op(A)'s block row i
--- and op(B)'s block column j (the whole K reduction happens in numpy). K must be cut the same way in A and B.
--- matmul microkernel: one (m, n) output tile from op(A)'s block row and op(B)'s block column.
+-- Tiling (panel form): the output is cut into panels of whole tiles; each panel is ONE PL/Python call
+-- (llm_mk_matmul_panel) that reads every tile of op(A)'s block rows and op(B)'s block columns for that panel
+-- (one cached SPI plan, in (tr, tc) order), assembles them, does one numpy matmul over the whole K and returns
+-- the panel's output tiles. A panel holds at most PANEL_FLOATS floats of op(A), of op(B) and of the output
+-- (32 MiB each; the setting pg_llm.matmul_panel_floats overrides it), so GPT-2 small's matmuls are one call
+-- and the tied logits projection (x @ wte^T, 154 MB) a few. Reading the tiles in the kernel instead of passing
+-- array_agg(data) saves the array's copy and zeroing (15-30 % of a call). `make bench` (kernels section)
+-- compares it with one call per output tile, per-(i, k, j) partial products summed by llm_tile_sum, the
+-- array_agg panel and numpy on the whole matrices. K must still be cut the same way in A and B (the panel
+-- kernel itself does not need it).
+-- matmul panel kernel: output panel (i, j) of op(A) @ op(B) as (tr, tc, data) rows. It reads
+--         panel i (pi tiles along m) of tensor a and panel j (pj tiles along n) of tensor b itself; geom =
+--         [rows, cols, tile_rows, tile_cols] as stored. The numpy part is matmul_panel (unit-tested alone).
+CREATE OR REPLACE FUNCTION llm_mk_matmul_panel(a BIGINT, a_geom INT[], ta BOOLEAN, i INT, pi INT, b BIGINT, b_geom INT[], tb BOOLEAN, j INT, pj INT)
+RETURNS TABLE(tr INT, tc INT, data BYTEA)
+LANGUAGE plpython3u
+STABLE
+STRICT
+AS $fn$
+np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
+def matmul_panel(np, a_tiles, a_geom, ta, b_tiles, b_geom, tb):
+    """Output tiles (tr, tc, bytes) of op(A) @ op(B) for one panel. geom = [rows, cols, tile_rows, tile_cols,
+    r0, r1, c0, c1]: the stored tensor and the block of tiles [r0, r1) x [c0, c1) given in (tr, tc) order."""
+    def block(tiles, g):
+        rows, cols, th, tw, r0, r1, c0, c1 = g
+        if len(tiles) != (r1 - r0) * (c1 - c0):
+            plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
+                       % (len(tiles), r1 - r0, c1 - c0))
+        h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
+        if c1 - c0 == 1:
+            return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
+        out = np.empty((h, w), dtype=np.float32)
+        it = iter(tiles)
+        for r in range(0, h, th):
+            for c in range(0, w, tw):
+                dst = out[r:r + th, c:c + tw]
+                dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
+        return out
+    a = block(a_tiles, a_geom)
+    b = block(b_tiles, b_geom)
+    y = np.matmul(a.T if ta else a, b.T if tb else b)
+    tm, i0 = (a_geom[3], a_geom[6]) if ta else (a_geom[2], a_geom[4])
+    tn, j0 = (b_geom[2], b_geom[4]) if tb else (b_geom[3], b_geom[6])
+    for r in range(0, y.shape[0], tm):
+        for c in range(0, y.shape[1], tn):
+            yield i0 + r // tm, j0 + c // tn, y[r:r + tm, c:c + tn].tobytes()
+def panel_block(plpy, GD, tensor_id, geom, along_cols, p, size):
+    """Tiles of panel p (size tiles along stored columns when along_cols, else rows) of a tensor of geometry
+    [rows, cols, tile_rows, tile_cols], in (tr, tc) order, and the geometry extended with the tile box."""
+    rows, cols, th, tw = geom
+    nr, nc = -(-rows // th), -(-cols // tw)
+    box = [0, nr, p * size, min((p + 1) * size, nc)] if along_cols else [p * size, min((p + 1) * size, nr), 0, nc]
+    plan = GD.get('llm_panel_plan')
+    if plan is None:
+        plan = GD['llm_panel_plan'] = plpy.prepare(
+            'SELECT data FROM llm_tile WHERE tensor_id = $1 AND tr >= $2 AND tr < $3 AND tc >= $4 AND tc < $5 '
+            'ORDER BY tr, tc', ['bigint', 'int', 'int', 'int', 'int'])
+    return [r['data'] for r in plpy.execute(plan, [tensor_id] + box)], list(geom) + box
+a_tiles, a_box = panel_block(plpy, GD, a, a_geom, ta, i, pi)
+b_tiles, b_box = panel_block(plpy, GD, b, b_geom, not tb, j, pj)
+return matmul_panel(np, a_tiles, a_box, ta, b_tiles, b_box, tb)
+$fn$;
+
+-- matmul microkernel: one (m, n) output tile from op(A)'s block row and op(B)'s block column (not used by llm_matmul since the panel form; kept for other ops and the bench).
 CREATE OR REPLACE FUNCTION llm_mk_matmul(a_tiles BYTEA[], b_tiles BYTEA[], m INT, n INT, ta BOOLEAN, tb BOOLEAN)
 RETURNS BYTEA
 LANGUAGE plpython3u
@@ -34,8 +95,8 @@ return matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb)
 $fn$;
 
 -- op: matmul forward. op(A) (m, k) @ op(B) (k, n) -> out (m, n), op = transpose when p_ta/p_tb.
---         tiling: out tile (i, j) = llm_mk_matmul(block row i of op(A), block column j of op(B)); out tile is
---         (A's m-tile, B's n-tile). p_out NULL allocates a scratch tensor; p_accumulate adds into p_out.
+--         tiling: out tile is (A's m-tile, B's n-tile); one llm_mk_matmul_panel call per output panel (<= 32 MiB
+--         of op(A), op(B) and output each). p_out NULL allocates a scratch tensor; p_accumulate adds into p_out.
 CREATE OR REPLACE FUNCTION llm_matmul(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAULT NULL, p_ta BOOLEAN DEFAULT FALSE, p_tb BOOLEAN DEFAULT FALSE, p_accumulate BOOLEAN DEFAULT FALSE)
 RETURNS BIGINT
 LANGUAGE plpgsql
@@ -45,6 +106,7 @@ AS $fn$
 DECLARE
   ra llm_tensor; rb llm_tensor;
   v_m INT; v_k INT; v_kb INT; v_n INT; v_tm INT; v_tk INT; v_tkb INT; v_tn INT; v_out BIGINT;
+  v_budget BIGINT; v_pi INT; v_pj INT; v_ni INT; v_nj INT; v_ga INT[]; v_gb INT[];
 BEGIN
   ra := llm_input(p_a, 'matmul', 'a');
   rb := llm_input(p_b, 'matmul', 'b');
@@ -63,6 +125,15 @@ BEGIN
       ra.name, rb.name, v_k, v_tk, v_tkb USING HINT = 'Store both with the same tile size along k.';
   END IF;
   v_out := llm_output(p_out, 'matmul', ARRAY[v_m, v_n], ARRAY[v_tm, v_tn], p_accumulate);
+  -- panels: v_pi tiles of m by v_pj tiles of n, each operand and output panel <= v_budget floats
+  v_budget := coalesce(nullif(current_setting('pg_llm.matmul_panel_floats', TRUE), '')::BIGINT, 8388608);
+  v_pi := greatest(1, least((v_m + v_tm - 1) / v_tm, v_budget / (v_tm::BIGINT * v_k)));
+  v_pj := greatest(1, least((v_n + v_tn - 1) / v_tn,
+                            v_budget / (v_tn::BIGINT * greatest(v_k, least(v_m, v_pi * v_tm)))));
+  v_ni := ((v_m + v_tm - 1) / v_tm + v_pi - 1) / v_pi;
+  v_nj := ((v_n + v_tn - 1) / v_tn + v_pj - 1) / v_pj;
+  v_ga := ARRAY[llm_rows(ra.shape), llm_cols(ra.shape), ra.tile[1], ra.tile[2]];
+  v_gb := ARRAY[llm_rows(rb.shape), llm_cols(rb.shape), rb.tile[1], rb.tile[2]];
   INSERT INTO llm_tile (
     tensor_id,
     tr,
@@ -71,29 +142,12 @@ BEGIN
   )
   SELECT
     v_out,
-    a.i,
-    b.j,
-    llm_mk_matmul(a.tiles, b.tiles, llm_tile_dim(v_m, v_tm, a.i), llm_tile_dim(v_n, v_tn, b.j), p_ta, p_tb)
-  FROM (
-    SELECT
-      CASE WHEN p_ta THEN t.tc ELSE t.tr END AS i,
-      ARRAY_AGG(t.data ORDER BY CASE WHEN p_ta THEN t.tr ELSE t.tc END) AS tiles
-    FROM llm_tile AS t
-    WHERE
-      t.tensor_id = p_a
-    GROUP BY
-      1
-  ) AS a
-  CROSS JOIN (
-    SELECT
-      CASE WHEN p_tb THEN t.tr ELSE t.tc END AS j,
-      ARRAY_AGG(t.data ORDER BY CASE WHEN p_tb THEN t.tc ELSE t.tr END) AS tiles
-    FROM llm_tile AS t
-    WHERE
-      t.tensor_id = p_b
-    GROUP BY
-      1
-  ) AS b
+    o.tr,
+    o.tc,
+    o.data
+  FROM GENERATE_SERIES(0, v_ni - 1) AS pa(i)
+  CROSS JOIN GENERATE_SERIES(0, v_nj - 1) AS pb(j)
+  CROSS JOIN LATERAL llm_mk_matmul_panel(p_a, v_ga, p_ta, pa.i, v_pi, p_b, v_gb, p_tb, pb.j, v_pj) AS o
   WHERE
     TRUE ON CONFLICT(tensor_id, tr, tc) DO UPDATE SET data = llm_mk_add(llm_tile.data, excluded.data);
   RETURN v_out;
