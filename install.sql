@@ -4258,7 +4258,9 @@ BEGIN
         FROM UNNEST(v_new) AS n
         WHERE
           octet_length(n) <= 255)
-      ) AS b ON CONFLICT DO NOTHING;
+      ) AS b
+      ORDER BY
+        b.piece ON CONFLICT DO NOTHING;
     EXCEPTION WHEN read_only_sql_transaction THEN
       v_long := v_new;  -- a read-only transaction (hot standby): BPE without caching
     END;
@@ -4437,7 +4439,7 @@ SELECT
 $fn$;
 
 -- One row per token of a text: position, id, GPT-2's printable form and its text.
-CREATE OR REPLACE FUNCTION llm_tokenize(p_text TEXT, p_tokenizer TEXT DEFAULT 'gpt2')
+CREATE OR REPLACE FUNCTION llm_tokenize(text TEXT, tokenizer TEXT DEFAULT 'gpt2')
 RETURNS TABLE(pos INT, id INT, printable TEXT, piece TEXT)
 LANGUAGE sql
 VOLATILE
@@ -4449,15 +4451,15 @@ SELECT
   u.id,
   v.printable,
   llm_utf8_lossy(v.token)
-FROM UNNEST(llm_encode(p_text, p_tokenizer)) WITH ORDINALITY AS u(id, o)
+FROM UNNEST(llm_encode($1, $2)) WITH ORDINALITY AS u(id, o)
 JOIN llm_bpe_vocab AS v
-  ON v.tokenizer = p_tokenizer AND v.id = u.id
+  ON v.tokenizer = $2 AND v.id = u.id
 ORDER BY
   u.o
 $fn$;
 
 -- Empty the BPE cache (of one tokenizer, or all). Returns the number of pieces dropped.
-CREATE OR REPLACE FUNCTION llm_bpe_cache_clear(p_tokenizer TEXT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_bpe_cache_clear(tokenizer TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
@@ -4467,7 +4469,8 @@ DECLARE
 BEGIN
   DELETE FROM llm_bpe_cache AS c
   WHERE
-    p_tokenizer IS NULL OR c.tokenizer = p_tokenizer;
+    llm_bpe_cache_clear.tokenizer IS NULL
+    OR c.tokenizer = llm_bpe_cache_clear.tokenizer;
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END
@@ -6058,7 +6061,8 @@ BEGIN
   x := llm_t_add(p_tape,
                  llm_t_embedding(p_tape, llm_param(p_model, 'wte.weight'), p_tokens, least(256, n)),
                  llm_t_embedding(p_tape, llm_param(p_model, 'wpe.weight'),
-                                 ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i), least(256, n)));
+                                 ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i),
+                                 least(256, n)));
   x := llm_t_dropout(p_tape, x, p_dropout, llm_site_seed(p_seed, 'embd'));
   FOR layer IN 0 .. c.n_layer - 1 LOOP
     pre := 'h.' || layer || '.';

@@ -6,9 +6,11 @@ import psycopg
 import pytest
 import torch
 import torch.nn.functional as F
+
+from pg_llm.ops.cross_entropy import cross_entropy_backward_block, cross_entropy_block
+
 from conftest import close
 from helpers import call, get, put
-from pg_llm.ops.cross_entropy import cross_entropy_backward_block, cross_entropy_block
 
 SHAPES = [  # (rows, vocab, tile): vocabularies that are not a multiple of the tile (like 50257)
     (5, 7, (4, 4)),

@@ -6,9 +6,11 @@ import psycopg
 import pytest
 import torch
 import torch.nn.functional as F
+
+from pg_llm.ops.embedding import embedding_scatter_tile
+
 from conftest import close
 from helpers import call, get, put
-from pg_llm.ops.embedding import embedding_scatter_tile
 
 SHAPES = [  # (vocab, cols, n ids, weight tile, out tile rows): ragged everywhere
     (7, 5, 6, (4, 4), 4),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import psycopg
 import pytest
+
 from train_fixtures import same, snapshot
 
 

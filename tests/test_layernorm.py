@@ -6,9 +6,11 @@ import psycopg
 import pytest
 import torch
 import torch.nn.functional as F
+
+from pg_llm.ops.layernorm import layernorm_backward_block, layernorm_block
+
 from conftest import close
 from helpers import call, get, put
-from pg_llm.ops.layernorm import layernorm_backward_block, layernorm_block
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),

@@ -5,9 +5,11 @@ import numpy as np
 import psycopg
 import pytest
 import torch
+
+from pg_llm.ops.softmax import softmax_backward_block, softmax_block
+
 from conftest import close
 from helpers import call, get, put
-from pg_llm.ops.softmax import softmax_backward_block, softmax_block
 
 SHAPES = [  # (heads, seq_len, tile): H*T and T not multiples of the tile
     (1, 5, (4, 4)),

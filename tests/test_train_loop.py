@@ -8,11 +8,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from train_fixtures import same, snapshot, synthetic_dataset
 
 from pg_llm.harness.cluster import start_ephemeral
 
 from gpt2_fixtures import import_tiny
+from train_fixtures import same, snapshot, synthetic_dataset
 
 ARGS = "dataset => 'ds', batch_size => 2, lr => 1e-3, warmup_steps => 2, max_steps => 6, dropout => 0.1, seed => 3"
 

@@ -8,9 +8,11 @@ import numpy as np
 import psycopg
 import pytest
 import torch
-from gpt2_fixtures import import_tiny
 
 from pg_llm.loader.tensors import read_tensor
+
+from gpt2_fixtures import import_tiny
+from train_fixtures import synthetic_dataset
 
 T, ROWS = 16, 6
 HP = dict(lr=1e-3, warmup_steps=3, max_steps=12, min_lr=1e-4, weight_decay=0.01, beta1=0.9, beta2=0.999,
@@ -30,15 +32,7 @@ def lr_at(step: int) -> float:
 @pytest.fixture(scope="module")
 def setup(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory):
     model = import_tiny(conn, tmp_path_factory.mktemp("train"), "tr")
-    rng = np.random.default_rng(5)
-    seqs = rng.integers(0, 301, (ROWS, T + 1))
-    with conn.cursor() as cur:
-        cur.execute("INSERT INTO llm_dataset_source (dataset, source_hash, tokenizer, block_size, stride, val_fraction, "
-                    "documents, tokens, train_rows, val_rows, encoder, sources) VALUES ('ds', 'synthetic', 'gpt2', "
-                    "%s, %s, 0, 1, %s, %s, 0, 'synthetic', '{}')", (T, T, ROWS * T, ROWS))
-        for i, s in enumerate(seqs):
-            cur.execute("INSERT INTO llm_dataset (dataset, split, tokens, targets, source_hash, pos) "
-                        "VALUES ('ds', 'train', %s, %s, 'synthetic', %s)", (s[:-1].tolist(), s[1:].tolist(), i))
+    synthetic_dataset(conn, "ds", rows=ROWS, val_rows=0, block=T)
     return model
 
 

@@ -59,7 +59,8 @@ def _forward() -> str:
         x := llm_t_add(p_tape,
                        llm_t_embedding(p_tape, llm_param(p_model, 'wte.weight'), p_tokens, least({TILE_ROWS}, n)),
                        llm_t_embedding(p_tape, llm_param(p_model, 'wpe.weight'),
-                                       ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i), least({TILE_ROWS}, n)));
+                                       ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i),
+                                       least({TILE_ROWS}, n)));
         x := llm_t_dropout(p_tape, x, p_dropout, llm_site_seed(p_seed, 'embd'));
         FOR layer IN 0 .. c.n_layer - 1 LOOP
           pre := 'h.' || layer || '.';

@@ -158,7 +158,8 @@ def _backward() -> str:
     """, backward=BACKWARD)
     return function("llm_attention_backward",
                     "p_qkv BIGINT, p_dy BIGINT, p_n_head INT, p_seq_len INT, p_out BIGINT DEFAULT NULL, "
-                    "p_accumulate BOOLEAN DEFAULT FALSE, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0", "BIGINT", body, settings=KERNEL_SETTINGS,
+                    "p_accumulate BOOLEAN DEFAULT FALSE, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0",
+                    "BIGINT", body, settings=KERNEL_SETTINGS,
                     note="""op: attention backward. qkv (B*T, 3C), dy (B*T, C) -> dqkv (B*T, 3C), recomputing
                     the probabilities in float64. tiling: one call over all tiles; dqkv has qkv's tiling.""")
 
