@@ -71,3 +71,27 @@ def test_scratch_is_released(conn: psycopg.Connection, tiny) -> None:
 def test_bad_input(conn: psycopg.Connection, tiny, sql: str, args: tuple, match: str) -> None:
     with pytest.raises(psycopg.errors.RaiseException, match=match):
         conn.execute(sql, args)
+
+
+@pytest.mark.slow
+def test_gpt2_small_64_tokens(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory,
+                              rng: np.random.Generator) -> None:
+    """The full GPT-2 small config (random weights: no pretrained GPT-2 is reachable here), 64 tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pg_llm.loader.model import import_model
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    path = tmp_path_factory.mktemp("gpt2small") / "gpt2"
+    model.save_pretrained(path)
+    import_model(conn, path, "gpt2-small-random", replace=True)
+    tokens = rng.integers(0, 50257, 65).tolist()
+    rows = conn.execute("SELECT pos, logits FROM llm_logits_all('gpt2-small-random', %s) ORDER BY pos",
+                        (tokens[:-1],)).fetchall()
+    got = np.array([r for _, r in rows])
+    want = ref_logits(model, tokens[:-1])
+    assert np.abs(got - want).max() <= 1e-4
+    loss = conn.execute("SELECT llm_loss('gpt2-small-random', %s, %s)", (tokens[:-1], tokens[1:])).fetchone()[0]
+    ref = torch.nn.functional.cross_entropy(torch.tensor(want), torch.tensor(tokens[1:])).item()
+    assert abs(loss - ref) / ref <= 1e-5

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pg_llm.harness.cluster import start_ephemeral
+from pg_llm.harness.cluster import _make_accessible, start_ephemeral
 from pg_llm.harness.container import docker_unavailable_reason
 
 from conftest import Server
@@ -45,7 +45,7 @@ def test_ephemeral_cluster_is_removed() -> None:
 
 SNIPPET = """
 import psycopg
-from pg_llm.harness.cluster import start_ephemeral
+from pg_llm.harness.cluster import _make_accessible, start_ephemeral
 c = start_ephemeral(prefix="pg_llm_user_")
 try:
     dsn = c.create_database("u")
@@ -62,10 +62,12 @@ def test_cluster_as_normal_user() -> None:
     if os.geteuid() != 0:
         p = subprocess.run([sys.executable, "-c", SNIPPET], capture_output=True, text=True, cwd="/")
     else:
+        # the unprivileged user must traverse the directories above the checkout (a clone under a 0700
+        # mkdtemp dir would hide it): grant traverse (o+x) only, as the harness does for cluster directories
+        _make_accessible(ROOT / ".venv")
         probe = subprocess.run(["runuser", "-u", "postgres", "--", sys.executable, "-c", "import pg_llm"],
                                capture_output=True, text=True, cwd="/")
-        if probe.returncode != 0:
-            pytest.skip(f"the project venv is not readable by user postgres here ({probe.stderr.strip()[-200:]})")
+        assert probe.returncode == 0, f"user postgres cannot run the project venv: {probe.stderr[-300:]}"
         p = subprocess.run(["runuser", "-u", "postgres", "--", sys.executable, "-c", SNIPPET],
                            capture_output=True, text=True, cwd="/")
     assert p.returncode == 0, p.stdout + p.stderr
