@@ -109,6 +109,10 @@ def run(ctx: Context) -> list[Table]:
     t.notes.append(f"with the cache a token costs {hi / lo:.2f}x as much at prefix {PREFIXES[1]} as at "
                    f"{PREFIXES[0]}; without it {per_token[(PREFIXES[1], False)] / hi:.1f}x the cached cost at "
                    f"{PREFIXES[1]}.")
-    t.notes.append("a step = one-row forward through 12 layers + tied LM head (reads all 124M weights, ~500 MB of "
-                   "tiles) + greedy sampling + scratch release; prefill = the prompt in one pass + first token.")
+    t.notes.append("a step = one-row forward through 12 layers (one fused llm_mk_gpt2_block_step call per layer) + "
+                   "tied LM head + greedy sampling + scratch release; prefill = the prompt in one pass + first token.")
+    tensors, entries, size, hits, misses = ctx.conn.execute(
+        "SELECT tensors, entries, bytes, hits, misses FROM llm_weight_cache_stats()").fetchone()
+    t.notes.append(f"weights (and KV cache rows) come from the session's weight cache (ops/weight_cache.py): {tensors} "
+                   f"tensors, {size / 2**20:.0f} MiB held, {hits} hits, {misses} misses over the whole section.")
     return [t]

@@ -15,6 +15,13 @@ array_agg(data) saves the array's copy and zeroing (15-30 % of a call). `make be
 compares it with one call per output tile, per-(i, k, j) partial products summed by llm_tile_sum, the
 array_agg panel and numpy on the whole matrices. K must still be cut the same way in A and B (the panel
 kernel itself does not need it).
+
+Weight cache: a durable operand (id > 0: a model's weights) is not re-read per call. Its assembled panel block
+is kept in the backend's GD and reused while the fingerprint of its tiles' row versions (tr, tc, tableoid,
+relfilenode, ctid, xmin: no detoasting) is unchanged in the caller's snapshot, so an update, a rollback, a
+rewrite or another session's commit is always seen (weight_cache.py explains why it is exact). Decoding
+reads every weight per token, so this is what makes generation fast. pg_llm.weight_cache_mb bounds it (LRU;
+0 disables).
 """
 from __future__ import annotations
 
@@ -22,7 +29,9 @@ import inspect
 import textwrap
 
 from pg_llm.gen.emit import _BOOT, comment, function, microkernel, plpgsql
+from pg_llm.ops import weight_cache
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
+from pg_llm.ops.weight_cache import cached_block
 
 SQL_FILE = "kernels/matmul.sql"
 ORDER = 10
@@ -43,26 +52,28 @@ def matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb):
     return np.matmul(a, b, dtype=np.float32).tobytes()
 
 
-def matmul_panel(np, a_tiles, a_geom, ta, b_tiles, b_geom, tb):
-    """Output tiles (tr, tc, bytes) of op(A) @ op(B) for one panel. geom = [rows, cols, tile_rows, tile_cols,
-    r0, r1, c0, c1]: the stored tensor and the block of tiles [r0, r1) x [c0, c1) given in (tr, tc) order."""
-    def block(tiles, g):
-        rows, cols, th, tw, r0, r1, c0, c1 = g
-        if len(tiles) != (r1 - r0) * (c1 - c0):
-            plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
-                       % (len(tiles), r1 - r0, c1 - c0))
-        h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
-        if c1 - c0 == 1:
-            return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
-        out = np.empty((h, w), dtype=np.float32)
-        it = iter(tiles)
-        for r in range(0, h, th):
-            for c in range(0, w, tw):
-                dst = out[r:r + th, c:c + tw]
-                dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
-        return out
-    a = block(a_tiles, a_geom)
-    b = block(b_tiles, b_geom)
+def block_matrix(np, tiles, g):
+    """The float32 block of tiles [r0, r1) x [c0, c1) of a tensor, geom g = [rows, cols, tile_rows, tile_cols,
+    r0, r1, c0, c1], from its payloads in (tr, tc) order (a read-only view of one buffer when one tile wide)."""
+    rows, cols, th, tw, r0, r1, c0, c1 = g
+    if len(tiles) != (r1 - r0) * (c1 - c0):
+        plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
+                   % (len(tiles), r1 - r0, c1 - c0))
+    h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
+    if c1 - c0 == 1:
+        return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
+    out = np.empty((h, w), dtype=np.float32)
+    it = iter(tiles)
+    for r in range(0, h, th):
+        for c in range(0, w, tw):
+            dst = out[r:r + th, c:c + tw]
+            dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
+    return out
+
+
+def matmul_blocks(np, a, a_geom, ta, b, b_geom, tb):
+    """Output tiles (tr, tc, bytes) of op(a) @ op(b) for one panel, a and b the assembled blocks of geometry
+    a_geom and b_geom (see block_matrix)."""
     y = np.matmul(a.T if ta else a, b.T if tb else b)
     tm, i0 = (a_geom[3], a_geom[6]) if ta else (a_geom[2], a_geom[4])
     tn, j0 = (b_geom[2], b_geom[4]) if tb else (b_geom[3], b_geom[6])
@@ -71,12 +82,24 @@ def matmul_panel(np, a_tiles, a_geom, ta, b_tiles, b_geom, tb):
             yield i0 + r // tm, j0 + c // tn, y[r:r + tm, c:c + tn].tobytes()
 
 
-def panel_block(plpy, GD, tensor_id, geom, along_cols, p, size):
-    """Tiles of panel p (size tiles along stored columns when along_cols, else rows) of a tensor of geometry
-    [rows, cols, tile_rows, tile_cols], in (tr, tc) order, and the geometry extended with the tile box."""
+def matmul_panel(np, a_tiles, a_geom, ta, b_tiles, b_geom, tb):
+    """Output tiles (tr, tc, bytes) of op(A) @ op(B) for one panel. geom = [rows, cols, tile_rows, tile_cols,
+    r0, r1, c0, c1]: the stored tensor and the block of tiles [r0, r1) x [c0, c1) given in (tr, tc) order."""
+    return matmul_blocks(np, block_matrix(np, a_tiles, a_geom), a_geom, ta, block_matrix(np, b_tiles, b_geom),
+                         b_geom, tb)
+
+
+def panel_box(geom, along_cols, p, size):
+    """Tile box [r0, r1, c0, c1] of panel p (size tiles along stored columns when along_cols, else rows) of a
+    tensor of geometry [rows, cols, tile_rows, tile_cols]."""
     rows, cols, th, tw = geom
     nr, nc = -(-rows // th), -(-cols // tw)
-    box = [0, nr, p * size, min((p + 1) * size, nc)] if along_cols else [p * size, min((p + 1) * size, nr), 0, nc]
+    return [0, nr, p * size, min((p + 1) * size, nc)] if along_cols else [p * size, min((p + 1) * size, nr), 0, nc]
+
+
+def panel_block(plpy, GD, tensor_id, geom, along_cols, p, size):
+    """Tiles of panel p of a tensor (see panel_box) in (tr, tc) order, and the geometry extended with the box."""
+    box = panel_box(geom, along_cols, p, size)
     plan = GD.get('llm_panel_plan')
     if plan is None:
         plan = GD['llm_panel_plan'] = plpy.prepare(
@@ -85,10 +108,22 @@ def panel_block(plpy, GD, tensor_id, geom, along_cols, p, size):
     return [r['data'] for r in plpy.execute(plan, [tensor_id] + box)], list(geom) + box
 
 
+def panel_operand(plpy, GD, np, tensor_id, geom, along_cols, p, size, budget):
+    """The assembled block of panel p of a tensor and its geometry: from the weight cache (weight_cache.py)
+    when the tensor is durable (id > 0) and budget > 0 bytes, else read from llm_tile."""
+    if tensor_id > 0 and budget:
+        box = panel_box(geom, along_cols, p, size)
+        g = list(geom) + box
+        return cached_block(plpy, GD, tensor_id, geom, box, lambda tiles: block_matrix(np, tiles, g), budget), g
+    tiles, g = panel_block(plpy, GD, tensor_id, geom, along_cols, p, size)
+    return block_matrix(np, tiles, g), g
+
+
 PANEL_CALL = """
-a_tiles, a_box = panel_block(plpy, GD, a, a_geom, ta, i, pi)
-b_tiles, b_box = panel_block(plpy, GD, b, b_geom, not tb, j, pj)
-return matmul_panel(np, a_tiles, a_box, ta, b_tiles, b_box, tb)"""
+budget = cache_budget(plpy, GD) if a > 0 or b > 0 else 0
+am, a_box = panel_operand(plpy, GD, np, a, a_geom, ta, i, pi, budget)
+bm, b_box = panel_operand(plpy, GD, np, b, b_geom, not tb, j, pj, budget)
+return matmul_blocks(np, am, a_box, ta, bm, b_box, tb)"""
 
 FORWARD = """
     INSERT INTO llm_tile (tensor_id, tr, tc, data)
@@ -163,14 +198,26 @@ def _backward() -> str:
 
 
 def _panel_kernel() -> str:
-    src = "\n".join(textwrap.dedent(inspect.getsource(f)).strip() for f in (matmul_panel, panel_block))
+    fns = (block_matrix, matmul_blocks, panel_box, panel_block, panel_operand)
+    src = "\n".join([weight_cache.source()] + [textwrap.dedent(inspect.getsource(f)).strip() for f in fns])
     return function(
         "llm_mk_matmul_panel", "a BIGINT, a_geom INT[], ta BOOLEAN, i INT, pi INT, "
         "b BIGINT, b_geom INT[], tb BOOLEAN, j INT, pj INT", "TABLE(tr INT, tc INT, data BYTEA)",
         f"{_BOOT}\n{src}{PANEL_CALL}", language="plpython3u", volatility="STABLE", strict=True,
         note="""matmul panel kernel: output panel (i, j) of op(A) @ op(B) as (tr, tc, data) rows. It reads
-        panel i (pi tiles along m) of tensor a and panel j (pj tiles along n) of tensor b itself; geom =
+        panel i (pi tiles along m) of tensor a and panel j (pj tiles along n) of tensor b itself (a durable
+        operand's block from the backend's weight cache when its row versions are unchanged); geom =
         [rows, cols, tile_rows, tile_cols] as stored. The numpy part is matmul_panel (unit-tested alone).""")
+
+
+def panel_tiles_kernel(name: str, note: str) -> str:
+    """A PL/Python function (a_tiles BYTEA[], a_geom INT[], ta, b_tiles BYTEA[], b_geom INT[], tb) -> output tiles:
+    matmul_panel with its helpers, on tiles passed in (the bench's array_agg panel form)."""
+    src = "\n".join(textwrap.dedent(inspect.getsource(f)).strip() for f in (block_matrix, matmul_blocks, matmul_panel))
+    return function(name, "a_tiles BYTEA[], a_geom INT[], ta BOOLEAN, b_tiles BYTEA[], b_geom INT[], tb BOOLEAN",
+                    "TABLE(tr INT, tc INT, data BYTEA)",
+                    f"{_BOOT}\n{src}\nreturn matmul_panel(np, a_tiles, a_geom, ta, b_tiles, b_geom, tb)",
+                    language="plpython3u", volatility="IMMUTABLE", strict=True, parallel="SAFE", note=note)
 
 
 def emit() -> str:
