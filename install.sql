@@ -624,6 +624,85 @@ BEGIN
 END
 $fn$;
 
+-- ==== sql/kernels/weight_cache.sql ====
+
+-- Per-backend weight cache: assembled numpy blocks of durable tensors kept in PL/Python's GD across calls.
+--
+-- Why: a generated token reads every weight once (124M floats for GPT-2 small); streaming ~500 MB of tiles out
+-- of llm_tile (bytea, detoast, copy into numpy) per token was ~90 % of a decoding step. Kernels ask for an
+-- operand block of a durable tensor (id > 0: params, adam state) instead of reading its tiles: cached_block
+-- (llm_mk_matmul_panel's panels), cached_tensors (whole tensors: llm_mk_gpt2_block_step). cached_rows mirrors a
+-- tensor stored one row per tile that only grows (a KV cache, scratch): the rows it holds are reused.
+--
+-- Exactly correct under updates: an entry is (fingerprint, array), keyed by (tensor id, geometry, tile box). The
+-- fingerprint lists (tr, tc, tableoid, relfilenode, ctid, xmin) of the block's llm_tile rows visible in the
+-- caller's snapshot; reading it never detoasts a payload (an index scan, ~1-3 us a tile). A hit needs the SAME
+-- row versions, and a row version is identified by (relfilenode, ctid, xmin) for as long as anyone can see it:
+-- - its payload never changes: UPDATE writes a new version (new ctid in the same transaction, new xmin in
+--   another);
+-- - plain VACUUM never moves a version; a slot is reused only after its version is dead to every snapshot, and
+--   the new occupant's xmin is a running transaction, which never wrote the dead version (a transaction's own
+--   deleted versions are not prunable before it ends; an aborted (sub)transaction's xid is never assigned
+--   again): so a version written then rolled back (transaction or savepoint) never reappears with the same
+--   fingerprint (tests/test_weight_cache.py reuses such a slot);
+-- - VACUUM FULL, CLUSTER and TRUNCATE write a new relfilenode. It is needed: a rewrite keeps xmin, and two
+--   versions of a tile written by one transaction share (tr, tc, xmin), so the survivor can land at the dropped
+--   one's ctid (the test builds exactly that).
+-- Each backend validates in its own snapshot (other sessions' commits, REPEATABLE READ, same-transaction
+-- updates). Only 32-bit xid wraparound could alias (a version with the cached one's raw xmin mod 2^32 in the very
+-- same slot, every other tile unchanged). On a miss the fingerprint and the payloads come from ONE query, so the
+-- stored pair is consistent even in a VOLATILE kernel.
+--
+-- Memory: an LRU over bytes, budget pg_llm.weight_cache_mb (default 1024; 0 disables the cache and frees it);
+-- a block larger than the budget is used but not kept. Memory is per backend (Python heap, outside work_mem);
+-- entries of dropped tensors stay until evicted. llm_weight_cache_stats() reports it, llm_weight_cache_clear()
+-- empties it and resets the counters, llm_weight_cache_forget(ids) drops some tensors (a finished generation's
+-- KV caches).
+-- This backend's weight cache (see the header): tensors (weights, and KV caches mirrored by the fused
+--         decoding step) and blocks (entries) held, their bytes, and the hits, misses and evictions since the backend
+--         started or llm_weight_cache_clear().
+CREATE OR REPLACE FUNCTION llm_weight_cache_stats()
+RETURNS TABLE(tensors INT, entries INT, bytes BIGINT, hits BIGINT, misses BIGINT, evictions BIGINT)
+LANGUAGE plpython3u
+VOLATILE
+SET jit = off
+AS $fn$
+c = GD.get('llm_weight_cache')
+if c is None:
+    return [(0, 0, 0, 0, 0, 0)]
+return [(len({k[0] for k in c['lru']}), len(c['lru']), c['bytes'], c['hits'], c['misses'], c['evictions'])]
+$fn$;
+
+-- Empty this backend's weight cache and reset its counters; returns the bytes freed.
+CREATE OR REPLACE FUNCTION llm_weight_cache_clear()
+RETURNS BIGINT
+LANGUAGE plpython3u
+VOLATILE
+SET jit = off
+AS $fn$
+c = GD.pop('llm_weight_cache', None)
+return 0 if c is None else c['bytes']
+$fn$;
+
+-- Drop what this backend's weight cache holds of these tensors (e.g. the mirrors of KV caches a generation is done with); returns the bytes freed.
+CREATE OR REPLACE FUNCTION llm_weight_cache_forget(ids BIGINT[])
+RETURNS BIGINT
+LANGUAGE plpython3u
+VOLATILE
+STRICT
+SET jit = off
+AS $fn$
+c = GD.get('llm_weight_cache')
+if c is None:
+    return 0
+gone = set(ids)
+freed = 0
+for key in [k for k in c['lru'] if k[0] in gone]:
+    freed += c['lru'].pop(key)[1].nbytes
+c['bytes'] -= freed
+return freed
+$fn$;
+
 -- ==== sql/kernels/matmul.sql ====
 
 -- matmul: C = op(A) @ op(B), op = identity or transpose.
@@ -643,8 +722,16 @@ $fn$;
 -- compares it with one call per output tile, per-(i, k, j) partial products summed by llm_tile_sum, the
 -- array_agg panel and numpy on the whole matrices. K must still be cut the same way in A and B (the panel
 -- kernel itself does not need it).
+--
+-- Weight cache: a durable operand (id > 0: a model's weights) is not re-read per call. Its assembled panel block
+-- is kept in the backend's GD and reused while the fingerprint of its tiles' row versions (tr, tc, tableoid,
+-- relfilenode, ctid, xmin: no detoasting) is unchanged in the caller's snapshot, so an update, a rollback, a
+-- rewrite or another session's commit is always seen (weight_cache.py explains why it is exact). Decoding
+-- reads every weight per token, so this is what makes generation fast. pg_llm.weight_cache_mb bounds it (LRU;
+-- 0 disables).
 -- matmul panel kernel: output panel (i, j) of op(A) @ op(B) as (tr, tc, data) rows. It reads
---         panel i (pi tiles along m) of tensor a and panel j (pj tiles along n) of tensor b itself; geom =
+--         panel i (pi tiles along m) of tensor a and panel j (pj tiles along n) of tensor b itself (a durable
+--         operand's block from the backend's weight cache when its row versions are unchanged); geom =
 --         [rows, cols, tile_rows, tile_cols] as stored. The numpy part is matmul_panel (unit-tested alone).
 CREATE OR REPLACE FUNCTION llm_mk_matmul_panel(a BIGINT, a_geom INT[], ta BOOLEAN, i INT, pi INT, b BIGINT, b_geom INT[], tb BOOLEAN, j INT, pj INT)
 RETURNS TABLE(tr INT, tc INT, data BYTEA)
@@ -653,47 +740,226 @@ STABLE
 STRICT
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def matmul_panel(np, a_tiles, a_geom, ta, b_tiles, b_geom, tb):
-    """Output tiles (tr, tc, bytes) of op(A) @ op(B) for one panel. geom = [rows, cols, tile_rows, tile_cols,
-    r0, r1, c0, c1]: the stored tensor and the block of tiles [r0, r1) x [c0, c1) given in (tr, tc) order."""
-    def block(tiles, g):
-        rows, cols, th, tw, r0, r1, c0, c1 = g
-        if len(tiles) != (r1 - r0) * (c1 - c0):
-            plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
-                       % (len(tiles), r1 - r0, c1 - c0))
-        h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
-        if c1 - c0 == 1:
-            return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
-        out = np.empty((h, w), dtype=np.float32)
-        it = iter(tiles)
-        for r in range(0, h, th):
-            for c in range(0, w, tw):
-                dst = out[r:r + th, c:c + tw]
-                dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
-        return out
-    a = block(a_tiles, a_geom)
-    b = block(b_tiles, b_geom)
+DEFAULT_MB = 1024
+FP_ROW = "t.tr || ':' || t.tc || ':' || t.tableoid::TEXT || ':' || pg_relation_filenode(t.tableoid)::TEXT || ':' || t.ctid::TEXT || ':' || t.xmin::TEXT"
+BOX = 't.tensor_id = $1 AND t.tr >= $2 AND t.tr < $3 AND t.tc >= $4 AND t.tc < $5'
+def weight_cache(GD):
+    """The backend's cache state in GD (created on first use)."""
+    c = GD.get('llm_weight_cache')
+    if c is None:
+        import collections
+        c = GD['llm_weight_cache'] = {'lru': collections.OrderedDict(), 'bytes': 0, 'hits': 0, 'misses': 0,
+                                      'evictions': 0}
+    return c
+def cache_budget(plpy, GD):
+    """pg_llm.weight_cache_mb in bytes (default DEFAULT_MB MiB; 0 disables). Shrinks the cache to it."""
+    plan = GD.get('llm_wc_budget_plan')
+    if plan is None:
+        plan = GD['llm_wc_budget_plan'] = plpy.prepare(
+            "SELECT current_setting('pg_llm.weight_cache_mb', TRUE) AS v", [])
+    v = plpy.execute(plan)[0]['v']
+    try:
+        mb = DEFAULT_MB if v is None or v.strip() == '' else float(v)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb < float('inf'):
+        plpy.error('pg_llm: pg_llm.weight_cache_mb must be a number of megabytes >= 0, got %r' % v,
+                   hint='0 disables the weight cache; the default is %d.' % DEFAULT_MB)
+    budget = int(mb * 1048576)
+    if 'llm_weight_cache' in GD:
+        cache_evict(GD['llm_weight_cache'], budget)
+    return budget
+def cache_evict(c, budget):
+    """Drop least recently used entries until the cache holds at most budget bytes."""
+    lru = c['lru']
+    while c['bytes'] > budget and lru:
+        _, (_, m) = lru.popitem(last=False)
+        c['bytes'] -= m.nbytes
+        c['evictions'] += 1
+def cache_take(c, key, fp):
+    """The cached array of key if it was built from the row versions fp (a hit, now most recently used); else
+    None (a miss), the stale entry dropped."""
+    entry = c['lru'].get(key)
+    if entry is not None and entry[0] == fp:
+        c['lru'].move_to_end(key)
+        c['hits'] += 1
+        return entry[1]
+    c['misses'] += 1
+    if entry is not None:
+        del c['lru'][key]
+        c['bytes'] -= entry[1].nbytes
+    return None
+def cache_put(c, key, fp, m, budget):
+    """Keep m (read-only from now on) for key, built from the row versions fp, within budget bytes."""
+    if m.nbytes <= budget:
+        m.flags.writeable = False
+        c['lru'][key] = (fp, m)
+        c['bytes'] += m.nbytes
+        cache_evict(c, budget)
+    return m
+def tile_rows(plpy, GD, tensor_id, box):
+    """(fingerprint, payloads) of the tiles box = [r0, r1, c0, c1] of a tensor in (tr, tc) order, from ONE
+    query: the fingerprint describes exactly the row versions the payloads come from."""
+    plan = GD.get('llm_wc_load_plan')
+    if plan is None:
+        plan = GD['llm_wc_load_plan'] = plpy.prepare(
+            "SELECT %s AS fp, t.data FROM llm_tile AS t WHERE %s ORDER BY t.tr, t.tc" % (FP_ROW, BOX),
+            ['bigint', 'int', 'int', 'int', 'int'])
+    rows = plpy.execute(plan, [tensor_id] + list(box))
+    return ' '.join([r['fp'] for r in rows]), [r['data'] for r in rows]
+def cached_block(plpy, GD, tensor_id, geom, box, build, budget):
+    """The block of durable tensor tensor_id made of its tiles box = [r0, r1, c0, c1] (tile rows and columns,
+    half-open): from the cache when the visible row versions are those it was built from, else built by
+    build(payloads in (tr, tc) order) and kept under the byte budget. geom (whatever else build depends on:
+    shape, tiling) is part of the key."""
+    c = weight_cache(GD)
+    key = (tensor_id, tuple(geom), tuple(box))
+    fp = None
+    if key in c['lru']:
+        plan = GD.get('llm_wc_fp_plan')
+        if plan is None:
+            plan = GD['llm_wc_fp_plan'] = plpy.prepare(
+                "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE %s" % (FP_ROW, BOX),
+                ['bigint', 'int', 'int', 'int', 'int'])
+        fp = plpy.execute(plan, [tensor_id] + list(box))[0]['fp']
+    m = cache_take(c, key, fp)
+    if m is None:
+        fp, tiles = tile_rows(plpy, GD, tensor_id, box)
+        m = cache_put(c, key, fp, build(tiles), budget)
+    return m
+def cached_tensors(plpy, GD, ids, build, budget):
+    """Whole tensors by id, in the order of ids: build(payloads in (tr, tc) order, geom) with geom = [rows, cols,
+    tile_rows, tile_cols, 0, tile rows, 0, tile cols] on a miss. One query gives every geometry and
+    fingerprint; each miss is one more query. Durable tensors only (ids > 0); budget 0 reads them all."""
+    plan = GD.get('llm_wc_tensors_plan')
+    if plan is None:
+        plan = GD['llm_wc_tensors_plan'] = plpy.prepare(
+            "SELECT v.id, v.shape, v.tile, (SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) FROM llm_tile AS t "
+            "WHERE t.tensor_id = v.id) AS fp FROM llm_tensor AS v WHERE v.id = ANY($1) AND v.id > 0" % FP_ROW,
+            ['bigint[]'])
+    found = {r['id']: r for r in plpy.execute(plan, [list(ids)])}
+    c = weight_cache(GD)
+    out = []
+    for tid in ids:
+        r = found.get(tid)
+        if r is None:
+            plpy.error('pg_llm: durable tensor id %s does not exist' % tid)
+        shape, tile = r['shape'], r['tile']
+        rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+        geom = [rows, cols, tile[0], tile[1]]
+        box = [0, -(-rows // tile[0]), 0, -(-cols // tile[1])]
+        key = (tid, tuple(geom), tuple(box))
+        m = cache_take(c, key, r['fp']) if budget else None
+        if m is None:
+            fp, tiles = tile_rows(plpy, GD, tid, box)
+            m = build(tiles, geom + box)
+            if budget:
+                cache_put(c, key, fp, m, budget)
+        out.append(m)
+    return out
+def cached_rows(plpy, GD, np, tensor_id, n, width, budget):
+    """Rows 0 .. n-1 of a tensor stored one row per tile (tiles (1, width), tc = 0: a KV cache) as a read-only
+    (n, width) view of the backend's mirror of it: the leading rows whose versions the mirror holds are reused,
+    the others read (a decoding step reads the one row appended since the last step; a hit = some rows reused).
+    Raises unless the tensor holds exactly those n rows."""
+    plan = GD.get('llm_wc_rows_fp_plan')
+    if plan is None:
+        plan = GD['llm_wc_rows_fp_plan'] = plpy.prepare(
+            "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE t.tensor_id = $1"
+            % FP_ROW, ['bigint'])
+    fp = plpy.execute(plan, [tensor_id])[0]['fp']
+    fps = fp.split(' ') if fp else []
+    if len(fps) != n:
+        plpy.error('pg_llm: attention_cached: cache (tensor id %s) holds %d positions, expected exactly 0 .. %d'
+                   % (tensor_id, len(fps), n - 1))
+    c = weight_cache(GD)
+    key = (tensor_id, 'rows', width)
+    old, arr, k = (), None, 0
+    entry = c['lru'].pop(key, None) if budget else None
+    if entry is not None:
+        old, arr = entry
+        c['bytes'] -= arr.nbytes
+        while k < min(len(old), n) and old[k] == fps[k]:
+            k += 1
+    if budget:
+        c['hits' if k else 'misses'] += 1
+    data = []
+    if k < n:
+        new_fp, data = tile_rows(plpy, GD, tensor_id, [k, 2 ** 31 - 1, 0, 2 ** 31 - 1])
+        if new_fp.split(' ') != fps[k:]:
+            plpy.error('pg_llm: attention_cached: cache (tensor id %s) changed while read' % tensor_id)
+        for i, d in enumerate(data):
+            if not fps[k + i].startswith('%d:0:' % (k + i)) or len(d) != 4 * width:
+                plpy.error('pg_llm: attention_cached: cache (tensor id %s) row %d is not tile (%d, 0) of %d floats'
+                           % (tensor_id, k + i, k + i, width), hint='A cache holds one tile (1, 2C) per position.')
+    if arr is None or arr.shape[0] < n:
+        grown = np.empty((max(n, 64, 0 if arr is None else 2 * arr.shape[0]), width), dtype=np.float32)
+        if k:
+            grown[:k] = arr[:k]
+        arr = grown
+    if data:
+        arr[k:n] = np.frombuffer(b''.join(data), dtype='<f4').reshape(-1, width)
+    if budget and arr.nbytes <= budget:
+        c['lru'][key] = (fps, arr)
+        c['bytes'] += arr.nbytes
+        cache_evict(c, budget)
+    view = arr[:n]
+    view.flags.writeable = False
+    return view
+def block_matrix(np, tiles, g):
+    """The float32 block of tiles [r0, r1) x [c0, c1) of a tensor, geom g = [rows, cols, tile_rows, tile_cols,
+    r0, r1, c0, c1], from its payloads in (tr, tc) order (a read-only view of one buffer when one tile wide)."""
+    rows, cols, th, tw, r0, r1, c0, c1 = g
+    if len(tiles) != (r1 - r0) * (c1 - c0):
+        plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
+                   % (len(tiles), r1 - r0, c1 - c0))
+    h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
+    if c1 - c0 == 1:
+        return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
+    out = np.empty((h, w), dtype=np.float32)
+    it = iter(tiles)
+    for r in range(0, h, th):
+        for c in range(0, w, tw):
+            dst = out[r:r + th, c:c + tw]
+            dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
+    return out
+def matmul_blocks(np, a, a_geom, ta, b, b_geom, tb):
+    """Output tiles (tr, tc, bytes) of op(a) @ op(b) for one panel, a and b the assembled blocks of geometry
+    a_geom and b_geom (see block_matrix)."""
     y = np.matmul(a.T if ta else a, b.T if tb else b)
     tm, i0 = (a_geom[3], a_geom[6]) if ta else (a_geom[2], a_geom[4])
     tn, j0 = (b_geom[2], b_geom[4]) if tb else (b_geom[3], b_geom[6])
     for r in range(0, y.shape[0], tm):
         for c in range(0, y.shape[1], tn):
             yield i0 + r // tm, j0 + c // tn, y[r:r + tm, c:c + tn].tobytes()
-def panel_block(plpy, GD, tensor_id, geom, along_cols, p, size):
-    """Tiles of panel p (size tiles along stored columns when along_cols, else rows) of a tensor of geometry
-    [rows, cols, tile_rows, tile_cols], in (tr, tc) order, and the geometry extended with the tile box."""
+def panel_box(geom, along_cols, p, size):
+    """Tile box [r0, r1, c0, c1] of panel p (size tiles along stored columns when along_cols, else rows) of a
+    tensor of geometry [rows, cols, tile_rows, tile_cols]."""
     rows, cols, th, tw = geom
     nr, nc = -(-rows // th), -(-cols // tw)
-    box = [0, nr, p * size, min((p + 1) * size, nc)] if along_cols else [p * size, min((p + 1) * size, nr), 0, nc]
+    return [0, nr, p * size, min((p + 1) * size, nc)] if along_cols else [p * size, min((p + 1) * size, nr), 0, nc]
+def panel_block(plpy, GD, tensor_id, geom, along_cols, p, size):
+    """Tiles of panel p of a tensor (see panel_box) in (tr, tc) order, and the geometry extended with the box."""
+    box = panel_box(geom, along_cols, p, size)
     plan = GD.get('llm_panel_plan')
     if plan is None:
         plan = GD['llm_panel_plan'] = plpy.prepare(
             'SELECT data FROM llm_tile WHERE tensor_id = $1 AND tr >= $2 AND tr < $3 AND tc >= $4 AND tc < $5 '
             'ORDER BY tr, tc', ['bigint', 'int', 'int', 'int', 'int'])
     return [r['data'] for r in plpy.execute(plan, [tensor_id] + box)], list(geom) + box
-a_tiles, a_box = panel_block(plpy, GD, a, a_geom, ta, i, pi)
-b_tiles, b_box = panel_block(plpy, GD, b, b_geom, not tb, j, pj)
-return matmul_panel(np, a_tiles, a_box, ta, b_tiles, b_box, tb)
+def panel_operand(plpy, GD, np, tensor_id, geom, along_cols, p, size, budget):
+    """The assembled block of panel p of a tensor and its geometry: from the weight cache (weight_cache.py)
+    when the tensor is durable (id > 0) and budget > 0 bytes, else read from llm_tile."""
+    if tensor_id > 0 and budget:
+        box = panel_box(geom, along_cols, p, size)
+        g = list(geom) + box
+        return cached_block(plpy, GD, tensor_id, geom, box, lambda tiles: block_matrix(np, tiles, g), budget), g
+    tiles, g = panel_block(plpy, GD, tensor_id, geom, along_cols, p, size)
+    return block_matrix(np, tiles, g), g
+budget = cache_budget(plpy, GD) if a > 0 or b > 0 else 0
+am, a_box = panel_operand(plpy, GD, np, a, a_geom, ta, i, pi, budget)
+bm, b_box = panel_operand(plpy, GD, np, b, b_geom, not tb, j, pj, budget)
+return matmul_blocks(np, am, a_box, ta, bm, b_box, tb)
 $fn$;
 
 -- matmul microkernel: one (m, n) output tile from op(A)'s block row and op(B)'s block column (not used by llm_matmul since the panel form; kept for other ops and the bench).
@@ -1617,6 +1883,381 @@ BEGIN
       USING HINT = 'Check the inputs with llm_tensor_validate(id).';
   END IF;
   RETURN v_out;
+END
+$fn$;
+
+-- ==== sql/kernels/linear.sql ====
+
+-- linear: GPT-2's fused Conv1D layer y = act(x @ W + b) [+ r], act = identity or GELU (tanh form), one kernel.
+--
+-- Forward:  y = x @ W + b                  llm_linear(x, W, b)
+--           y = gelu(x @ W + b)            llm_linear(x, W, b, p_gelu => TRUE)
+--           y = r + (x @ W + b)            llm_linear(x, W, b, p_residual => r)   (the residual add of a block)
+--           (p_pre: an existing tensor that also receives x @ W + b, the input of the GELU backward)
+-- Backward: dx = dy @ W^T, dW = x^T @ dy, db = column sums of dy
+--                                          llm_linear_backward(x, W, dy, dx, dW, db)  (llm_matmul, llm_sum_rows)
+--
+-- Same numbers as the unfused chain llm_gelu(llm_add_bias(llm_matmul(x, W), b)): the product of one panel is the
+-- same np.matmul over the same blocks as llm_matmul's panel kernel, the bias is added in float32 like
+-- llm_mk_add_bias, the GELU is gelu.py's gelu_tile applied to each output tile and the residual is added to
+-- each tile like llm_mk_add. What it saves: the matmul output, the biased output and the branch before the
+-- residual add are never written to llm_tile nor read back (full activation writes, ~20 % of a forward at
+-- T=1024), and two or three kernel calls per layer.
+--
+-- Tiling (matmul's panel form): x (R, K) tiles (th, tk), W (K, N) tiles (tk, tn), b (N,) one row of tiles
+-- (1, tn); out (R, N) and r tiles (th, tn). Each output panel is ONE PL/Python call (llm_mk_linear_panel) that
+-- reads x's block rows, W's block columns and the bias (and residual) tiles of the panel itself, with at most
+-- PANEL_FLOATS floats of each operand and of the output (setting pg_llm.matmul_panel_floats, as llm_matmul).
+-- linear panel kernel: output panel (i, j) of act(x @ W + b) as (k, tr, tc, data) rows (k = 1: the
+--         pre-activation, when pre). It reads panel i (pi tile rows) of x, panel j (pj tile cols) of W (a durable
+--         W's block from the backend's weight cache), of the bias b and of the residual res (NULL: none) itself;
+--         geom = [rows, cols, tile_rows, tile_cols]. numpy part: linear_blocks.
+CREATE OR REPLACE FUNCTION llm_mk_linear_panel(x BIGINT, x_geom INT[], i INT, pi INT, wt_id BIGINT, w_geom INT[], j INT, pj INT, b BIGINT, gelu BOOLEAN, pre BOOLEAN, res BIGINT)
+RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
+LANGUAGE plpython3u
+STABLE
+AS $fn$
+np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
+DEFAULT_MB = 1024
+FP_ROW = "t.tr || ':' || t.tc || ':' || t.tableoid::TEXT || ':' || pg_relation_filenode(t.tableoid)::TEXT || ':' || t.ctid::TEXT || ':' || t.xmin::TEXT"
+BOX = 't.tensor_id = $1 AND t.tr >= $2 AND t.tr < $3 AND t.tc >= $4 AND t.tc < $5'
+def weight_cache(GD):
+    """The backend's cache state in GD (created on first use)."""
+    c = GD.get('llm_weight_cache')
+    if c is None:
+        import collections
+        c = GD['llm_weight_cache'] = {'lru': collections.OrderedDict(), 'bytes': 0, 'hits': 0, 'misses': 0,
+                                      'evictions': 0}
+    return c
+def cache_budget(plpy, GD):
+    """pg_llm.weight_cache_mb in bytes (default DEFAULT_MB MiB; 0 disables). Shrinks the cache to it."""
+    plan = GD.get('llm_wc_budget_plan')
+    if plan is None:
+        plan = GD['llm_wc_budget_plan'] = plpy.prepare(
+            "SELECT current_setting('pg_llm.weight_cache_mb', TRUE) AS v", [])
+    v = plpy.execute(plan)[0]['v']
+    try:
+        mb = DEFAULT_MB if v is None or v.strip() == '' else float(v)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb < float('inf'):
+        plpy.error('pg_llm: pg_llm.weight_cache_mb must be a number of megabytes >= 0, got %r' % v,
+                   hint='0 disables the weight cache; the default is %d.' % DEFAULT_MB)
+    budget = int(mb * 1048576)
+    if 'llm_weight_cache' in GD:
+        cache_evict(GD['llm_weight_cache'], budget)
+    return budget
+def cache_evict(c, budget):
+    """Drop least recently used entries until the cache holds at most budget bytes."""
+    lru = c['lru']
+    while c['bytes'] > budget and lru:
+        _, (_, m) = lru.popitem(last=False)
+        c['bytes'] -= m.nbytes
+        c['evictions'] += 1
+def cache_take(c, key, fp):
+    """The cached array of key if it was built from the row versions fp (a hit, now most recently used); else
+    None (a miss), the stale entry dropped."""
+    entry = c['lru'].get(key)
+    if entry is not None and entry[0] == fp:
+        c['lru'].move_to_end(key)
+        c['hits'] += 1
+        return entry[1]
+    c['misses'] += 1
+    if entry is not None:
+        del c['lru'][key]
+        c['bytes'] -= entry[1].nbytes
+    return None
+def cache_put(c, key, fp, m, budget):
+    """Keep m (read-only from now on) for key, built from the row versions fp, within budget bytes."""
+    if m.nbytes <= budget:
+        m.flags.writeable = False
+        c['lru'][key] = (fp, m)
+        c['bytes'] += m.nbytes
+        cache_evict(c, budget)
+    return m
+def tile_rows(plpy, GD, tensor_id, box):
+    """(fingerprint, payloads) of the tiles box = [r0, r1, c0, c1] of a tensor in (tr, tc) order, from ONE
+    query: the fingerprint describes exactly the row versions the payloads come from."""
+    plan = GD.get('llm_wc_load_plan')
+    if plan is None:
+        plan = GD['llm_wc_load_plan'] = plpy.prepare(
+            "SELECT %s AS fp, t.data FROM llm_tile AS t WHERE %s ORDER BY t.tr, t.tc" % (FP_ROW, BOX),
+            ['bigint', 'int', 'int', 'int', 'int'])
+    rows = plpy.execute(plan, [tensor_id] + list(box))
+    return ' '.join([r['fp'] for r in rows]), [r['data'] for r in rows]
+def cached_block(plpy, GD, tensor_id, geom, box, build, budget):
+    """The block of durable tensor tensor_id made of its tiles box = [r0, r1, c0, c1] (tile rows and columns,
+    half-open): from the cache when the visible row versions are those it was built from, else built by
+    build(payloads in (tr, tc) order) and kept under the byte budget. geom (whatever else build depends on:
+    shape, tiling) is part of the key."""
+    c = weight_cache(GD)
+    key = (tensor_id, tuple(geom), tuple(box))
+    fp = None
+    if key in c['lru']:
+        plan = GD.get('llm_wc_fp_plan')
+        if plan is None:
+            plan = GD['llm_wc_fp_plan'] = plpy.prepare(
+                "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE %s" % (FP_ROW, BOX),
+                ['bigint', 'int', 'int', 'int', 'int'])
+        fp = plpy.execute(plan, [tensor_id] + list(box))[0]['fp']
+    m = cache_take(c, key, fp)
+    if m is None:
+        fp, tiles = tile_rows(plpy, GD, tensor_id, box)
+        m = cache_put(c, key, fp, build(tiles), budget)
+    return m
+def cached_tensors(plpy, GD, ids, build, budget):
+    """Whole tensors by id, in the order of ids: build(payloads in (tr, tc) order, geom) with geom = [rows, cols,
+    tile_rows, tile_cols, 0, tile rows, 0, tile cols] on a miss. One query gives every geometry and
+    fingerprint; each miss is one more query. Durable tensors only (ids > 0); budget 0 reads them all."""
+    plan = GD.get('llm_wc_tensors_plan')
+    if plan is None:
+        plan = GD['llm_wc_tensors_plan'] = plpy.prepare(
+            "SELECT v.id, v.shape, v.tile, (SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) FROM llm_tile AS t "
+            "WHERE t.tensor_id = v.id) AS fp FROM llm_tensor AS v WHERE v.id = ANY($1) AND v.id > 0" % FP_ROW,
+            ['bigint[]'])
+    found = {r['id']: r for r in plpy.execute(plan, [list(ids)])}
+    c = weight_cache(GD)
+    out = []
+    for tid in ids:
+        r = found.get(tid)
+        if r is None:
+            plpy.error('pg_llm: durable tensor id %s does not exist' % tid)
+        shape, tile = r['shape'], r['tile']
+        rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+        geom = [rows, cols, tile[0], tile[1]]
+        box = [0, -(-rows // tile[0]), 0, -(-cols // tile[1])]
+        key = (tid, tuple(geom), tuple(box))
+        m = cache_take(c, key, r['fp']) if budget else None
+        if m is None:
+            fp, tiles = tile_rows(plpy, GD, tid, box)
+            m = build(tiles, geom + box)
+            if budget:
+                cache_put(c, key, fp, m, budget)
+        out.append(m)
+    return out
+def cached_rows(plpy, GD, np, tensor_id, n, width, budget):
+    """Rows 0 .. n-1 of a tensor stored one row per tile (tiles (1, width), tc = 0: a KV cache) as a read-only
+    (n, width) view of the backend's mirror of it: the leading rows whose versions the mirror holds are reused,
+    the others read (a decoding step reads the one row appended since the last step; a hit = some rows reused).
+    Raises unless the tensor holds exactly those n rows."""
+    plan = GD.get('llm_wc_rows_fp_plan')
+    if plan is None:
+        plan = GD['llm_wc_rows_fp_plan'] = plpy.prepare(
+            "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE t.tensor_id = $1"
+            % FP_ROW, ['bigint'])
+    fp = plpy.execute(plan, [tensor_id])[0]['fp']
+    fps = fp.split(' ') if fp else []
+    if len(fps) != n:
+        plpy.error('pg_llm: attention_cached: cache (tensor id %s) holds %d positions, expected exactly 0 .. %d'
+                   % (tensor_id, len(fps), n - 1))
+    c = weight_cache(GD)
+    key = (tensor_id, 'rows', width)
+    old, arr, k = (), None, 0
+    entry = c['lru'].pop(key, None) if budget else None
+    if entry is not None:
+        old, arr = entry
+        c['bytes'] -= arr.nbytes
+        while k < min(len(old), n) and old[k] == fps[k]:
+            k += 1
+    if budget:
+        c['hits' if k else 'misses'] += 1
+    data = []
+    if k < n:
+        new_fp, data = tile_rows(plpy, GD, tensor_id, [k, 2 ** 31 - 1, 0, 2 ** 31 - 1])
+        if new_fp.split(' ') != fps[k:]:
+            plpy.error('pg_llm: attention_cached: cache (tensor id %s) changed while read' % tensor_id)
+        for i, d in enumerate(data):
+            if not fps[k + i].startswith('%d:0:' % (k + i)) or len(d) != 4 * width:
+                plpy.error('pg_llm: attention_cached: cache (tensor id %s) row %d is not tile (%d, 0) of %d floats'
+                           % (tensor_id, k + i, k + i, width), hint='A cache holds one tile (1, 2C) per position.')
+    if arr is None or arr.shape[0] < n:
+        grown = np.empty((max(n, 64, 0 if arr is None else 2 * arr.shape[0]), width), dtype=np.float32)
+        if k:
+            grown[:k] = arr[:k]
+        arr = grown
+    if data:
+        arr[k:n] = np.frombuffer(b''.join(data), dtype='<f4').reshape(-1, width)
+    if budget and arr.nbytes <= budget:
+        c['lru'][key] = (fps, arr)
+        c['bytes'] += arr.nbytes
+        cache_evict(c, budget)
+    view = arr[:n]
+    view.flags.writeable = False
+    return view
+def gelu_tile(np, x):
+    """GELU (tanh form) of one tile, float32 throughout like torch's approximate='tanh'."""
+    a = np.frombuffer(x, dtype='<f4')
+    k = np.float32(0.7978845608028654)  # sqrt(2 / pi)
+    c = np.float32(0.044715)
+    half = np.float32(0.5)
+    return (half * a * (np.float32(1) + np.tanh(k * (a + c * a * a * a)))).astype('<f4').tobytes()
+def block_matrix(np, tiles, g):
+    """The float32 block of tiles [r0, r1) x [c0, c1) of a tensor, geom g = [rows, cols, tile_rows, tile_cols,
+    r0, r1, c0, c1], from its payloads in (tr, tc) order (a read-only view of one buffer when one tile wide)."""
+    rows, cols, th, tw, r0, r1, c0, c1 = g
+    if len(tiles) != (r1 - r0) * (c1 - c0):
+        plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
+                   % (len(tiles), r1 - r0, c1 - c0))
+    h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
+    if c1 - c0 == 1:
+        return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
+    out = np.empty((h, w), dtype=np.float32)
+    it = iter(tiles)
+    for r in range(0, h, th):
+        for c in range(0, w, tw):
+            dst = out[r:r + th, c:c + tw]
+            dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
+    return out
+def linear_blocks(np, x, w, i0, j0, th, tn, bias_tiles, gelu, pre, res_tiles=()):
+    """Output tiles (k, tr, tc, bytes) of one panel of act(x @ w + b) [+ r], x and w the assembled blocks (x: the
+    panel's rows, every column; w: every row, the panel's columns), the panel's first output tile (i0, j0) and
+    output tiles (th, tn): k = 0 the output, k = 1 the pre-activation x @ w + b (only when pre). bias_tiles: the
+    bias tiles of the panel's columns (empty: no bias); res_tiles: the residual's tiles of the panel in (tr, tc)
+    order (empty: none)."""
+    if x.shape[1] != w.shape[0]:
+        plpy.error('pg_llm: linear: x block %s and W block %s' % (x.shape, w.shape))  # noqa: F821
+    y = np.matmul(x, w)
+    if bias_tiles:
+        b = np.frombuffer(b''.join(bias_tiles), dtype='<f4')
+        if b.size != y.shape[1]:
+            plpy.error('pg_llm: linear: %d bias values for %d output columns' % (b.size, y.shape[1]))  # noqa: F821
+        y += b
+    if res_tiles and len(res_tiles) != (-(-y.shape[0] // th)) * (-(-y.shape[1] // tn)):
+        plpy.error('pg_llm: linear: %d residual tiles for a %d x %d panel'  # noqa: F821
+                   % (len(res_tiles), y.shape[0], y.shape[1]))
+    res = iter(res_tiles)
+    for r in range(0, y.shape[0], th):
+        for c in range(0, y.shape[1], tn):
+            t = y[r:r + th, c:c + tn].tobytes()
+            if pre:
+                yield 1, i0 + r // th, j0 + c // tn, t
+            if gelu:
+                t = gelu_tile(np, t)
+            if res_tiles:
+                t = (np.frombuffer(next(res), dtype='<f4') + np.frombuffer(t, dtype='<f4')).tobytes()
+            yield 0, i0 + r // th, j0 + c // tn, t
+def read_tiles(plpy, GD, tensor_id, box):
+    """Payloads of the tiles box = [r0, r1, c0, c1] (half-open) of a tensor in (tr, tc) order (one cached plan)."""
+    plan = GD.get('llm_linear_plan')
+    if plan is None:
+        plan = GD['llm_linear_plan'] = plpy.prepare(
+            'SELECT data FROM llm_tile WHERE tensor_id = $1 AND tr >= $2 AND tr < $3 AND tc >= $4 AND tc < $5 '
+            'ORDER BY tr, tc', ['bigint', 'int', 'int', 'int', 'int'])
+    return [r['data'] for r in plpy.execute(plan, [tensor_id] + list(box))]
+rows, k, th, tk = x_geom
+n, tn = w_geom[1], w_geom[3]
+nk = -(-k // tk)
+xb = [i * pi, min((i + 1) * pi, -(-rows // th)), 0, nk]
+wb = [0, -(-k // w_geom[2]), j * pj, min((j + 1) * pj, -(-n // tn))]
+xm = block_matrix(np, read_tiles(plpy, GD, x, xb), list(x_geom) + xb)
+budget = cache_budget(plpy, GD) if wt_id > 0 else 0
+if budget:
+    wm = cached_block(plpy, GD, wt_id, w_geom, wb, lambda t: block_matrix(np, t, list(w_geom) + wb), budget)
+else:
+    wm = block_matrix(np, read_tiles(plpy, GD, wt_id, wb), list(w_geom) + wb)
+bt = read_tiles(plpy, GD, b, [0, 1, wb[2], wb[3]]) if b is not None else []
+rt = read_tiles(plpy, GD, res, [xb[0], xb[1], wb[2], wb[3]]) if res is not None else []
+return linear_blocks(np, xm, wm, xb[0], wb[2], th, tn, bt, gelu, pre, rt)
+$fn$;
+
+-- op: linear forward (fused). x (m, k) @ W (k, n) + b (n,) [then GELU, tanh form] [+ residual (m, n)]
+--         -> out (m, n); p_b NULL: no bias. p_pre (an existing tensor, optional) also receives x @ W + b.
+--         tiling: out tiles (x's tile rows, W's tile cols), b cut like W's columns; one llm_mk_linear_panel call
+--         per output panel (matmul's panels). p_out NULL allocates a scratch tensor; p_accumulate adds into p_out.
+CREATE OR REPLACE FUNCTION llm_linear(p_x BIGINT, p_w BIGINT, p_b BIGINT DEFAULT NULL, p_gelu BOOLEAN DEFAULT FALSE, p_out BIGINT DEFAULT NULL, p_accumulate BOOLEAN DEFAULT FALSE, p_pre BIGINT DEFAULT NULL, p_residual BIGINT DEFAULT NULL)
+RETURNS BIGINT
+LANGUAGE plpgsql
+VOLATILE
+SET jit = off
+AS $fn$
+DECLARE
+  rx llm_tensor; rw llm_tensor; rb llm_tensor; rr llm_tensor;
+  v_m INT; v_k INT; v_n INT; v_tm INT; v_tk INT; v_tn INT; v_out BIGINT; v_written BIGINT; v_want BIGINT;
+  v_budget BIGINT; v_pi INT; v_pj INT; v_ni INT; v_nj INT; v_gx INT[]; v_gw INT[];
+BEGIN
+  rx := llm_input(p_x, 'linear', 'x');
+  rw := llm_input(p_w, 'linear', 'w');
+  v_m := llm_rows(rx.shape); v_k := llm_cols(rx.shape); v_n := llm_cols(rw.shape);
+  v_tm := least(rx.tile[1], v_m); v_tk := least(rx.tile[2], v_k); v_tn := least(rw.tile[2], v_n);
+  IF cardinality(rw.shape) <> 2 OR llm_rows(rw.shape) <> v_k THEN
+    RAISE EXCEPTION 'pg_llm: linear: weight "%" has shape %, expected (%, n): x "%" is %',
+      rw.name, llm_shape_text(rw.shape), v_k, rx.name, llm_shape_text(rx.shape)
+      USING HINT = 'GPT-2 Conv1D weights are [in, out]: y = x @ W + b.';
+  END IF;
+  IF least(rw.tile[1], v_k) <> v_tk THEN
+    RAISE EXCEPTION 'pg_llm: linear: x "%" and weight "%" cut the inner dimension % in tiles of % and %',
+      rx.name, rw.name, v_k, v_tk, least(rw.tile[1], v_k) USING HINT = 'Store both with the same tile along k.';
+  END IF;
+  IF p_b IS NOT NULL THEN
+    rb := llm_input(p_b, 'linear', 'b');
+    IF llm_rows(rb.shape) <> 1 OR llm_cols(rb.shape) <> v_n OR least(rb.tile[2], v_n) <> v_tn THEN
+      RAISE EXCEPTION 'pg_llm: linear: bias "%" has shape % tile %, expected (%,) cut in tiles of % like weight "%"',
+        rb.name, llm_shape_text(rb.shape), rb.tile, v_n, v_tn, rw.name
+        USING HINT = format('Store the bias with tile ARRAY[1, %s].', v_tn);
+    END IF;
+  END IF;
+  IF p_residual IS NOT NULL THEN
+    rr := llm_input(p_residual, 'linear', 'residual');
+    IF llm_rows(rr.shape) <> v_m OR llm_cols(rr.shape) <> v_n OR least(rr.tile[1], v_m) <> v_tm
+       OR least(rr.tile[2], v_n) <> v_tn THEN
+      RAISE EXCEPTION 'pg_llm: linear: residual "%" has shape % tile %, expected (%, %) tile {%,%} like the output',
+        rr.name, llm_shape_text(rr.shape), rr.tile, v_m, v_n, v_tm, v_tn;
+    END IF;
+  END IF;
+  IF p_out IN (p_x, p_w, p_b, p_residual) OR p_pre IN (p_x, p_w, p_b, p_residual) OR p_pre = p_out THEN
+    RAISE EXCEPTION 'pg_llm: linear: output tensors (out %, pre %) must differ from the inputs and each other',
+      p_out, p_pre;
+  END IF;
+
+      v_out := llm_output(p_out, 'linear', ARRAY[v_m, v_n], ARRAY[v_tm, v_tn], p_accumulate);
+      IF p_pre IS NOT NULL THEN
+        PERFORM llm_output(p_pre, 'linear', ARRAY[v_m, v_n], ARRAY[v_tm, v_tn], FALSE);
+      END IF;
+      v_budget := coalesce(nullif(current_setting('pg_llm.matmul_panel_floats', TRUE), '')::BIGINT, 8388608);
+      v_pi := greatest(1, least((v_m + v_tm - 1) / v_tm, v_budget / (v_tm::BIGINT * v_k)));
+      v_pj := greatest(1, least((v_n + v_tn - 1) / v_tn,
+                                v_budget / (v_tn::BIGINT * greatest(v_k, least(v_m, v_pi * v_tm)))));
+      v_ni := ((v_m + v_tm - 1) / v_tm + v_pi - 1) / v_pi;
+      v_nj := ((v_n + v_tn - 1) / v_tn + v_pj - 1) / v_pj;
+      v_gx := ARRAY[v_m, v_k, v_tm, v_tk];
+      v_gw := ARRAY[v_k, v_n, rw.tile[1], rw.tile[2]];  -- as stored: llm_matmul's weight-cache key
+      INSERT INTO llm_tile (
+        tensor_id,
+        tr,
+        tc,
+        data
+      )
+      SELECT
+        CASE WHEN o.k = 0 THEN v_out ELSE p_pre END,
+        o.tr,
+        o.tc,
+        o.data
+      FROM GENERATE_SERIES(0, v_ni - 1) AS pa(i)
+      CROSS JOIN GENERATE_SERIES(0, v_nj - 1) AS pb(j)
+      CROSS JOIN LATERAL llm_mk_linear_panel(p_x, v_gx, pa.i, v_pi, p_w, v_gw, pb.j, v_pj, p_b, p_gelu, p_pre IS NOT NULL, p_residual) AS o
+      WHERE
+        TRUE ON CONFLICT(tensor_id, tr, tc) DO UPDATE SET data = llm_mk_add(llm_tile.data, excluded.data);
+      GET DIAGNOSTICS v_written = ROW_COUNT;
+      v_want := ((v_m + v_tm - 1) / v_tm) * ((v_n + v_tn - 1) / v_tn) * (1 + (p_pre IS NOT NULL)::INT);
+      IF v_written <> v_want THEN
+        RAISE EXCEPTION 'pg_llm: linear: wrote % of the % output tiles', v_written, v_want;
+      END IF;
+      RETURN v_out;
+END
+$fn$;
+
+-- op: linear backward for y = x @ W + b (after the GELU backward when there is one): dx = dy @ W^T,
+--         dW = x^T @ dy, db = column sums of dy, written (or accumulated) into existing tensors; NULL skips one.
+CREATE OR REPLACE FUNCTION llm_linear_backward(p_x BIGINT, p_w BIGINT, p_dy BIGINT, p_dx BIGINT, p_dw BIGINT, p_db BIGINT, p_accumulate BOOLEAN DEFAULT TRUE)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+SET jit = off
+AS $fn$
+BEGIN
+  PERFORM llm_matmul(p_dy, p_w, p_dx, FALSE, TRUE, p_accumulate) WHERE p_dx IS NOT NULL;
+  PERFORM llm_matmul(p_x, p_dy, p_dw, TRUE, FALSE, p_accumulate) WHERE p_dw IS NOT NULL;
+  PERFORM llm_sum_rows(p_dy, p_db, p_accumulate) WHERE p_db IS NOT NULL;
 END
 $fn$;
 
@@ -2894,14 +3535,14 @@ np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['n
 def attention_cached(np, tiles, kv, rows, cols, th, tw, past, n_head):
     """(t, tr, tc, data): t = 0 for y's tiles (n x C, tile th x min(tw, C)), t = 1 for the new cache rows
     (tr = past + i, tc = 0, [k | v] of 2C floats). tiles: the new rows' qkv tiles in (tr, tc) order;
-    kv: the cached rows 0 .. past-1 concatenated."""
+    kv: the cached rows 0 .. past-1 concatenated (bytes), or as a float32 array (past, 2C)."""
     f = '<f4'
     ntc = -(-cols // tw)
     qkv = np.vstack([np.hstack([np.frombuffer(tiles[r * ntc + c], dtype=f).reshape(min(th, rows - r * th), -1)
                                 for c in range(ntc)]) for r in range(-(-rows // th))])
     C = cols // 3
     hd = C // n_head
-    old = np.frombuffer(kv, dtype=f)
+    old = kv if isinstance(kv, np.ndarray) else np.frombuffer(kv, dtype=f)
     if old.size != past * 2 * C:
         plpy.error('pg_llm: attention_cached: the cache holds %d floats, expected %d positions of 2 x %d'  # noqa: F821
                    % (old.size, past, C))
@@ -3000,6 +3641,344 @@ BEGIN
   ) AS c
   CROSS JOIN LATERAL llm_mk_attention_cached(g.tiles, c.kv, v_rows, v_cols, r.tile[1], r.tile[2], p_past, p_n_head) AS o;
   RETURN v_out;
+END
+$fn$;
+
+-- ==== sql/kernels/block_step.sql ====
+
+-- gpt2_block_step: one GPT-2 block for ONE new position with a key/value cache, in one PL/Python call.
+--
+--     x' = x + c_proj(attention_cached(c_attn(ln_1(x)), cache))
+--     y  = x' + mlp.c_proj(gelu(mlp.c_fc(ln_2(x'))))               returns [y, the new cache row [k | v]]
+--
+-- Why: a decoding step pushes one row through every layer. As a chain of tile kernels that is ~14 kernel calls
+-- per layer (~170 per token), each creating a scratch tensor, checking its output, inserting tiles through the
+-- foreign key and deleting them at the end: ~60 ms a token on top of the matmuls once the weights come from the
+-- weight cache (weight_cache.py). Here a layer is one call: x travels as a float32 bytea, the 12 parameters come
+-- from the weight cache (one query for all their geometries and fingerprints; only changed tensors are read),
+-- the cache rows from the backend's mirror of the cache tensor (one fingerprint query; only rows appended since
+-- the last step are read), and the caller inserts the new cache row. llm_gpt2_forward_cached takes this path for
+-- a one-token step with caches (setting pg_llm.fused_decode = off keeps the kernel chain, the reference).
+--
+-- Same numbers as the chain: the same numpy functions on the same float32 values (layernorm_block, np.matmul on
+-- the same assembled weight blocks, float32 bias and residual adds, attention_cached, gelu_tile).
+-- op: one GPT-2 block for one new position (decoding). x: the position's row (C float32 values), params:
+-- the block's 12 durable parameter ids (llm_gpt2_block_params order), cache: the layer's KV cache holding
+-- exactly positions 0 .. past-1. Returns ARRAY[new x row, new cache row [k | v]] (the caller inserts the
+-- cache row at position past). Weights and cache rows come from the backend's weight cache.
+CREATE OR REPLACE FUNCTION llm_mk_gpt2_block_step(x BYTEA, params BIGINT[], cache BIGINT, past INT, n_head INT, eps FLOAT8)
+RETURNS BYTEA[]
+LANGUAGE plpython3u
+STABLE
+STRICT
+SET jit = off
+AS $fn$
+np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
+DEFAULT_MB = 1024
+FP_ROW = "t.tr || ':' || t.tc || ':' || t.tableoid::TEXT || ':' || pg_relation_filenode(t.tableoid)::TEXT || ':' || t.ctid::TEXT || ':' || t.xmin::TEXT"
+BOX = 't.tensor_id = $1 AND t.tr >= $2 AND t.tr < $3 AND t.tc >= $4 AND t.tc < $5'
+def weight_cache(GD):
+    """The backend's cache state in GD (created on first use)."""
+    c = GD.get('llm_weight_cache')
+    if c is None:
+        import collections
+        c = GD['llm_weight_cache'] = {'lru': collections.OrderedDict(), 'bytes': 0, 'hits': 0, 'misses': 0,
+                                      'evictions': 0}
+    return c
+def cache_budget(plpy, GD):
+    """pg_llm.weight_cache_mb in bytes (default DEFAULT_MB MiB; 0 disables). Shrinks the cache to it."""
+    plan = GD.get('llm_wc_budget_plan')
+    if plan is None:
+        plan = GD['llm_wc_budget_plan'] = plpy.prepare(
+            "SELECT current_setting('pg_llm.weight_cache_mb', TRUE) AS v", [])
+    v = plpy.execute(plan)[0]['v']
+    try:
+        mb = DEFAULT_MB if v is None or v.strip() == '' else float(v)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb < float('inf'):
+        plpy.error('pg_llm: pg_llm.weight_cache_mb must be a number of megabytes >= 0, got %r' % v,
+                   hint='0 disables the weight cache; the default is %d.' % DEFAULT_MB)
+    budget = int(mb * 1048576)
+    if 'llm_weight_cache' in GD:
+        cache_evict(GD['llm_weight_cache'], budget)
+    return budget
+def cache_evict(c, budget):
+    """Drop least recently used entries until the cache holds at most budget bytes."""
+    lru = c['lru']
+    while c['bytes'] > budget and lru:
+        _, (_, m) = lru.popitem(last=False)
+        c['bytes'] -= m.nbytes
+        c['evictions'] += 1
+def cache_take(c, key, fp):
+    """The cached array of key if it was built from the row versions fp (a hit, now most recently used); else
+    None (a miss), the stale entry dropped."""
+    entry = c['lru'].get(key)
+    if entry is not None and entry[0] == fp:
+        c['lru'].move_to_end(key)
+        c['hits'] += 1
+        return entry[1]
+    c['misses'] += 1
+    if entry is not None:
+        del c['lru'][key]
+        c['bytes'] -= entry[1].nbytes
+    return None
+def cache_put(c, key, fp, m, budget):
+    """Keep m (read-only from now on) for key, built from the row versions fp, within budget bytes."""
+    if m.nbytes <= budget:
+        m.flags.writeable = False
+        c['lru'][key] = (fp, m)
+        c['bytes'] += m.nbytes
+        cache_evict(c, budget)
+    return m
+def tile_rows(plpy, GD, tensor_id, box):
+    """(fingerprint, payloads) of the tiles box = [r0, r1, c0, c1] of a tensor in (tr, tc) order, from ONE
+    query: the fingerprint describes exactly the row versions the payloads come from."""
+    plan = GD.get('llm_wc_load_plan')
+    if plan is None:
+        plan = GD['llm_wc_load_plan'] = plpy.prepare(
+            "SELECT %s AS fp, t.data FROM llm_tile AS t WHERE %s ORDER BY t.tr, t.tc" % (FP_ROW, BOX),
+            ['bigint', 'int', 'int', 'int', 'int'])
+    rows = plpy.execute(plan, [tensor_id] + list(box))
+    return ' '.join([r['fp'] for r in rows]), [r['data'] for r in rows]
+def cached_block(plpy, GD, tensor_id, geom, box, build, budget):
+    """The block of durable tensor tensor_id made of its tiles box = [r0, r1, c0, c1] (tile rows and columns,
+    half-open): from the cache when the visible row versions are those it was built from, else built by
+    build(payloads in (tr, tc) order) and kept under the byte budget. geom (whatever else build depends on:
+    shape, tiling) is part of the key."""
+    c = weight_cache(GD)
+    key = (tensor_id, tuple(geom), tuple(box))
+    fp = None
+    if key in c['lru']:
+        plan = GD.get('llm_wc_fp_plan')
+        if plan is None:
+            plan = GD['llm_wc_fp_plan'] = plpy.prepare(
+                "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE %s" % (FP_ROW, BOX),
+                ['bigint', 'int', 'int', 'int', 'int'])
+        fp = plpy.execute(plan, [tensor_id] + list(box))[0]['fp']
+    m = cache_take(c, key, fp)
+    if m is None:
+        fp, tiles = tile_rows(plpy, GD, tensor_id, box)
+        m = cache_put(c, key, fp, build(tiles), budget)
+    return m
+def cached_tensors(plpy, GD, ids, build, budget):
+    """Whole tensors by id, in the order of ids: build(payloads in (tr, tc) order, geom) with geom = [rows, cols,
+    tile_rows, tile_cols, 0, tile rows, 0, tile cols] on a miss. One query gives every geometry and
+    fingerprint; each miss is one more query. Durable tensors only (ids > 0); budget 0 reads them all."""
+    plan = GD.get('llm_wc_tensors_plan')
+    if plan is None:
+        plan = GD['llm_wc_tensors_plan'] = plpy.prepare(
+            "SELECT v.id, v.shape, v.tile, (SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) FROM llm_tile AS t "
+            "WHERE t.tensor_id = v.id) AS fp FROM llm_tensor AS v WHERE v.id = ANY($1) AND v.id > 0" % FP_ROW,
+            ['bigint[]'])
+    found = {r['id']: r for r in plpy.execute(plan, [list(ids)])}
+    c = weight_cache(GD)
+    out = []
+    for tid in ids:
+        r = found.get(tid)
+        if r is None:
+            plpy.error('pg_llm: durable tensor id %s does not exist' % tid)
+        shape, tile = r['shape'], r['tile']
+        rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+        geom = [rows, cols, tile[0], tile[1]]
+        box = [0, -(-rows // tile[0]), 0, -(-cols // tile[1])]
+        key = (tid, tuple(geom), tuple(box))
+        m = cache_take(c, key, r['fp']) if budget else None
+        if m is None:
+            fp, tiles = tile_rows(plpy, GD, tid, box)
+            m = build(tiles, geom + box)
+            if budget:
+                cache_put(c, key, fp, m, budget)
+        out.append(m)
+    return out
+def cached_rows(plpy, GD, np, tensor_id, n, width, budget):
+    """Rows 0 .. n-1 of a tensor stored one row per tile (tiles (1, width), tc = 0: a KV cache) as a read-only
+    (n, width) view of the backend's mirror of it: the leading rows whose versions the mirror holds are reused,
+    the others read (a decoding step reads the one row appended since the last step; a hit = some rows reused).
+    Raises unless the tensor holds exactly those n rows."""
+    plan = GD.get('llm_wc_rows_fp_plan')
+    if plan is None:
+        plan = GD['llm_wc_rows_fp_plan'] = plpy.prepare(
+            "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE t.tensor_id = $1"
+            % FP_ROW, ['bigint'])
+    fp = plpy.execute(plan, [tensor_id])[0]['fp']
+    fps = fp.split(' ') if fp else []
+    if len(fps) != n:
+        plpy.error('pg_llm: attention_cached: cache (tensor id %s) holds %d positions, expected exactly 0 .. %d'
+                   % (tensor_id, len(fps), n - 1))
+    c = weight_cache(GD)
+    key = (tensor_id, 'rows', width)
+    old, arr, k = (), None, 0
+    entry = c['lru'].pop(key, None) if budget else None
+    if entry is not None:
+        old, arr = entry
+        c['bytes'] -= arr.nbytes
+        while k < min(len(old), n) and old[k] == fps[k]:
+            k += 1
+    if budget:
+        c['hits' if k else 'misses'] += 1
+    data = []
+    if k < n:
+        new_fp, data = tile_rows(plpy, GD, tensor_id, [k, 2 ** 31 - 1, 0, 2 ** 31 - 1])
+        if new_fp.split(' ') != fps[k:]:
+            plpy.error('pg_llm: attention_cached: cache (tensor id %s) changed while read' % tensor_id)
+        for i, d in enumerate(data):
+            if not fps[k + i].startswith('%d:0:' % (k + i)) or len(d) != 4 * width:
+                plpy.error('pg_llm: attention_cached: cache (tensor id %s) row %d is not tile (%d, 0) of %d floats'
+                           % (tensor_id, k + i, k + i, width), hint='A cache holds one tile (1, 2C) per position.')
+    if arr is None or arr.shape[0] < n:
+        grown = np.empty((max(n, 64, 0 if arr is None else 2 * arr.shape[0]), width), dtype=np.float32)
+        if k:
+            grown[:k] = arr[:k]
+        arr = grown
+    if data:
+        arr[k:n] = np.frombuffer(b''.join(data), dtype='<f4').reshape(-1, width)
+    if budget and arr.nbytes <= budget:
+        c['lru'][key] = (fps, arr)
+        c['bytes'] += arr.nbytes
+        cache_evict(c, budget)
+    view = arr[:n]
+    view.flags.writeable = False
+    return view
+def block_matrix(np, tiles, g):
+    """The float32 block of tiles [r0, r1) x [c0, c1) of a tensor, geom g = [rows, cols, tile_rows, tile_cols,
+    r0, r1, c0, c1], from its payloads in (tr, tc) order (a read-only view of one buffer when one tile wide)."""
+    rows, cols, th, tw, r0, r1, c0, c1 = g
+    if len(tiles) != (r1 - r0) * (c1 - c0):
+        plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
+                   % (len(tiles), r1 - r0, c1 - c0))
+    h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
+    if c1 - c0 == 1:
+        return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
+    out = np.empty((h, w), dtype=np.float32)
+    it = iter(tiles)
+    for r in range(0, h, th):
+        for c in range(0, w, tw):
+            dst = out[r:r + th, c:c + tw]
+            dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
+    return out
+def layernorm_block(np, x_tiles, g_row, b_row, rows, cols, eps):
+    """One tile-row block (rows x cols, tiles ordered by column) normalized row-wise; returns its tiles."""
+    f = '<f4'
+    x = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in x_tiles]).astype(np.float64)
+    if x.shape[1] != cols:
+        plpy.error('pg_llm: layernorm: a tile-row block has %d columns, expected %d (missing tiles?)'  # noqa: F821
+                   % (x.shape[1], cols))
+    xc = x - x.mean(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
+    y = (xc * rstd * np.frombuffer(g_row, dtype=f) + np.frombuffer(b_row, dtype=f)).astype(f)
+    out, c0 = [], 0
+    for t in x_tiles:
+        w = len(t) // (4 * rows)
+        out.append(y[:, c0:c0 + w].tobytes())
+        c0 += w
+    return out
+def attention_cached(np, tiles, kv, rows, cols, th, tw, past, n_head):
+    """(t, tr, tc, data): t = 0 for y's tiles (n x C, tile th x min(tw, C)), t = 1 for the new cache rows
+    (tr = past + i, tc = 0, [k | v] of 2C floats). tiles: the new rows' qkv tiles in (tr, tc) order;
+    kv: the cached rows 0 .. past-1 concatenated (bytes), or as a float32 array (past, 2C)."""
+    f = '<f4'
+    ntc = -(-cols // tw)
+    qkv = np.vstack([np.hstack([np.frombuffer(tiles[r * ntc + c], dtype=f).reshape(min(th, rows - r * th), -1)
+                                for c in range(ntc)]) for r in range(-(-rows // th))])
+    C = cols // 3
+    hd = C // n_head
+    old = kv if isinstance(kv, np.ndarray) else np.frombuffer(kv, dtype=f)
+    if old.size != past * 2 * C:
+        plpy.error('pg_llm: attention_cached: the cache holds %d floats, expected %d positions of 2 x %d'  # noqa: F821
+                   % (old.size, past, C))
+    new_kv = np.ascontiguousarray(qkv[:, C:])
+    kvs = np.vstack([old.reshape(past, 2 * C), new_kv])  # (past + rows, 2C)
+    total = past + rows
+    q = qkv[:, :C].reshape(rows, n_head, hd).transpose(1, 0, 2)  # (H, n, hd)
+    k = kvs[:, :C].reshape(total, n_head, hd).transpose(1, 2, 0)  # (H, hd, total)
+    v = kvs[:, C:].reshape(total, n_head, hd).transpose(1, 0, 2)  # (H, total, hd)
+    att = np.matmul(q, k) * np.float32(1.0 / np.sqrt(hd))
+    mask = np.arange(total)[None, :] <= (past + np.arange(rows))[:, None]
+    att = np.where(mask, att, np.float32(-np.inf))
+    att = np.exp(att - att.max(axis=-1, keepdims=True))
+    att /= att.sum(axis=-1, keepdims=True)
+    y = np.matmul(att, v).transpose(1, 0, 2).reshape(rows, C)
+    otw = min(tw, C)
+    for r in range(0, rows, th):
+        for c in range(0, C, otw):
+            yield 0, r // th, c // otw, np.ascontiguousarray(y[r:r + th, c:c + otw], dtype=f).tobytes()
+    for i in range(rows):
+        yield 1, past + i, 0, new_kv[i].tobytes()
+def gelu_tile(np, x):
+    """GELU (tanh form) of one tile, float32 throughout like torch's approximate='tanh'."""
+    a = np.frombuffer(x, dtype='<f4')
+    k = np.float32(0.7978845608028654)  # sqrt(2 / pi)
+    c = np.float32(0.044715)
+    half = np.float32(0.5)
+    return (half * a * (np.float32(1) + np.tanh(k * (a + c * a * a * a)))).astype('<f4').tobytes()
+def block_shapes(w, C):
+    """The parameters (index, shape, expected) whose shapes do not fit a block of width C (Conv1D [in, out];
+    1-D parameters as one row)."""
+    F = w[8].shape[1]
+    want = [(1, C), (1, C), (C, 3 * C), (1, 3 * C), (C, C), (1, C), (1, C), (1, C), (C, F), (1, F), (F, C), (1, C)]
+    return [(i, m.shape, s) for i, (m, s) in enumerate(zip(w, want, strict=True)) if m.shape != s]
+def gpt2_block_step(np, x, w, kv, past, n_head, eps):
+    """One pre-LayerNorm GPT-2 block for one new position: x (1, C) float32, w the 12 parameters in BLOCK_PARAMS
+    order as float32 arrays, kv the cached [k | v] rows (past, 2C). Returns (y (1, C), new cache row (2C,))."""
+    f = '<f4'
+    C = x.shape[1]
+    ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
+
+    def ln(v, g, b):
+        return np.frombuffer(layernorm_block(np, [v.tobytes()], g.tobytes(), b.tobytes(), 1, C, eps)[0],
+                             dtype=f).reshape(1, C)
+    qkv = np.matmul(ln(x, ln1g, ln1b), wqkv) + bqkv
+    (_, _, _, a), (_, _, _, row) = attention_cached(np, [qkv.tobytes()], kv, 1, 3 * C, 1, 3 * C, past, n_head)
+    x = x + (np.matmul(np.frombuffer(a, dtype=f).reshape(1, C), wo) + bo)
+    h = np.matmul(ln(x, ln2g, ln2b), wfc) + bfc
+    h = np.frombuffer(gelu_tile(np, h.tobytes()), dtype=f).reshape(1, -1)
+    return x + (np.matmul(h, wp) + bp), np.frombuffer(row, dtype=f)
+budget = cache_budget(plpy, GD)
+if len(params) != 12:
+    plpy.error('pg_llm: gpt2_block_step: %d parameter ids, expected the 12 of a block' % len(params))
+w = cached_tensors(plpy, GD, params, lambda tiles, g: block_matrix(np, tiles, g), budget)
+xa = np.frombuffer(x, dtype='<f4').reshape(1, -1)
+C = xa.shape[1]
+bad = block_shapes(w, C)
+if bad:
+    i, got, want = bad[0]
+    plpy.error('pg_llm: gpt2_block_step: parameter %d (tensor id %s) has shape %s, expected %s for x of %d values'
+               % (i, params[i], got, want, C))
+kv = cached_rows(plpy, GD, np, cache, past, 2 * C, budget)
+y, row = gpt2_block_step(np, xa, w, kv, past, n_head, eps)
+return [y.tobytes(), row.tobytes()]
+$fn$;
+
+-- The parameter ids of a GPT-2 model's blocks for llm_mk_gpt2_block_step: 12 per layer (layer 0 first), or the error of the first missing one.
+CREATE OR REPLACE FUNCTION llm_gpt2_block_params(p_model TEXT, p_n_layer INT)
+RETURNS BIGINT[]
+LANGUAGE plpgsql
+STABLE
+AS $fn$
+DECLARE
+  v_names TEXT[] := ARRAY['ln_1.weight', 'ln_1.bias', 'attn.c_attn.weight', 'attn.c_attn.bias', 'attn.c_proj.weight', 'attn.c_proj.bias', 'ln_2.weight', 'ln_2.bias', 'mlp.c_fc.weight', 'mlp.c_fc.bias', 'mlp.c_proj.weight', 'mlp.c_proj.bias'];
+  v_ids BIGINT[]; v_missing INT;
+BEGIN
+  v_ids := ARRAY(
+    SELECT
+      v.id
+    FROM GENERATE_SERIES(0, p_n_layer - 1) AS l(i)
+    CROSS JOIN UNNEST(v_names) WITH ORDINALITY AS s(name, k)
+    LEFT JOIN llm_tensor AS v
+      ON v.model = p_model
+      AND v.name = 'h.' || l.i || '.' || s.name
+      AND v.role = 'param'
+      AND v.id > 0
+    ORDER BY
+      l.i,
+      s.k
+  );
+  v_missing := array_position(v_ids, NULL);
+  IF v_missing IS NOT NULL THEN  -- raises llm_tensor's error naming the missing parameter
+    PERFORM llm_param(p_model, 'h.' || (v_missing - 1) / 12 || '.' || v_names[(v_missing - 1) % 12 + 1]);
+  END IF;
+  RETURN v_ids;
 END
 $fn$;
 
@@ -3765,18 +4744,62 @@ BEGIN
 END
 $fn$;
 
--- GPT-2 Conv1D x @ weight [in, out] + bias, recorded as matmul then add_bias.
-CREATE OR REPLACE FUNCTION llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT, p_prefix TEXT)
+-- Recording wrapper: GPT-2 Conv1D [r +] dropout(act(x @ weight [in, out] + bias)) with
+--                     fused llm_linear calls. Recorded as 'linear' [+ 'gelu' from a saved pre-activation] [+ 'dropout']
+--                     [+ 'add']; with a residual and no dropout the add is fused too and 'linear' records an empty
+--                     stand-in for its output (backward only needs its gradient).
+CREATE OR REPLACE FUNCTION llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT, p_prefix TEXT, p_gelu BOOLEAN DEFAULT FALSE, p_residual BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0)
 RETURNS BIGINT
-LANGUAGE sql
+LANGUAGE plpgsql
 VOLATILE
+SET jit = off
 AS $fn$
-SELECT
-  llm_t_add_bias(
-    p_tape,
-    llm_t_matmul(p_tape, p_x, llm_param(p_model, p_prefix || '.weight')),
-    llm_param(p_model, p_prefix || '.bias')
-  )
+DECLARE
+  v_w BIGINT; v_b BIGINT; v_pre BIGINT; v_lin BIGINT; v_out BIGINT;
+BEGIN
+  v_w := llm_param(p_model, p_prefix || '.weight');
+  v_b := llm_param(p_model, p_prefix || '.bias');
+  IF p_residual IS NOT NULL AND p_dropout = 0 AND NOT (p_gelu AND p_tape IS NOT NULL) THEN
+    -- r + act(x @ W + b) in one kernel, recorded as linear + add
+    v_lin := (
+      SELECT
+        llm_tensor_create(
+          'linear_out',
+          ARRAY[llm_rows(x.shape), llm_cols(w.shape)],
+          ARRAY[LEAST(x.tile[1], llm_rows(x.shape)), LEAST(w.tile[2], llm_cols(w.shape))]
+        )
+      FROM llm_tensor AS x, llm_tensor AS w
+      WHERE
+        x.id = p_x AND w.id = v_w
+    );
+    v_out := llm_linear(p_x, v_w, v_b, p_gelu, p_residual => p_residual);
+    PERFORM llm_tape_record(p_tape, 'linear', v_lin, p_x, v_w, v_b);
+    RETURN llm_tape_record(p_tape, 'add', v_out, p_residual, v_lin);
+  END IF;
+  IF p_gelu AND p_tape IS NOT NULL THEN  -- the GELU backward needs x @ W + b: written to v_pre as well
+    v_pre := (
+      SELECT
+        llm_tensor_create(
+          'linear_out',
+          ARRAY[llm_rows(x.shape), llm_cols(w.shape)],
+          ARRAY[LEAST(x.tile[1], llm_rows(x.shape)), LEAST(w.tile[2], llm_cols(w.shape))]
+        )
+      FROM llm_tensor AS x, llm_tensor AS w
+      WHERE
+        x.id = p_x AND w.id = v_w
+    );
+    v_out := llm_linear(p_x, v_w, v_b, TRUE, p_pre => v_pre);
+    PERFORM llm_tape_record(p_tape, 'linear', v_pre, p_x, v_w, v_b);
+    v_out := llm_tape_record(p_tape, 'gelu', v_out, v_pre);
+  ELSE
+    v_out := llm_tape_record(p_tape, 'linear', llm_linear(p_x, v_w, v_b, p_gelu), p_x, v_w, v_b);
+  END IF;
+  v_out := llm_t_dropout(p_tape, v_out, p_dropout, p_seed);
+  IF p_residual IS NOT NULL THEN
+    v_out := llm_t_add(p_tape, p_residual, v_out);
+  END IF;
+  RETURN v_out;
+END
 $fn$;
 
 -- A non-negative 60-bit seed for one dropout site (e.g. 'h.3.attn') of a step's seed.
@@ -3804,6 +4827,7 @@ $fn$;
 -- add         out = a + b                   da += g, db += g        (g shared, copied on write)
 -- add_bias    out = x + b                   dx += g, db += sum_rows(g)
 -- matmul      out = a @ op(b)               da += g @ op(b)^T, db += a^T @ g  (tb: db += g^T @ a)
+-- linear      out = a @ b + c               da += g @ b^T, db += a^T @ g, dc += sum_rows(g)  (c may be NULL)
 -- layernorm   out = ln(x; g, b)             dx, dg, db
 -- gelu        out = gelu(x)                 dx += g * gelu'(x)
 -- attention   out = attn(qkv)               dqkv (probabilities and dropout mask recomputed)
@@ -3887,6 +4911,12 @@ BEGIN
     ELSE                   -- out = a @ b
       PERFORM llm_grad_acc(p_tape, r.a, llm_matmul(g, r.b, NULL, FALSE, TRUE));
       PERFORM llm_grad_acc(p_tape, r.b, llm_matmul(r.a, g, NULL, TRUE, FALSE));
+    END IF;
+  ELSIF r.op = 'linear' THEN  -- fused Conv1D: out = a @ b + c
+    PERFORM llm_grad_acc(p_tape, r.a, llm_matmul(g, r.b, NULL, FALSE, TRUE));
+    PERFORM llm_grad_acc(p_tape, r.b, llm_matmul(r.a, g, NULL, TRUE, FALSE));
+    IF r.c IS NOT NULL THEN
+      PERFORM llm_grad_acc(p_tape, r.c, llm_sum_rows(g));
     END IF;
   ELSIF r.op = 'layernorm' THEN
     dx := llm_tensor_like(r.a, 'dx');
@@ -6042,10 +7072,12 @@ END
 $fn$;
 
 -- op: GPT-2 forward. tokens (B*T ids, sequences of p_seq_len = T, default all one
---                     sequence) -> logits scratch tensor (B*T, vocab). With p_tape every op is recorded for
+--                     sequence) -> logits scratch tensor (B*T, vocab), or (cardinality(p_rows), vocab) for only the
+--                     rows p_rows (0-based, e.g. the last position: the projection on wte is skipped for the
+--                     others). With p_tape every op is recorded for
 --                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
 --                     branches) with masks seeded from p_seed. Caller releases scratch tensors.
-CREATE OR REPLACE FUNCTION llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0)
+CREATE OR REPLACE FUNCTION llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
@@ -6070,18 +7102,19 @@ BEGIN
                          llm_param(p_model, pre || 'ln_1.bias'), c.layer_norm_epsilon);
     h := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_attn');
     h := llm_t_attention(p_tape, h, c.n_head, t, p_dropout, llm_site_seed(p_seed, pre || 'attn'));
-    h := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_proj');
-    h := llm_t_dropout(p_tape, h, p_dropout, llm_site_seed(p_seed, pre || 'attn.resid'));
-    x := llm_t_add(p_tape, x, h);
+    x := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_proj', p_residual => x, p_dropout => p_dropout,
+                      p_seed => llm_site_seed(p_seed, pre || 'attn.resid'));
     h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || 'ln_2.weight'),
                          llm_param(p_model, pre || 'ln_2.bias'), c.layer_norm_epsilon);
-    h := llm_t_gelu(p_tape, llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_fc'));
-    h := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_proj');
-    h := llm_t_dropout(p_tape, h, p_dropout, llm_site_seed(p_seed, pre || 'mlp.resid'));
-    x := llm_t_add(p_tape, x, h);
+    h := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_fc', TRUE);
+    x := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_proj', p_residual => x, p_dropout => p_dropout,
+                      p_seed => llm_site_seed(p_seed, pre || 'mlp.resid'));
   END LOOP;
   x := llm_t_layernorm(p_tape, x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'),
                        c.layer_norm_epsilon);
+  IF p_rows IS NOT NULL THEN  -- only these rows' logits: gather them before the (costly) tied projection
+    x := llm_t_embedding(p_tape, x, p_rows, least(256, cardinality(p_rows)));
+  END IF;
   RETURN llm_t_matmul(p_tape, x, llm_param(p_model, 'wte.weight'), FALSE, TRUE);
 END
 $fn$;
@@ -6097,8 +7130,8 @@ DECLARE
   v_mark BIGINT; v_logits BIGINT; v_out FLOAT4[];
 BEGIN
   v_mark := llm_scratch_mark();
-  v_logits := llm_gpt2_forward(model, tokens);
-  v_out := (SELECT r.vals FROM llm_tensor_rows(v_logits, cardinality(tokens) - 1, 1) AS r);
+  v_logits := llm_gpt2_forward(model, tokens, p_rows => ARRAY[cardinality(tokens) - 1]);
+  v_out := (SELECT r.vals FROM llm_tensor_rows(v_logits, 0, 1) AS r);
   PERFORM llm_scratch_release(v_mark);
   RETURN v_out;
 END
@@ -6410,6 +7443,11 @@ $fn$;
 -- 'cache'); each later step feeds only the newest token (one row through every layer, attending to the cached
 -- rows), so the cost of a token does not grow with the prefix beyond reading the cache. use_cache => false
 -- recomputes the whole sequence every step (the reference path). Only the last row's logits are computed.
+-- A one-token step runs each layer as ONE llm_mk_gpt2_block_step call (ops/block_step.py: same numbers as the
+-- kernel chain, without its ~14 kernel calls and scratch tensors per layer); weights and cache rows come from
+-- the backend's weight cache (ops/weight_cache.py), so a step reads only what changed since the last one
+-- (~20 tokens/s for GPT-2 small on 2 cores, against ~0.7 reading every tile per step). Setting
+-- pg_llm.fused_decode = off keeps the kernel chain; pg_llm.weight_cache_mb = 0 disables the cache.
 --
 -- Sampling (llm_mk_sample, on the float32 logits row, in float64): temperature 0 is greedy (argmax, first
 -- maximum); otherwise logits / temperature, then top-k (keep the scores >= the k-th largest; 0 disables), then
@@ -6589,6 +7627,7 @@ SET jit = off
 AS $fn$
 DECLARE
   c llm_model_config; n INT := cardinality(p_tokens); v_from INT; x BIGINT; h BIGINT; pre TEXT;
+  rx llm_tensor; v_ids BIGINT[]; v_row BYTEA; v_out BYTEA[]; v_bad BIGINT;
 BEGIN
   c := llm_gpt2_check_input(p_model, p_tokens, n);
   v_from := coalesce(p_logits_from, n - 1);
@@ -6607,22 +7646,83 @@ BEGIN
                llm_embedding(llm_param(p_model, 'wpe.weight'),
                              ARRAY(SELECT p_past + i FROM generate_series(0, n - 1) AS i), NULL,
                              least(256, n)));
-  FOR layer IN 0 .. c.n_layer - 1 LOOP
-  pre := 'h.' || layer || '.';
-  h := llm_layernorm(x, llm_param(p_model, pre || 'ln_1.weight'), llm_param(p_model, pre || 'ln_1.bias'),
-                     NULL, c.layer_norm_epsilon);
-  h := llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'attn.c_attn.weight')), llm_param(p_model, pre || 'attn.c_attn.bias'));
-  IF p_caches IS NULL THEN
-    h := llm_attention(h, c.n_head, n);
+  IF p_caches IS NOT NULL AND n = 1 AND coalesce(current_setting('pg_llm.fused_decode', TRUE), '') <> 'off' THEN
+    -- a decoding step: one llm_mk_gpt2_block_step call per layer (ops/block_step.py), x as a bytea row
+    v_bad := (
+      SELECT
+        u.id
+      FROM UNNEST(p_caches) AS u(id)
+      LEFT JOIN llm_tensor AS v
+        ON v.id = u.id
+      WHERE
+        v.id IS NULL
+        OR llm_rows(v.shape) <= p_past
+        OR llm_cols(v.shape) <> 2 * c.n_embd
+        OR v.tile <> ARRAY[1, 2 * c.n_embd]
+      LIMIT 1
+    );
+    IF v_bad IS NOT NULL THEN
+      RAISE EXCEPTION 'pg_llm: model "%": cache (tensor id %) is not a KV cache of > % positions x % '
+        '(tile {1,%})', p_model, v_bad, p_past, 2 * c.n_embd, 2 * c.n_embd
+        USING HINT = 'llm_kv_cache_create(model) makes the caches of a model.';
+    END IF;
+    v_ids := llm_gpt2_block_params(p_model, c.n_layer);
+    rx := llm_tensor_get(x);
+    v_row := (
+      SELECT
+        STRING_AGG(t.data, CAST('' AS BYTEA)
+        ORDER BY
+          t.tc)
+      FROM llm_tile AS t
+      WHERE
+        t.tensor_id = x
+    );
+    FOR layer IN 0 .. c.n_layer - 1 LOOP
+      v_out := llm_mk_gpt2_block_step(v_row, v_ids[layer * 12 + 1:layer * 12 + 12], p_caches[layer + 1], p_past,
+                                      c.n_head, c.layer_norm_epsilon);
+      v_row := v_out[1];
+      INSERT INTO llm_tile (
+        tensor_id,
+        tr,
+        tc,
+        data
+      )
+      VALUES
+        (p_caches[layer + 1], p_past, 0, v_out[2]);
+    END LOOP;
+    x := llm_tensor_create('x', rx.shape, rx.tile);
+    INSERT INTO llm_tile (
+      tensor_id,
+      tr,
+      tc,
+      data
+    )
+    SELECT
+      x,
+      0,
+      j.j,
+      SUBSTRING(v_row FROM j.j * rx.tile[2] * 4 + 1 FOR rx.tile[2] * 4)
+    FROM GENERATE_SERIES(0, (
+      c.n_embd - 1
+    ) / rx.tile[2]) AS j(j);
   ELSE
-    h := llm_attention_cached(h, p_caches[layer + 1], p_past, c.n_head);
+    FOR layer IN 0 .. c.n_layer - 1 LOOP
+    pre := 'h.' || layer || '.';
+    h := llm_layernorm(x, llm_param(p_model, pre || 'ln_1.weight'), llm_param(p_model, pre || 'ln_1.bias'),
+                       NULL, c.layer_norm_epsilon);
+    h := llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'attn.c_attn.weight')), llm_param(p_model, pre || 'attn.c_attn.bias'));
+    IF p_caches IS NULL THEN
+      h := llm_attention(h, c.n_head, n);
+    ELSE
+      h := llm_attention_cached(h, p_caches[layer + 1], p_past, c.n_head);
+    END IF;
+    x := llm_add(x, llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'attn.c_proj.weight')), llm_param(p_model, pre || 'attn.c_proj.bias')));
+    h := llm_layernorm(x, llm_param(p_model, pre || 'ln_2.weight'), llm_param(p_model, pre || 'ln_2.bias'),
+                       NULL, c.layer_norm_epsilon);
+    h := llm_gelu(llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'mlp.c_fc.weight')), llm_param(p_model, pre || 'mlp.c_fc.bias')));
+    x := llm_add(x, llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'mlp.c_proj.weight')), llm_param(p_model, pre || 'mlp.c_proj.bias')));
+    END LOOP;
   END IF;
-  x := llm_add(x, llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'attn.c_proj.weight')), llm_param(p_model, pre || 'attn.c_proj.bias')));
-  h := llm_layernorm(x, llm_param(p_model, pre || 'ln_2.weight'), llm_param(p_model, pre || 'ln_2.bias'),
-                     NULL, c.layer_norm_epsilon);
-  h := llm_gelu(llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'mlp.c_fc.weight')), llm_param(p_model, pre || 'mlp.c_fc.bias')));
-  x := llm_add(x, llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'mlp.c_proj.weight')), llm_param(p_model, pre || 'mlp.c_proj.bias')));
-  END LOOP;
   IF v_from > 0 THEN
     x := llm_embedding(x, ARRAY(SELECT generate_series(v_from, n - 1)), NULL, least(256, n - v_from));
   END IF;
@@ -6731,6 +7831,7 @@ BEGIN
     RETURN NEXT;
     EXIT WHEN p_eos AND v_tok = v_eos;
   END LOOP;
+  PERFORM llm_weight_cache_forget(v_caches);  -- the backend's mirrors of the caches (ops/weight_cache.py)
   PERFORM llm_scratch_release(v_mark);
 END
 $fn$;

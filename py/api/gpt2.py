@@ -68,26 +68,29 @@ def _forward() -> str:
                                llm_param(p_model, pre || 'ln_1.bias'), c.layer_norm_epsilon);
           h := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_attn');
           h := llm_t_attention(p_tape, h, c.n_head, t, p_dropout, llm_site_seed(p_seed, pre || 'attn'));
-          h := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_proj');
-          h := llm_t_dropout(p_tape, h, p_dropout, llm_site_seed(p_seed, pre || 'attn.resid'));
-          x := llm_t_add(p_tape, x, h);
+          x := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_proj', p_residual => x, p_dropout => p_dropout,
+                            p_seed => llm_site_seed(p_seed, pre || 'attn.resid'));
           h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || 'ln_2.weight'),
                                llm_param(p_model, pre || 'ln_2.bias'), c.layer_norm_epsilon);
-          h := llm_t_gelu(p_tape, llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_fc'));
-          h := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_proj');
-          h := llm_t_dropout(p_tape, h, p_dropout, llm_site_seed(p_seed, pre || 'mlp.resid'));
-          x := llm_t_add(p_tape, x, h);
+          h := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_fc', TRUE);
+          x := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_proj', p_residual => x, p_dropout => p_dropout,
+                            p_seed => llm_site_seed(p_seed, pre || 'mlp.resid'));
         END LOOP;
         x := llm_t_layernorm(p_tape, x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'),
                              c.layer_norm_epsilon);
+        IF p_rows IS NOT NULL THEN  -- only these rows' logits: gather them before the (costly) tied projection
+          x := llm_t_embedding(p_tape, x, p_rows, least({TILE_ROWS}, cardinality(p_rows)));
+        END IF;
         RETURN llm_t_matmul(p_tape, x, llm_param(p_model, 'wte.weight'), FALSE, TRUE);
     """)
     return function("llm_gpt2_forward",
                     "p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, "
-                    "p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0", "BIGINT", body,
-                    settings=KERNEL_SETTINGS,
+                    "p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL", "BIGINT",
+                    body, settings=KERNEL_SETTINGS,
                     note="""op: GPT-2 forward. tokens (B*T ids, sequences of p_seq_len = T, default all one
-                    sequence) -> logits scratch tensor (B*T, vocab). With p_tape every op is recorded for
+                    sequence) -> logits scratch tensor (B*T, vocab), or (cardinality(p_rows), vocab) for only the
+                    rows p_rows (0-based, e.g. the last position: the projection on wte is skipped for the
+                    others). With p_tape every op is recorded for
                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
                     branches) with masks seeded from p_seed. Caller releases scratch tensors.""")
 
@@ -96,8 +99,8 @@ def _api() -> str:
     out = []
     body = plpgsql("v_mark BIGINT; v_logits BIGINT; v_out FLOAT4[];", """
         v_mark := llm_scratch_mark();
-        v_logits := llm_gpt2_forward(model, tokens);
-        v_out := (SELECT r.vals FROM llm_tensor_rows(v_logits, cardinality(tokens) - 1, 1) AS r);
+        v_logits := llm_gpt2_forward(model, tokens, p_rows => ARRAY[cardinality(tokens) - 1]);
+        v_out := (SELECT r.vals FROM llm_tensor_rows(v_logits, 0, 1) AS r);
         PERFORM llm_scratch_release(v_mark);
         RETURN v_out;
     """)

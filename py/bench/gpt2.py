@@ -1,8 +1,8 @@
 """Bench section `gpt2`: GPT-2 end to end against the numpy reference and torch, in the same run.
 
 * forward tokens/s of GPT-2 small (random weights: transformers GPT2LMHeadModel(GPT2Config()), seed 0, saved
-  offline and imported once) at T = 128 and 1024: pg_llm (llm_gpt2_forward + scratch release, and at T=128
-  also SELECT * FROM llm_logits_all, i.e. with every logit returned as float4[] to the client), the numpy
+  offline and imported once) at T = 128 and 1024: pg_llm (llm_gpt2_forward + scratch release; llm_logits, the
+  last position only; at T=128 also SELECT * FROM llm_logits_all, every logit as float4[] to the client), the numpy
   reference (py/reference/numpy_gpt2.py) and torch on the CPU (inference mode);
 * `pg-llm model import` / `export` seconds (import_model / export_model);
 * one training step at batch 1 x 128 tokens for a tiny config and for GPT-2 small: llm_train_step against the
@@ -11,7 +11,9 @@
 
 torch gets torch.set_num_threads(the server's OpenBLAS threads) and the client's numpy the same OpenBLAS thread
 count, so the three use the same cores. Variants are interleaved (Context.compare); the big measurements
-(T=1024, GPT-2 small training) use a single timed run. --quick skips them.
+(T=1024, GPT-2 small training) use two timed runs. --quick skips them. After each pg_llm training step the
+tile partitions are vacuumed (untimed): a GPT-2 small step leaves ~1.5 GB of dead parameter/moment tiles, and
+autovacuum running during the next timed step would be measured with it.
 """
 from __future__ import annotations
 
@@ -125,18 +127,19 @@ class Gpt2Bench:
         params = ref.cast(ref.normalize_params(load_file(path / "model.safetensors")), cfg, np.float32)
         tm = GPT2LMHeadModel.from_pretrained(path).eval()
         t = Table("GPT-2 small forward, one sequence of T tokens (random weights)",
-                  ["T", "pg_llm s", "pg_llm tok/s", "llm_logits_all s", "numpy s", "numpy tok/s", "torch s",
-                   "torch tok/s", "pg / numpy", "pg / torch"])
+                  ["T", "pg_llm s", "pg_llm tok/s", "llm_logits s", "llm_logits_all s", "numpy s", "numpy tok/s",
+                   "torch s", "torch tok/s", "pg / numpy", "pg / torch"])
         for T in T_FORWARD[:1] if self.ctx.quick else T_FORWARD:
             self.ctx.log(f"gpt2: forward T={T}")
             st = self.forward_at(T, model, lambda idx: ref.forward(params, idx, cfg), tm)
             pg, nump, tor = (st[k].median for k in ("pg", "numpy", "torch"))
-            t.add(T, pg, T / pg, st["all"].median if "all" in st else None, nump, T / nump, tor, T / tor,
-                  pg / nump, pg / tor)
-        t.notes += ["pg_llm s = SELECT llm_gpt2_forward + llm_scratch_release (logits left in the server); "
+            t.add(T, pg, T / pg, st["last"].median, st["all"].median if "all" in st else None, nump, T / nump, tor,
+                  T / tor, pg / nump, pg / tor)
+        t.notes += ["pg_llm s = SELECT llm_gpt2_forward + llm_scratch_release (all T x 50257 logits computed, left "
+                    "in the server); llm_logits s = the last position's logits (the API: one row projected on wte); "
                     "llm_logits_all s also returns every logit row as float4[] to the client.",
                     f"{self.threads} BLAS threads for the server's numpy, the client's numpy and torch "
-                    f"(torch.set_num_threads({self.threads})); T=1024 is a single run."]
+                    f"(torch.set_num_threads({self.threads})); T=1024: median of 2 runs, no warm-up."]
         return t
 
     def forward_at(self, T: int, model: str, numpy_fwd: Any, tm: Any) -> dict[str, Stats]:
@@ -150,12 +153,13 @@ class Gpt2Bench:
             with torch.inference_mode():
                 tm(x)
         fns = {"pg": Timed(lambda: self.conn.execute(fwd, (model, toks))), "numpy": Timed(lambda: numpy_fwd(idx)),
-               "torch": Timed(torch_fwd)}
+               "torch": Timed(torch_fwd),
+               "last": Timed(lambda: self.conn.execute("SELECT llm_logits(%s, %s)", (model, toks)).fetchone())}
         if T <= 128:
             fns["all"] = Timed(lambda: self.conn.execute("SELECT * FROM llm_logits_all(%s, %s)",
                                                          (model, toks)).fetchall())
         big = T > 128
-        return self.compare(fns, runs=1 if big else min(self.ctx.runs, 3), warmup=0 if big else 1)
+        return self.compare(fns, runs=2 if big else min(self.ctx.runs, 3), warmup=0 if big else 1)
 
     # ---- training -------------------------------------------------------------------------------------------
     def train(self, rows: list[tuple[str, Path, str]]) -> Table:
@@ -167,8 +171,8 @@ class Gpt2Bench:
             st = self.train_step(path, model, cfg, big="small" in label)
             pg, nump, tor = (st[k].median for k in ("pg", "numpy", "torch"))
             t.add(label, cfg.n_params(), pg, nump, tor, pg / nump, pg / tor)
-        t.notes += ["dropout 0 everywhere; one warm-up step first (it creates the AdamW moments); GPT-2 small is "
-                    "a single timed run.",
+        t.notes += ["dropout 0 everywhere; one warm-up step first (it creates the AdamW moments); GPT-2 small: "
+                    "median of 2 runs; VACUUM of the tile partitions after each pg_llm step (untimed).",
                     f"tiny = {', '.join(f'{k}={v}' for k, v in TINY.items() if not k.endswith('token_id'))}; "
                     f"{self.threads} BLAS threads for the server, the client's numpy and torch."]
         return t
@@ -181,9 +185,16 @@ class Gpt2Bench:
         sql = ("SELECT loss FROM llm_train_step(%s, %s, batch_size => 1, dropout => 0, lr => %s, weight_decay => %s, "
                "beta1 => %s, beta2 => %s, eps => %s, grad_clip => %s)")
         args = (model, ds, HP["lr"], HP["weight_decay"], HP["beta1"], HP["beta2"], HP["eps"], HP["grad_clip"])
-        return self.compare({"pg": Timed(lambda: self.conn.execute(sql, args)),
+        return self.compare({"pg": Timed(lambda: self.conn.execute(sql, args), after=self.vacuum),
                              "numpy": Timed(_numpy_step(path, x, y, cfg)), "torch": Timed(_torch_step(path, x, y))},
-                            runs=1 if big else min(self.ctx.runs, 3), warmup=1)
+                            runs=2 if big else min(self.ctx.runs, 3), warmup=1)
+
+    def vacuum(self) -> None:
+        for part in ("llm_tile_durable", "llm_tile_scratch"):
+            try:
+                self.conn.execute(f"VACUUM {part}")
+            except Exception as e:  # noqa: BLE001 - not the owner (--dsn): autovacuum will do it
+                self.ctx.log(f"VACUUM {part}: {e}")
 
 
 def _torch_step(path: Path, x: np.ndarray, y: np.ndarray):

@@ -12,6 +12,11 @@
 -- 'cache'); each later step feeds only the newest token (one row through every layer, attending to the cached
 -- rows), so the cost of a token does not grow with the prefix beyond reading the cache. use_cache => false
 -- recomputes the whole sequence every step (the reference path). Only the last row's logits are computed.
+-- A one-token step runs each layer as ONE llm_mk_gpt2_block_step call (ops/block_step.py: same numbers as the
+-- kernel chain, without its ~14 kernel calls and scratch tensors per layer); weights and cache rows come from
+-- the backend's weight cache (ops/weight_cache.py), so a step reads only what changed since the last one
+-- (~20 tokens/s for GPT-2 small on 2 cores, against ~0.7 reading every tile per step). Setting
+-- pg_llm.fused_decode = off keeps the kernel chain; pg_llm.weight_cache_mb = 0 disables the cache.
 --
 -- Sampling (llm_mk_sample, on the float32 logits row, in float64): temperature 0 is greedy (argmax, first
 -- maximum); otherwise logits / temperature, then top-k (keep the scores >= the k-th largest; 0 disables), then
@@ -191,6 +196,7 @@ SET jit = off
 AS $fn$
 DECLARE
   c llm_model_config; n INT := cardinality(p_tokens); v_from INT; x BIGINT; h BIGINT; pre TEXT;
+  rx llm_tensor; v_ids BIGINT[]; v_row BYTEA; v_out BYTEA[]; v_bad BIGINT;
 BEGIN
   c := llm_gpt2_check_input(p_model, p_tokens, n);
   v_from := coalesce(p_logits_from, n - 1);
@@ -209,22 +215,83 @@ BEGIN
                llm_embedding(llm_param(p_model, 'wpe.weight'),
                              ARRAY(SELECT p_past + i FROM generate_series(0, n - 1) AS i), NULL,
                              least(256, n)));
-  FOR layer IN 0 .. c.n_layer - 1 LOOP
-  pre := 'h.' || layer || '.';
-  h := llm_layernorm(x, llm_param(p_model, pre || 'ln_1.weight'), llm_param(p_model, pre || 'ln_1.bias'),
-                     NULL, c.layer_norm_epsilon);
-  h := llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'attn.c_attn.weight')), llm_param(p_model, pre || 'attn.c_attn.bias'));
-  IF p_caches IS NULL THEN
-    h := llm_attention(h, c.n_head, n);
+  IF p_caches IS NOT NULL AND n = 1 AND coalesce(current_setting('pg_llm.fused_decode', TRUE), '') <> 'off' THEN
+    -- a decoding step: one llm_mk_gpt2_block_step call per layer (ops/block_step.py), x as a bytea row
+    v_bad := (
+      SELECT
+        u.id
+      FROM UNNEST(p_caches) AS u(id)
+      LEFT JOIN llm_tensor AS v
+        ON v.id = u.id
+      WHERE
+        v.id IS NULL
+        OR llm_rows(v.shape) <= p_past
+        OR llm_cols(v.shape) <> 2 * c.n_embd
+        OR v.tile <> ARRAY[1, 2 * c.n_embd]
+      LIMIT 1
+    );
+    IF v_bad IS NOT NULL THEN
+      RAISE EXCEPTION 'pg_llm: model "%": cache (tensor id %) is not a KV cache of > % positions x % '
+        '(tile {1,%})', p_model, v_bad, p_past, 2 * c.n_embd, 2 * c.n_embd
+        USING HINT = 'llm_kv_cache_create(model) makes the caches of a model.';
+    END IF;
+    v_ids := llm_gpt2_block_params(p_model, c.n_layer);
+    rx := llm_tensor_get(x);
+    v_row := (
+      SELECT
+        STRING_AGG(t.data, CAST('' AS BYTEA)
+        ORDER BY
+          t.tc)
+      FROM llm_tile AS t
+      WHERE
+        t.tensor_id = x
+    );
+    FOR layer IN 0 .. c.n_layer - 1 LOOP
+      v_out := llm_mk_gpt2_block_step(v_row, v_ids[layer * 12 + 1:layer * 12 + 12], p_caches[layer + 1], p_past,
+                                      c.n_head, c.layer_norm_epsilon);
+      v_row := v_out[1];
+      INSERT INTO llm_tile (
+        tensor_id,
+        tr,
+        tc,
+        data
+      )
+      VALUES
+        (p_caches[layer + 1], p_past, 0, v_out[2]);
+    END LOOP;
+    x := llm_tensor_create('x', rx.shape, rx.tile);
+    INSERT INTO llm_tile (
+      tensor_id,
+      tr,
+      tc,
+      data
+    )
+    SELECT
+      x,
+      0,
+      j.j,
+      SUBSTRING(v_row FROM j.j * rx.tile[2] * 4 + 1 FOR rx.tile[2] * 4)
+    FROM GENERATE_SERIES(0, (
+      c.n_embd - 1
+    ) / rx.tile[2]) AS j(j);
   ELSE
-    h := llm_attention_cached(h, p_caches[layer + 1], p_past, c.n_head);
+    FOR layer IN 0 .. c.n_layer - 1 LOOP
+    pre := 'h.' || layer || '.';
+    h := llm_layernorm(x, llm_param(p_model, pre || 'ln_1.weight'), llm_param(p_model, pre || 'ln_1.bias'),
+                       NULL, c.layer_norm_epsilon);
+    h := llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'attn.c_attn.weight')), llm_param(p_model, pre || 'attn.c_attn.bias'));
+    IF p_caches IS NULL THEN
+      h := llm_attention(h, c.n_head, n);
+    ELSE
+      h := llm_attention_cached(h, p_caches[layer + 1], p_past, c.n_head);
+    END IF;
+    x := llm_add(x, llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'attn.c_proj.weight')), llm_param(p_model, pre || 'attn.c_proj.bias')));
+    h := llm_layernorm(x, llm_param(p_model, pre || 'ln_2.weight'), llm_param(p_model, pre || 'ln_2.bias'),
+                       NULL, c.layer_norm_epsilon);
+    h := llm_gelu(llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'mlp.c_fc.weight')), llm_param(p_model, pre || 'mlp.c_fc.bias')));
+    x := llm_add(x, llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'mlp.c_proj.weight')), llm_param(p_model, pre || 'mlp.c_proj.bias')));
+    END LOOP;
   END IF;
-  x := llm_add(x, llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'attn.c_proj.weight')), llm_param(p_model, pre || 'attn.c_proj.bias')));
-  h := llm_layernorm(x, llm_param(p_model, pre || 'ln_2.weight'), llm_param(p_model, pre || 'ln_2.bias'),
-                     NULL, c.layer_norm_epsilon);
-  h := llm_gelu(llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'mlp.c_fc.weight')), llm_param(p_model, pre || 'mlp.c_fc.bias')));
-  x := llm_add(x, llm_add_bias(llm_matmul(h, llm_param(p_model, pre || 'mlp.c_proj.weight')), llm_param(p_model, pre || 'mlp.c_proj.bias')));
-  END LOOP;
   IF v_from > 0 THEN
     x := llm_embedding(x, ARRAY(SELECT generate_series(v_from, n - 1)), NULL, least(256, n - v_from));
   END IF;
@@ -333,6 +400,7 @@ BEGIN
     RETURN NEXT;
     EXIT WHEN p_eos AND v_tok = v_eos;
   END LOOP;
+  PERFORM llm_weight_cache_forget(v_caches);  -- the backend's mirrors of the caches (ops/weight_cache.py)
   PERFORM llm_scratch_release(v_mark);
 END
 $fn$;

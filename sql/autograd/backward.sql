@@ -10,6 +10,7 @@
 -- add         out = a + b                   da += g, db += g        (g shared, copied on write)
 -- add_bias    out = x + b                   dx += g, db += sum_rows(g)
 -- matmul      out = a @ op(b)               da += g @ op(b)^T, db += a^T @ g  (tb: db += g^T @ a)
+-- linear      out = a @ b + c               da += g @ b^T, db += a^T @ g, dc += sum_rows(g)  (c may be NULL)
 -- layernorm   out = ln(x; g, b)             dx, dg, db
 -- gelu        out = gelu(x)                 dx += g * gelu'(x)
 -- attention   out = attn(qkv)               dqkv (probabilities and dropout mask recomputed)
@@ -93,6 +94,12 @@ BEGIN
     ELSE                   -- out = a @ b
       PERFORM llm_grad_acc(p_tape, r.a, llm_matmul(g, r.b, NULL, FALSE, TRUE));
       PERFORM llm_grad_acc(p_tape, r.b, llm_matmul(r.a, g, NULL, TRUE, FALSE));
+    END IF;
+  ELSIF r.op = 'linear' THEN  -- fused Conv1D: out = a @ b + c
+    PERFORM llm_grad_acc(p_tape, r.a, llm_matmul(g, r.b, NULL, FALSE, TRUE));
+    PERFORM llm_grad_acc(p_tape, r.b, llm_matmul(r.a, g, NULL, TRUE, FALSE));
+    IF r.c IS NOT NULL THEN
+      PERFORM llm_grad_acc(p_tape, r.c, llm_sum_rows(g));
     END IF;
   ELSIF r.op = 'layernorm' THEN
     dx := llm_tensor_like(r.a, 'dx');

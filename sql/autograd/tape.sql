@@ -180,18 +180,62 @@ BEGIN
 END
 $fn$;
 
--- GPT-2 Conv1D x @ weight [in, out] + bias, recorded as matmul then add_bias.
-CREATE OR REPLACE FUNCTION llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT, p_prefix TEXT)
+-- Recording wrapper: GPT-2 Conv1D [r +] dropout(act(x @ weight [in, out] + bias)) with
+--                     fused llm_linear calls. Recorded as 'linear' [+ 'gelu' from a saved pre-activation] [+ 'dropout']
+--                     [+ 'add']; with a residual and no dropout the add is fused too and 'linear' records an empty
+--                     stand-in for its output (backward only needs its gradient).
+CREATE OR REPLACE FUNCTION llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT, p_prefix TEXT, p_gelu BOOLEAN DEFAULT FALSE, p_residual BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0)
 RETURNS BIGINT
-LANGUAGE sql
+LANGUAGE plpgsql
 VOLATILE
+SET jit = off
 AS $fn$
-SELECT
-  llm_t_add_bias(
-    p_tape,
-    llm_t_matmul(p_tape, p_x, llm_param(p_model, p_prefix || '.weight')),
-    llm_param(p_model, p_prefix || '.bias')
-  )
+DECLARE
+  v_w BIGINT; v_b BIGINT; v_pre BIGINT; v_lin BIGINT; v_out BIGINT;
+BEGIN
+  v_w := llm_param(p_model, p_prefix || '.weight');
+  v_b := llm_param(p_model, p_prefix || '.bias');
+  IF p_residual IS NOT NULL AND p_dropout = 0 AND NOT (p_gelu AND p_tape IS NOT NULL) THEN
+    -- r + act(x @ W + b) in one kernel, recorded as linear + add
+    v_lin := (
+      SELECT
+        llm_tensor_create(
+          'linear_out',
+          ARRAY[llm_rows(x.shape), llm_cols(w.shape)],
+          ARRAY[LEAST(x.tile[1], llm_rows(x.shape)), LEAST(w.tile[2], llm_cols(w.shape))]
+        )
+      FROM llm_tensor AS x, llm_tensor AS w
+      WHERE
+        x.id = p_x AND w.id = v_w
+    );
+    v_out := llm_linear(p_x, v_w, v_b, p_gelu, p_residual => p_residual);
+    PERFORM llm_tape_record(p_tape, 'linear', v_lin, p_x, v_w, v_b);
+    RETURN llm_tape_record(p_tape, 'add', v_out, p_residual, v_lin);
+  END IF;
+  IF p_gelu AND p_tape IS NOT NULL THEN  -- the GELU backward needs x @ W + b: written to v_pre as well
+    v_pre := (
+      SELECT
+        llm_tensor_create(
+          'linear_out',
+          ARRAY[llm_rows(x.shape), llm_cols(w.shape)],
+          ARRAY[LEAST(x.tile[1], llm_rows(x.shape)), LEAST(w.tile[2], llm_cols(w.shape))]
+        )
+      FROM llm_tensor AS x, llm_tensor AS w
+      WHERE
+        x.id = p_x AND w.id = v_w
+    );
+    v_out := llm_linear(p_x, v_w, v_b, TRUE, p_pre => v_pre);
+    PERFORM llm_tape_record(p_tape, 'linear', v_pre, p_x, v_w, v_b);
+    v_out := llm_tape_record(p_tape, 'gelu', v_out, v_pre);
+  ELSE
+    v_out := llm_tape_record(p_tape, 'linear', llm_linear(p_x, v_w, v_b, p_gelu), p_x, v_w, v_b);
+  END IF;
+  v_out := llm_t_dropout(p_tape, v_out, p_dropout, p_seed);
+  IF p_residual IS NOT NULL THEN
+    v_out := llm_t_add(p_tape, p_residual, v_out);
+  END IF;
+  RETURN v_out;
+END
 $fn$;
 
 -- A non-negative 60-bit seed for one dropout site (e.g. 'h.3.attn') of a step's seed.

@@ -28,14 +28,14 @@ np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['n
 def attention_cached(np, tiles, kv, rows, cols, th, tw, past, n_head):
     """(t, tr, tc, data): t = 0 for y's tiles (n x C, tile th x min(tw, C)), t = 1 for the new cache rows
     (tr = past + i, tc = 0, [k | v] of 2C floats). tiles: the new rows' qkv tiles in (tr, tc) order;
-    kv: the cached rows 0 .. past-1 concatenated."""
+    kv: the cached rows 0 .. past-1 concatenated (bytes), or as a float32 array (past, 2C)."""
     f = '<f4'
     ntc = -(-cols // tw)
     qkv = np.vstack([np.hstack([np.frombuffer(tiles[r * ntc + c], dtype=f).reshape(min(th, rows - r * th), -1)
                                 for c in range(ntc)]) for r in range(-(-rows // th))])
     C = cols // 3
     hd = C // n_head
-    old = np.frombuffer(kv, dtype=f)
+    old = kv if isinstance(kv, np.ndarray) else np.frombuffer(kv, dtype=f)
     if old.size != past * 2 * C:
         plpy.error('pg_llm: attention_cached: the cache holds %d floats, expected %d positions of 2 x %d'  # noqa: F821
                    % (old.size, past, C))
