@@ -35,16 +35,15 @@ def cli(dsn: str, *args: str) -> str:
     return p.stdout
 
 
-def make_npz(dims: dict[str, int]) -> Path:
+def make_npz(dims: dict[str, int], d: Path) -> Path:
     """What the playbook's convert_gpt2_checkpoint.py produced: the HF GPT-2 tensors as float32 in an .npz
-    (weights from transformers, seeded: no pretrained GPT-2 is reachable here). Readable by the server."""
+    (weights from transformers, seeded: no pretrained GPT-2 is reachable here) in d, readable by the server."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=dims["n_layer"], n_head=dims["n_head"], n_embd=dims["n_embd"],
                                        n_positions=dims["n_ctx"], vocab_size=50257))
-    d = Path(tempfile.mkdtemp(prefix="pg_llm_playbook_"))
-    os.chmod(d, 0o755)
+    os.chmod(d, 0o755)  # the server (user postgres) reads it
     path = d / "gpt2-small.npz"
     np.savez(path, **{k.removeprefix("transformer."): v.numpy().astype(np.float32)
                       for k, v in model.state_dict().items() if k != "lm_head.weight" and ".attn.bias" not in k})
@@ -52,9 +51,14 @@ def make_npz(dims: dict[str, int]) -> Path:
     return path
 
 
-def run_playbook(server: Server, dbname: str, dims: dict[str, int], steps: int) -> None:
+def run_playbook(server: Server, dbname: str, dims: dict[str, int], steps: int, block_size: int) -> None:
     if not EXT.exists():
         pytest.skip(f"{EXT} is missing: the playbook starts with `make install` (make setup does it as root)")
+    with tempfile.TemporaryDirectory(prefix="pg_llm_playbook_") as d:
+        _run_playbook(server, dbname, dims, steps, block_size, Path(d))
+
+
+def _run_playbook(server: Server, dbname: str, dims: dict[str, int], steps: int, block_size: int, tmp: Path) -> None:
     with psycopg.connect(server.admin_dsn, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {dbname}")
@@ -69,7 +73,7 @@ def run_playbook(server: Server, dbname: str, dims: dict[str, int], steps: int) 
             q("UPDATE llm_model_config SET n_layer = %(n_layer)s, n_head = %(n_head)s, n_embd = %(n_embd)s, "
               "n_ctx = %(n_ctx)s WHERE name = 'gpt2-small'", dims)
         # 2. Import reference weights and tokenizer assets
-        npz = make_npz(dims)
+        npz = make_npz(dims, tmp)
         cli(dsn, "tokenizer", "import", "--name", "gpt2", str(gpt2_dir() / "encoder.json"),
             str(gpt2_dir() / "vocab.bpe"))
         assert q("SELECT count(*) FROM llm_bpe_vocab WHERE tokenizer = 'gpt2'").fetchone()[0] == 50257
@@ -79,8 +83,8 @@ def run_playbook(server: Server, dbname: str, dims: dict[str, int], steps: int) 
         assert n_params == 2 + 12 * dims["n_layer"] + 2
         # 3. Prepare the corpus
         plays = [str(shakespeare_dir() / f"{p}.txt") for p in ("hamlet", "macbeth")]
-        cli(dsn, "corpus", "load", "--name", "shakespeare", "--block-size", str(dims["n_ctx"]), "-q", *plays)
-        assert q("SELECT COUNT(*) FROM llm_dataset;").fetchone()[0] >= 50  # 83 windows of 1024, 1,400+ of 64
+        cli(dsn, "corpus", "load", "--name", "shakespeare", "--block-size", str(block_size), "-q", *plays)
+        assert q("SELECT COUNT(*) FROM llm_dataset;").fetchone()[0] >= 50  # 660+ windows of 128, 1,300+ of 64
         # 4. The GPT-2 schedule, verbatim; a real run is 500000 steps: we interrupt it after `steps` committed
         val = q("SELECT tokens, targets FROM llm_dataset WHERE split = 'val' ORDER BY id LIMIT 1").fetchone()
         loss0 = q("SELECT llm_loss('gpt2-small', %s, %s, training => false)", val).fetchone()[0]
@@ -154,9 +158,12 @@ class _nothing:
 
 
 def test_playbook_tiny(server: Server) -> None:
-    run_playbook(server, "t_playbook", TINY, steps=2)
+    run_playbook(server, "t_playbook", TINY, steps=2, block_size=64)
 
 
 @pytest.mark.slow
 def test_playbook_gpt2_small(server: Server) -> None:
-    run_playbook(server, "t_playbook_small", dict(n_layer=12, n_head=12, n_embd=768, n_ctx=1024), steps=1)
+    # The playbook's "adjust --block-size for shorter contexts": 128-token windows keep a step of the default
+    # batch (8 rows) near a minute here; one step of 8 x 1024 tokens took 299 s and 27 GB of scratch tiles.
+    run_playbook(server, "t_playbook_small", dict(n_layer=12, n_head=12, n_embd=768, n_ctx=1024), steps=1,
+                 block_size=128)
