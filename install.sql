@@ -67,6 +67,12 @@ ALTER TABLE llm_tile_durable ALTER COLUMN data SET STORAGE EXTERNAL;
 
 ALTER TABLE llm_tile_scratch ALTER COLUMN data SET STORAGE EXTERNAL;
 
+-- A training step rewrites every parameter and moment tile: autovacuum's default 2 ms cost delay let 40 steps of a 27M-parameter model leave 43x the live size on disk.
+
+ALTER TABLE llm_tile_durable SET (autovacuum_vacuum_cost_delay = 0, toast.autovacuum_vacuum_cost_delay = 0);
+
+ALTER TABLE llm_tile_scratch SET (autovacuum_vacuum_cost_delay = 0, toast.autovacuum_vacuum_cost_delay = 0);
+
 -- Extent of tile i along an axis of length n cut in tiles of t (edge tiles are ragged).
 CREATE OR REPLACE FUNCTION llm_tile_dim(n INT, t INT, i INT)
 RETURNS INT
@@ -8150,6 +8156,87 @@ BEGIN
 END
 $fn$;
 
+-- ==== sql/api/train_space.sql ====
+
+-- Disk space during long training runs.
+--
+-- Every step rewrites each parameter and both AdamW moments (12 bytes per parameter: 1.5 GB for GPT-2 small)
+-- and throws away its scratch tiles. Those old row versions are garbage VACUUM can reclaim only once no
+-- snapshot older than them is alive. The CALL form of the loop commits after every step and then vacuums the
+-- tile partitions through its loopback connection, so disk use stays flat. The SELECT form cannot: a SELECT
+-- holds one snapshot for its whole run (measured: backend_xmin fixed, "dead but not yet removable" growing
+-- every step), so its garbage stays until it returns. Both forms measure how much free disk each step took
+-- and stop cleanly, with a warning that says how to go on, before the next step could fill the disk (a full
+-- pg_wal disk makes PostgreSQL PANIC).
+-- Bytes free for PostgreSQL on the disk holding the data directory (os.statvfs).
+CREATE OR REPLACE FUNCTION llm_disk_free()
+RETURNS BIGINT
+LANGUAGE plpython3u
+VOLATILE
+AS $fn$
+import os
+s = os.statvfs('.')  # a backend's working directory is the data directory
+return s.f_bavail * s.f_frsize
+$fn$;
+
+-- NULL when two more steps of p_growth bytes leave pg_llm.min_free_disk (default
+--                     1GB) free on the data directory's disk; else the reason to stop.
+CREATE OR REPLACE FUNCTION llm_train_room(p_loop TEXT, p_step BIGINT, p_free BIGINT, p_growth BIGINT)
+RETURNS TEXT
+LANGUAGE plpgsql
+VOLATILE
+AS $fn$
+DECLARE
+  v_min BIGINT;
+BEGIN
+  v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
+                                  '1GB'));
+  IF p_free - 2 * p_growth >= v_min THEN
+    RETURN NULL;
+  END IF;
+  RETURN format('pg_llm: %s stopped before step %s: %s free on the data directory''s disk, one step took up '
+    'to %s, and pg_llm.min_free_disk keeps %s free', p_loop, p_step + 1, pg_size_pretty(p_free),
+    pg_size_pretty(p_growth), pg_size_pretty(v_min));
+END
+$fn$;
+
+-- Open the named dblink connection to this database as this user (set pg_llm.loopback
+--                     to extra conninfo, e.g. a password, if the server needs it).
+CREATE OR REPLACE FUNCTION llm_loopback_connect(p_conn TEXT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+AS $fn$
+BEGIN
+  IF p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
+    PERFORM dblink_disconnect(p_conn);  -- left open by a cancelled earlier call in this session
+  END IF;
+  PERFORM dblink_connect_u(p_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
+    || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
+    || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));
+END
+$fn$;
+
+-- Tell a SELECT llm_train caller what its snapshot keeps on disk when that is over 1 GB.
+CREATE OR REPLACE FUNCTION llm_train_pinned_notice(p_model TEXT, p_step BIGINT, p_steps BIGINT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+AS $fn$
+DECLARE
+  v_bytes FLOAT8;
+BEGIN
+  v_bytes := 12.0 * (SELECT sum(llm_rows(t.shape)::INT8 * llm_cols(t.shape)) FROM llm_tensor AS t
+                     WHERE t.model = p_model AND t.role = 'param');
+  IF v_bytes * greatest(p_steps - p_step, 0) > pg_size_bytes('1GB') THEN
+    RAISE NOTICE 'pg_llm: a SELECT holds one snapshot until it returns, so the % of parameters and AdamW '
+      'moments each step rewrites (and its scratch tiles) stay on disk until then; it stops before the disk '
+      'fills. For long runs use CALL llm_train_run(...) with the same arguments: it reclaims them after '
+      'every step.', pg_size_pretty(v_bytes::INT8);
+  END IF;
+END
+$fn$;
+
 -- ==== sql/api/train_loop.sql ====
 
 -- The training loop: CALL llm_train_run(...) (a procedure committing after every step) and
@@ -8240,17 +8327,28 @@ END
 $fn$;
 
 -- CALL form of the training loop: steps are committed one by one (an interruption
---                           loses at most the step in progress); resumes at llm_model.step up to `steps`.
+--                           loses at most the step in progress); resumes at llm_model.step up to `steps`. After
+--                           each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
+--                           procedure), so disk use stays flat; it stops with a WARNING before the disk fills.
 CREATE OR REPLACE PROCEDURE llm_train_run(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-  v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8;
+  v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_stop TEXT;
+  v_conn TEXT := 'pg_llm_vacuum_' || pg_backend_pid(); v_free INT8 := llm_disk_free(); v_growth INT8 := 0;
 BEGIN
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
   v_first := llm_train_claim(model, steps, pg_backend_pid());
+  PERFORM llm_loopback_connect(v_conn);
   COMMIT;
   WHILE (SELECT m.step FROM llm_model AS m WHERE m.name = model) < steps LOOP
+    v_stop := llm_train_room('CALL llm_train_run', (SELECT m.step FROM llm_model AS m WHERE m.name = model),
+                             v_free, v_growth);
+    IF v_stop IS NOT NULL THEN
+      RAISE WARNING '%', v_stop USING HINT = 'Free disk space (or lower pg_llm.min_free_disk), then CALL '
+        'llm_train_run(...) again: it resumes at the next step.';
+      EXIT;
+    END IF;
     v_log := llm_train_step(model, dataset, batch_size, lr => lr, warmup_steps => warmup_steps, min_lr => min_lr, weight_decay => weight_decay, beta1 => beta1, beta2 => beta2, eps => eps, grad_clip => grad_clip, dropout => dropout, grad_accum => grad_accum, seed => seed, max_steps => coalesce(max_steps, steps), split => split);
     v_val := NULL;
     IF eval_every > 0 AND (v_log.step % eval_every = 0 OR v_log.step = steps) THEN
@@ -8267,13 +8365,20 @@ BEGIN
     CASE WHEN v_val IS NOT NULL THEN ' | val_loss ' || round(v_val::NUMERIC, 4) ELSE '' END);
 
     COMMIT;
+    -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
+    PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch');
+    v_growth := greatest(v_growth, v_free - llm_disk_free());
+    v_free := llm_disk_free();
   END LOOP;
+  PERFORM dblink_disconnect(v_conn);
 END
 $fn$;
 
 -- SELECT form of the training loop: each step runs and commits in its own transaction
 --                     through a loopback dblink connection (set pg_llm.loopback to extra conninfo, e.g. a password,
 --                     if the server needs it). Resumes at llm_model.step up to `steps`; returns the last loss.
+--                     Its snapshot keeps what the steps rewrite on disk until it returns (see train_space): it stops
+--                     with a WARNING before the disk fills; CALL llm_train_run reclaims after every step.
 CREATE OR REPLACE FUNCTION llm_train(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 RETURNS FLOAT8
 LANGUAGE plpgsql
@@ -8281,22 +8386,28 @@ VOLATILE
 AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
-  v_loss FLOAT8;
+  v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_growth INT8 := 0;
 BEGIN
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
   v_conn := 'pg_llm_train_' || pg_backend_pid();
-  IF v_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
-    PERFORM dblink_disconnect(v_conn);  -- left open by a cancelled earlier call in this session
-  END IF;
-  PERFORM dblink_connect_u(v_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
-    || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
-    || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));
-  PERFORM * FROM dblink(v_conn, format('SELECT llm_train_claim(%L, %s, %s)', model, steps, pg_backend_pid()))
-    AS x(step INT);
+  PERFORM llm_loopback_connect(v_conn);
+  v_step := (SELECT x.step FROM dblink(v_conn, format('SELECT llm_train_claim(%L, %s, %s)', model, steps,
+             pg_backend_pid())) AS x(step INT));
+  PERFORM llm_train_pinned_notice(model, v_step, steps);
   LOOP
-    EXIT WHEN (SELECT s FROM dblink(v_conn, format('SELECT step FROM llm_model WHERE name = %L', model))
-               AS x(s INT)) >= steps;
+    v_step := (SELECT s FROM dblink(v_conn, format('SELECT step FROM llm_model WHERE name = %L', model))
+               AS x(s INT));
+    EXIT WHEN v_step >= steps;
+    v_stop := llm_train_room('SELECT llm_train', v_step, v_free, v_growth);
+    IF v_stop IS NOT NULL THEN
+      RAISE WARNING '%', v_stop USING HINT = 'A SELECT cannot let PostgreSQL reclaim what its steps rewrote '
+        'until it returns: run it again (it resumes at the next step), or use CALL llm_train_run(...), '
+        'which reclaims them after every step.';
+      EXIT;
+    END IF;
     PERFORM * FROM dblink(v_conn, format('SELECT (llm_train_step(%L, %L, %s, lr => %L, warmup_steps => %L, min_lr => %L, weight_decay => %L, beta1 => %L, beta2 => %L, eps => %L, grad_clip => %L, dropout => %L, grad_accum => %L, seed => %L, max_steps => %s, split => %L, on_behalf_of => %s)).step', model, dataset, batch_size, lr, warmup_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed, coalesce(max_steps, steps), split, pg_backend_pid())) AS x(step INT);
+    v_growth := greatest(v_growth, v_free - llm_disk_free());
+    v_free := llm_disk_free();
     SELECT * INTO v_log FROM llm_train_log AS l WHERE l.model = llm_train.model ORDER BY l.step DESC LIMIT 1;
     v_first := coalesce(v_first, v_log.step - 1);
     v_val := NULL;

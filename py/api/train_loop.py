@@ -97,11 +97,22 @@ STEP_CALL = ("llm_train_step(model, dataset, batch_size, "
 
 
 def _procedure() -> str:
-    body = plpgsql("v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8;", f"""
+    body = plpgsql("""
+        v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_stop TEXT;
+        v_conn TEXT := 'pg_llm_vacuum_' || pg_backend_pid(); v_free INT8 := llm_disk_free(); v_growth INT8 := 0;
+    """, f"""
         dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
         v_first := llm_train_claim(model, steps, pg_backend_pid());
+        PERFORM llm_loopback_connect(v_conn);
         COMMIT;
         WHILE (SELECT m.step FROM llm_model AS m WHERE m.name = model) < steps LOOP
+          v_stop := llm_train_room('CALL llm_train_run', (SELECT m.step FROM llm_model AS m WHERE m.name = model),
+                                   v_free, v_growth);
+          IF v_stop IS NOT NULL THEN
+            RAISE WARNING '%', v_stop USING HINT = 'Free disk space (or lower pg_llm.min_free_disk), then CALL '
+              'llm_train_run(...) again: it resumes at the next step.';
+            EXIT;
+          END IF;
           v_log := {STEP_CALL});
           v_val := NULL;
           IF eval_every > 0 AND (v_log.step % eval_every = 0 OR v_log.step = steps) THEN
@@ -112,12 +123,19 @@ def _procedure() -> str:
             tokens_per_s = v_log.tokens / v_log.seconds, updated_at = clock_timestamp() WHERE j.model = v_log.model;
     """ + NOTICE + """
           COMMIT;
+          -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
+          PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch');
+          v_growth := greatest(v_growth, v_free - llm_disk_free());
+          v_free := llm_disk_free();
         END LOOP;
+        PERFORM dblink_disconnect(v_conn);
     """)
     header_body = body
     return (function_proc("llm_train_run", LOOP_ARGS, header_body,
                           note="""CALL form of the training loop: steps are committed one by one (an interruption
-                          loses at most the step in progress); resumes at llm_model.step up to `steps`."""))
+                          loses at most the step in progress); resumes at llm_model.step up to `steps`. After
+                          each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
+                          procedure), so disk use stays flat; it stops with a WARNING before the disk fills."""))
 
 
 def function_proc(name: str, args: str, body: str, note: str) -> str:
@@ -136,22 +154,28 @@ def _function() -> str:
                    + ", ".join(names) + ", coalesce(max_steps, steps), split, pg_backend_pid())")
     body = plpgsql("""
         v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
-        v_loss FLOAT8;
+        v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_growth INT8 := 0;
     """, f"""
         dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
         v_conn := 'pg_llm_train_' || pg_backend_pid();
-        IF v_conn = ANY(coalesce(dblink_get_connections(), '{{}}')) THEN
-          PERFORM dblink_disconnect(v_conn);  -- left open by a cancelled earlier call in this session
-        END IF;
-        PERFORM dblink_connect_u(v_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
-          || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
-          || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));
-        PERFORM * FROM dblink(v_conn, format('SELECT llm_train_claim(%L, %s, %s)', model, steps, pg_backend_pid()))
-          AS x(step INT);
+        PERFORM llm_loopback_connect(v_conn);
+        v_step := (SELECT x.step FROM dblink(v_conn, format('SELECT llm_train_claim(%L, %s, %s)', model, steps,
+                   pg_backend_pid())) AS x(step INT));
+        PERFORM llm_train_pinned_notice(model, v_step, steps);
         LOOP
-          EXIT WHEN (SELECT s FROM dblink(v_conn, format('SELECT step FROM llm_model WHERE name = %L', model))
-                     AS x(s INT)) >= steps;
+          v_step := (SELECT s FROM dblink(v_conn, format('SELECT step FROM llm_model WHERE name = %L', model))
+                     AS x(s INT));
+          EXIT WHEN v_step >= steps;
+          v_stop := llm_train_room('SELECT llm_train', v_step, v_free, v_growth);
+          IF v_stop IS NOT NULL THEN
+            RAISE WARNING '%', v_stop USING HINT = 'A SELECT cannot let PostgreSQL reclaim what its steps rewrote '
+              'until it returns: run it again (it resumes at the next step), or use CALL llm_train_run(...), '
+              'which reclaims them after every step.';
+            EXIT;
+          END IF;
           PERFORM * FROM dblink(v_conn, {remote_step}) AS x(step INT);
+          v_growth := greatest(v_growth, v_free - llm_disk_free());
+          v_free := llm_disk_free();
           SELECT * INTO v_log FROM llm_train_log AS l WHERE l.model = llm_train.model ORDER BY l.step DESC LIMIT 1;
           v_first := coalesce(v_first, v_log.step - 1);
           v_val := NULL;
@@ -173,7 +197,9 @@ def _function() -> str:
     return function("llm_train", LOOP_ARGS, "FLOAT8", body,
                     note="""SELECT form of the training loop: each step runs and commits in its own transaction
                     through a loopback dblink connection (set pg_llm.loopback to extra conninfo, e.g. a password,
-                    if the server needs it). Resumes at llm_model.step up to `steps`; returns the last loss.""")
+                    if the server needs it). Resumes at llm_model.step up to `steps`; returns the last loss.
+                    Its snapshot keeps what the steps rewrite on disk until it returns (see train_space): it stops
+                    with a WARNING before the disk fills; CALL llm_train_run reclaims after every step.""")
 
 
 def emit() -> str:

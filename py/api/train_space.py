@@ -1,0 +1,76 @@
+"""Disk space during long training runs.
+
+Every step rewrites each parameter and both AdamW moments (12 bytes per parameter: 1.5 GB for GPT-2 small)
+and throws away its scratch tiles. Those old row versions are garbage VACUUM can reclaim only once no
+snapshot older than them is alive. The CALL form of the loop commits after every step and then vacuums the
+tile partitions through its loopback connection, so disk use stays flat. The SELECT form cannot: a SELECT
+holds one snapshot for its whole run (measured: backend_xmin fixed, "dead but not yet removable" growing
+every step), so its garbage stays until it returns. Both forms measure how much free disk each step took
+and stop cleanly, with a warning that says how to go on, before the next step could fill the disk (a full
+pg_wal disk makes PostgreSQL PANIC).
+"""
+from __future__ import annotations
+
+from pg_llm.gen.emit import comment, function, plpgsql
+
+SQL_FILE = "api/train_space.sql"
+ORDER = 86
+
+MIN_FREE_DEFAULT = "1GB"
+
+
+def _disk_free() -> str:
+    return function("llm_disk_free", "", "BIGINT", """
+        import os
+        s = os.statvfs('.')  # a backend's working directory is the data directory
+        return s.f_bavail * s.f_frsize""", language="plpython3u",
+        note="Bytes free for PostgreSQL on the disk holding the data directory (os.statvfs).")
+
+
+def _room() -> str:
+    body = plpgsql("v_min BIGINT;", f"""
+        v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
+                                        '{MIN_FREE_DEFAULT}'));
+        IF p_free - 2 * p_growth >= v_min THEN
+          RETURN NULL;
+        END IF;
+        RETURN format('pg_llm: %s stopped before step %s: %s free on the data directory''s disk, one step took up '
+          'to %s, and pg_llm.min_free_disk keeps %s free', p_loop, p_step + 1, pg_size_pretty(p_free),
+          pg_size_pretty(p_growth), pg_size_pretty(v_min));
+    """)
+    return function("llm_train_room", "p_loop TEXT, p_step BIGINT, p_free BIGINT, p_growth BIGINT", "TEXT", body,
+                    note=f"""NULL when two more steps of p_growth bytes leave pg_llm.min_free_disk (default
+                    {MIN_FREE_DEFAULT}) free on the data directory's disk; else the reason to stop.""")
+
+
+def _loopback() -> str:
+    body = plpgsql("", """
+        IF p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
+          PERFORM dblink_disconnect(p_conn);  -- left open by a cancelled earlier call in this session
+        END IF;
+        PERFORM dblink_connect_u(p_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
+          || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
+          || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));
+    """)
+    return function("llm_loopback_connect", "p_conn TEXT", "VOID", body,
+                    note="""Open the named dblink connection to this database as this user (set pg_llm.loopback
+                    to extra conninfo, e.g. a password, if the server needs it).""")
+
+
+def _pinned_notice() -> str:
+    body = plpgsql("v_bytes FLOAT8;", """
+        v_bytes := 12.0 * (SELECT sum(llm_rows(t.shape)::INT8 * llm_cols(t.shape)) FROM llm_tensor AS t
+                           WHERE t.model = p_model AND t.role = 'param');
+        IF v_bytes * greatest(p_steps - p_step, 0) > pg_size_bytes('1GB') THEN
+          RAISE NOTICE 'pg_llm: a SELECT holds one snapshot until it returns, so the % of parameters and AdamW '
+            'moments each step rewrites (and its scratch tiles) stay on disk until then; it stops before the disk '
+            'fills. For long runs use CALL llm_train_run(...) with the same arguments: it reclaims them after '
+            'every step.', pg_size_pretty(v_bytes::INT8);
+        END IF;
+    """)
+    return function("llm_train_pinned_notice", "p_model TEXT, p_step BIGINT, p_steps BIGINT", "VOID", body,
+                    note="Tell a SELECT llm_train caller what its snapshot keeps on disk when that is over 1 GB.")
+
+
+def emit() -> str:
+    return "\n".join([comment(__doc__ or ""), _disk_free(), _room(), _loopback(), _pinned_notice()])
