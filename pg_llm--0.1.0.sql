@@ -300,6 +300,42 @@ BEGIN
 END
 $fn$;
 
+-- ANALYZE the tensor, tile and dataset tables
+--         if they never were (a fresh database: autovacuum's first pass comes up to a minute later). Without
+--         statistics the planner picked plans that made the first training steps of a 27M-parameter model 8x
+--         slower (19 s instead of 2.4 s). Tables the caller does not own are left alone. Returns how many.
+CREATE OR REPLACE FUNCTION llm_tables_analyze()
+RETURNS INT
+LANGUAGE plpgsql
+VOLATILE
+AS $fn$
+DECLARE
+  r RECORD; n INT := 0;
+BEGIN
+  FOR r IN
+    SELECT
+      s.relid
+    FROM pg_stat_user_tables AS s
+    JOIN pg_class AS c
+      ON c.oid = s.relid
+    WHERE
+      s.relid IN (
+        to_regclass('llm_tensor'),
+        to_regclass('llm_tile_durable'),
+        to_regclass('llm_tile_scratch'),
+        to_regclass('llm_dataset')
+      )
+      AND s.last_analyze IS NULL
+      AND s.last_autoanalyze IS NULL
+      AND pg_has_role(c.relowner, 'USAGE')
+  LOOP
+    EXECUTE format('ANALYZE %s', r.relid::REGCLASS);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$fn$;
+
 -- ==== sql/kernels/01_runtime.sql ====
 
 -- PL/Python runtime: numpy boot, tile <-> float4[] conversion, plain-SQL inspection, llm_doctor().
@@ -7093,6 +7129,7 @@ DECLARE
   x BIGINT; h BIGINT; pre TEXT;
 BEGIN
   c := llm_gpt2_check_input(p_model, p_tokens, t);
+  PERFORM llm_tables_analyze();  -- a fresh database has no statistics yet: see llm_tables_analyze
   x := llm_t_add(p_tape,
                  llm_t_embedding(p_tape, llm_param(p_model, 'wte.weight'), p_tokens, least(256, n)),
                  llm_t_embedding(p_tape, llm_param(p_model, 'wpe.weight'),

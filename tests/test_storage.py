@@ -7,6 +7,7 @@ import pytest
 
 from pg_llm.loader.tensors import iter_tiles, read_tensor, write_tensor
 
+from conftest import Server
 from helpers import call, get, put
 
 
@@ -120,3 +121,15 @@ def test_iter_tiles_cover_everything_once() -> None:
         block = np.frombuffer(data, "<f4").reshape(min(4, 11 - 4 * tr), -1)
         seen[4 * tr:4 * tr + block.shape[0], 5 * tc:5 * tc + block.shape[1]] += block
     assert (seen == a).all()
+
+
+def test_a_fresh_database_gets_statistics_once(server: Server) -> None:
+    """llm_tables_analyze: ANALYZE the tensor/tile/dataset tables that never were, then nothing."""
+    stats = ("SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname IN "
+             "('llm_tensor', 'llm_tile_durable', 'llm_tile_scratch', 'llm_dataset') ORDER BY relname")
+    with psycopg.connect(server.fresh_db("t_storage_fresh"), autocommit=True) as c:
+        assert [a for _, a in c.execute(stats).fetchall()] == [False] * 4
+        assert c.execute("SELECT llm_tables_analyze()").fetchone()[0] == 4
+        assert c.execute(stats).fetchall() == [("llm_dataset", True), ("llm_tensor", True),
+                                               ("llm_tile_durable", True), ("llm_tile_scratch", True)]
+        assert c.execute("SELECT llm_tables_analyze()").fetchone()[0] == 0

@@ -191,5 +191,25 @@ def _validate() -> str:
                     note="Check that a tensor has every tile and each payload has 4*rows*cols bytes.")
 
 
+def _analyze() -> str:
+    body = plpgsql("r RECORD; n INT := 0;", """
+        FOR r IN
+          @cold
+        LOOP
+          EXECUTE format('ANALYZE %s', r.relid::REGCLASS);
+          n := n + 1;
+        END LOOP;
+        RETURN n;
+    """, cold="""
+        SELECT s.relid FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
+        WHERE s.relid IN (to_regclass('llm_tensor'), to_regclass('llm_tile_durable'), to_regclass('llm_tile_scratch'),
+                          to_regclass('llm_dataset'))
+          AND s.last_analyze IS NULL AND s.last_autoanalyze IS NULL AND pg_has_role(c.relowner, 'USAGE')""")
+    return function("llm_tables_analyze", "", "INT", body, note="""ANALYZE the tensor, tile and dataset tables
+        if they never were (a fresh database: autovacuum's first pass comes up to a minute later). Without
+        statistics the planner picked plans that made the first training steps of a 27M-parameter model 8x
+        slower (19 s instead of 2.4 s). Tables the caller does not own are left alone. Returns how many.""")
+
+
 def emit() -> str:
-    return "\n".join([comment(__doc__ or ""), _tables(), _helpers(), _create(), _validate()])
+    return "\n".join([comment(__doc__ or ""), _tables(), _helpers(), _create(), _validate(), _analyze()])

@@ -296,3 +296,39 @@ BEGIN
   RETURN r;
 END
 $fn$;
+
+-- ANALYZE the tensor, tile and dataset tables
+--         if they never were (a fresh database: autovacuum's first pass comes up to a minute later). Without
+--         statistics the planner picked plans that made the first training steps of a 27M-parameter model 8x
+--         slower (19 s instead of 2.4 s). Tables the caller does not own are left alone. Returns how many.
+CREATE OR REPLACE FUNCTION llm_tables_analyze()
+RETURNS INT
+LANGUAGE plpgsql
+VOLATILE
+AS $fn$
+DECLARE
+  r RECORD; n INT := 0;
+BEGIN
+  FOR r IN
+    SELECT
+      s.relid
+    FROM pg_stat_user_tables AS s
+    JOIN pg_class AS c
+      ON c.oid = s.relid
+    WHERE
+      s.relid IN (
+        to_regclass('llm_tensor'),
+        to_regclass('llm_tile_durable'),
+        to_regclass('llm_tile_scratch'),
+        to_regclass('llm_dataset')
+      )
+      AND s.last_analyze IS NULL
+      AND s.last_autoanalyze IS NULL
+      AND pg_has_role(c.relowner, 'USAGE')
+  LOOP
+    EXECUTE format('ANALYZE %s', r.relid::REGCLASS);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$fn$;
