@@ -17,3 +17,14 @@ def get(conn: psycopg.Connection, tid: int) -> np.ndarray:
 
 def call(conn: psycopg.Connection, sql: str, *args: object) -> int:
     return conn.execute(sql, args).fetchone()[0]
+
+
+class FakePlpy:
+    """Stands in for PL/Python's plpy when a microkernel's error path runs without a server."""
+
+    class Error(Exception):
+        pass
+
+    @staticmethod
+    def error(msg: str) -> None:
+        raise FakePlpy.Error(msg)

@@ -12,7 +12,7 @@ from pg_llm.ops import adamw
 from pg_llm.ops.adamw import adamw_tile
 
 from conftest import close
-from helpers import call, get, put
+from helpers import FakePlpy, call, get, put
 
 PARAMS = [  # (shape, tile): ragged edges, a 1-D tensor, a tile larger than the tensor
     ((37, 50), (16, 16)),
@@ -69,14 +69,9 @@ def test_microkernel_matches_formula(rng: np.random.Generator) -> None:
 
 
 def test_microkernel_refuses_mismatched_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Plpy:
-        @staticmethod
-        def error(msg: str) -> None:
-            raise ValueError(msg)
-
-    monkeypatch.setattr(adamw, "plpy", Plpy, raising=False)
+    monkeypatch.setattr(adamw, "plpy", FakePlpy, raising=False)
     a, b = np.zeros(4, "<f4").tobytes(), np.zeros(3, "<f4").tobytes()
-    with pytest.raises(ValueError, match="tiles of 4, 4, 3 and 4 floats"):
+    with pytest.raises(FakePlpy.Error, match="tiles of 4, 4, 3 and 4 floats"):
         adamw_tile(np, a, a, b, a, [1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0, 1])
 
 

@@ -11,7 +11,7 @@ from pg_llm.ops import elementwise
 from pg_llm.ops.elementwise import ew_tile, scale_tile
 
 from conftest import close
-from helpers import call, get, put
+from helpers import FakePlpy, call, get, put
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),
@@ -31,15 +31,6 @@ def tiles(conn: psycopg.Connection) -> int:
 
 def t64(a: np.ndarray) -> torch.Tensor:
     return torch.tensor(a, dtype=torch.float64, requires_grad=True)
-
-
-class FakePlpy:
-    class Error(Exception):
-        pass
-
-    @staticmethod
-    def error(msg: str) -> None:
-        raise FakePlpy.Error(msg)
 
 
 # ---- numpy microkernels, no server -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pg_llm.ops import gelu
 from pg_llm.ops.gelu import gelu_backward_tile, gelu_tile
 
 from conftest import close
-from helpers import call, get, put
+from helpers import FakePlpy, call, get, put
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),
@@ -43,15 +43,6 @@ def inputs(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     special = np.array([0.0, -0.0, 1e-8, -1e-8, 6.0, -6.0, 12.0, -12.0, 40.0, -40.0], np.float32)
     flat[: min(flat.size, special.size)] = special[: flat.size]
     return x
-
-
-class FakePlpy:
-    class Error(Exception):
-        pass
-
-    @staticmethod
-    def error(msg: str) -> None:
-        raise FakePlpy.Error(msg)
 
 
 # ---- numpy microkernels, no server -------------------------------------------------------------------------

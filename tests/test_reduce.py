@@ -10,7 +10,7 @@ from pg_llm.ops import reduce
 from pg_llm.ops.reduce import broadcast_tile, sum_tile
 
 from conftest import close
-from helpers import call, get, put
+from helpers import FakePlpy, call, get, put
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),
@@ -31,15 +31,6 @@ def tiles(conn: psycopg.Connection) -> int:
 
 def meta(conn: psycopg.Connection, tid: int) -> tuple[list[int], list[int]]:
     return conn.execute("SELECT shape, tile FROM llm_tensor WHERE id = %s", (tid,)).fetchone()
-
-
-class FakePlpy:
-    class Error(Exception):
-        pass
-
-    @staticmethod
-    def error(msg: str) -> None:
-        raise FakePlpy.Error(msg)
 
 
 # ---- numpy microkernels, no server -------------------------------------------------------------------------
