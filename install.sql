@@ -8547,3 +8547,8 @@ FROM llm_generate_stream(
   eos => eos
 )
 $fn$;
+
+-- ==== build id ====
+-- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart
+-- from a checkout's (pg-llm db start warns when they differ).
+CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ SELECT '908a0cfbc580ed21' $fn$;

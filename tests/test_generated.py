@@ -51,6 +51,7 @@ def test_install_sql_with_psql(server: Server) -> None:
     assert p.returncode == 0, p.stderr
     with psycopg.connect(c.dsn("t_psql_install")) as conn:
         assert conn.execute("SELECT count(*) FROM pg_proc WHERE proname LIKE 'llm_%'").fetchone()[0] > 10
+        assert conn.execute("SELECT llm_build()").fetchone()[0] == build.build_id()  # what db start compares
 
 
 def test_create_extension(server: Server) -> None:
@@ -69,6 +70,7 @@ def test_create_extension(server: Server) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION pg_llm CASCADE")
         assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_llm'").fetchone()[0] == "0.1.0"
+        assert conn.execute("SELECT llm_build()").fetchone()[0] == build.build_id()
         tid = conn.execute("SELECT llm_tensor_create('x', ARRAY[2, 2])").fetchone()[0]
         assert tid < 0
         conn.execute("DROP EXTENSION pg_llm")

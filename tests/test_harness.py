@@ -94,3 +94,19 @@ def test_docker_backend() -> None:
     p = subprocess.run([str(Path(sys.executable).parent / "pytest"), "-q", "-p", "no:cacheprovider",
                         "tests/test_storage.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_dev_database_built_from_another_checkout_is_reported(server: Server,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from pg_llm.gen.build import build_id
+    from pg_llm.harness import devdb
+
+    dsn = server.fresh_db("t_harness_build")
+    devdb._warn_if_stale(dsn)
+    assert capsys.readouterr().err == ""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql AS $$ SELECT 'older' $$")
+    devdb._warn_if_stale(dsn)
+    err = capsys.readouterr().err
+    assert f"has pg_llm build older, this checkout generates {build_id()}" in err
+    assert "pg-llm db start --recreate" in err

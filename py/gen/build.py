@@ -5,6 +5,7 @@ discovered in pg_llm.gen, pg_llm.ops, pg_llm.autograd and pg_llm.api, so adding 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import pkgutil
 import sys
@@ -58,6 +59,11 @@ def outputs() -> dict[str, str]:
     us = units()
     files = {u.path: u.text for u in us}
     body = "".join(f"\n-- ==== {u.path} ====\n" + u.text.split("\n", 1)[1] for u in us)
+    body += ("\n-- ==== build id ====\n"
+             "-- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart\n"
+             "-- from a checkout's (pg-llm db start warns when they differ).\n"
+             f"CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ "
+             f"SELECT '{build_id(body)}' $fn$;\n")
     head = BANNER.format(src="all generator modules")
     files["install.sql"] = (head + "-- Install pg_llm into the current database: psql -f install.sql\n"
                             "SET client_min_messages = warning;\n"
@@ -72,6 +78,13 @@ def outputs() -> dict[str, str]:
                                "requires = 'plpython3u, dblink'\n"
                                "superuser = true\n")
     return files
+
+
+def build_id(body: str | None = None) -> str:
+    """First 16 hex digits of the sha256 of the install script's body (before the build id itself)."""
+    if body is None:
+        body = "".join(f"\n-- ==== {u.path} ====\n" + u.text.split("\n", 1)[1] for u in units())
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def stale() -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -77,10 +78,25 @@ def start(recreate: bool = False) -> str:
         installed = conn.execute("SELECT to_regclass('llm_tensor') IS NOT NULL").fetchone()[0]
     if not installed:
         install_pg_llm(c.dsn(DBNAME))
+    else:
+        _warn_if_stale(c.dsn(DBNAME))
     _post_install(c.dsn(DBNAME))
     dsn = c.url(DBNAME)
     (STATE / "dsn").write_text(dsn + "\n")
     return dsn
+
+
+def _warn_if_stale(dsn: str) -> None:
+    """The dev database keeps the pg_llm it was created with: say so when this checkout generates another."""
+    from pg_llm.gen.build import build_id
+
+    with psycopg.connect(dsn) as conn:
+        has = conn.execute("SELECT to_regprocedure('llm_build()') IS NOT NULL").fetchone()[0]
+        installed = conn.execute("SELECT llm_build()").fetchone()[0] if has else "(before build ids)"
+    if installed != build_id():
+        print(f"pg-llm: database {DBNAME} has pg_llm build {installed}, this checkout generates {build_id()}: "
+              "`pg-llm db start --recreate` reinstalls it (and drops the database's models, tokenizers and "
+              "datasets)", file=sys.stderr)
 
 
 def _post_install(dsn: str) -> None:
