@@ -8384,7 +8384,14 @@ DECLARE
 BEGIN
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
   v_first := llm_train_claim(model, steps, pg_backend_pid());
-  PERFORM llm_loopback_connect(v_conn);
+  BEGIN
+    PERFORM llm_loopback_connect(v_conn);
+  EXCEPTION WHEN OTHERS THEN  -- train anyway: autovacuum reclaims, later
+    RAISE WARNING 'pg_llm: llm_train_run cannot vacuum between steps: %', SQLERRM
+      USING HINT = 'Its loopback connection failed: set pg_llm.loopback to the missing conninfo (e.g. '
+        'password=...). Until then autovacuum reclaims the old tile versions, up to a minute later.';
+    v_conn := NULL;
+  END;
   COMMIT;
   WHILE (SELECT m.step FROM llm_model AS m WHERE m.name = model) < steps LOOP
     v_stop := llm_train_room('CALL llm_train_run', (SELECT m.step FROM llm_model AS m WHERE m.name = model),
@@ -8411,11 +8418,15 @@ BEGIN
 
     COMMIT;
     -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
-    PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch');
+    IF v_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
+      PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
+    END IF;
     v_growth := greatest(v_growth, v_free - llm_disk_free());
     v_free := llm_disk_free();
   END LOOP;
-  PERFORM dblink_disconnect(v_conn);
+  IF v_conn IS NOT NULL THEN
+    PERFORM dblink_disconnect(v_conn);
+  END IF;
 END
 $fn$;
 
@@ -8551,4 +8562,4 @@ $fn$;
 -- ==== build id ====
 -- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart
 -- from a checkout's (pg-llm db start warns when they differ).
-CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ SELECT '908a0cfbc580ed21' $fn$;
+CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'e67d870612af0cfc' $fn$;

@@ -89,3 +89,16 @@ def test_select_loop_says_what_its_snapshot_keeps(conn: psycopg.Connection, mode
     conn.execute("SELECT llm_train_pinned_notice('m', 0, 100000000)")
     [n] = notices
     assert n.startswith("pg_llm: a SELECT holds one snapshot until it returns") and "CALL llm_train_run" in n
+
+
+def test_call_loop_trains_on_when_it_cannot_vacuum(conn: psycopg.Connection, model: str) -> None:
+    warnings: list[str] = []
+    conn.add_notice_handler(lambda d: warnings.append(d.message_primary) if d.severity == "WARNING" else None)
+    step = conn.execute("SELECT step FROM llm_model").fetchone()[0]
+    conn.execute("SET pg_llm.loopback = 'options=-cwork_mem=nonsense'")  # the loopback connection fails
+    try:
+        conn.execute(f"CALL llm_train_run('m', {step + 1}, {ARGS})")
+    finally:
+        conn.execute("RESET pg_llm.loopback")
+    assert conn.execute("SELECT step FROM llm_model").fetchone()[0] == step + 1
+    assert len(warnings) == 1 and warnings[0].startswith("pg_llm: llm_train_run cannot vacuum between steps")

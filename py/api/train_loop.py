@@ -103,7 +103,14 @@ def _procedure() -> str:
     """, f"""
         dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
         v_first := llm_train_claim(model, steps, pg_backend_pid());
-        PERFORM llm_loopback_connect(v_conn);
+        BEGIN
+          PERFORM llm_loopback_connect(v_conn);
+        EXCEPTION WHEN OTHERS THEN  -- train anyway: autovacuum reclaims, later
+          RAISE WARNING 'pg_llm: llm_train_run cannot vacuum between steps: %', SQLERRM
+            USING HINT = 'Its loopback connection failed: set pg_llm.loopback to the missing conninfo (e.g. '
+              'password=...). Until then autovacuum reclaims the old tile versions, up to a minute later.';
+          v_conn := NULL;
+        END;
         COMMIT;
         WHILE (SELECT m.step FROM llm_model AS m WHERE m.name = model) < steps LOOP
           v_stop := llm_train_room('CALL llm_train_run', (SELECT m.step FROM llm_model AS m WHERE m.name = model),
@@ -124,11 +131,15 @@ def _procedure() -> str:
     """ + NOTICE + """
           COMMIT;
           -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
-          PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch');
+          IF v_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
+            PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
+          END IF;
           v_growth := greatest(v_growth, v_free - llm_disk_free());
           v_free := llm_disk_free();
         END LOOP;
-        PERFORM dblink_disconnect(v_conn);
+        IF v_conn IS NOT NULL THEN
+          PERFORM dblink_disconnect(v_conn);
+        END IF;
     """)
     header_body = body
     return (function_proc("llm_train_run", LOOP_ARGS, header_body,
