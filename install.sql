@@ -8212,7 +8212,9 @@ $fn$;
 -- holds one snapshot for its whole run (measured: backend_xmin fixed, "dead but not yet removable" growing
 -- every step), so its garbage stays until it returns. Both forms measure how much free disk each step took
 -- and stop cleanly, with a warning that says how to go on, before the next step could fill the disk (a full
--- pg_wal disk makes PostgreSQL PANIC).
+-- pg_wal disk makes PostgreSQL PANIC). The SELECT form expects its largest step so far again; the CALL form
+-- its last one: after a VACUUM a step reuses the pages the previous one freed (GPT-2 small with 8 x 1024
+-- tokens writes 28 GB in its first step, then about nothing), so the first step's growth would stop it at once.
 -- Bytes free for PostgreSQL on the disk holding the data directory (os.statvfs).
 CREATE OR REPLACE FUNCTION llm_disk_free()
 RETURNS BIGINT
@@ -8224,7 +8226,7 @@ s = os.statvfs('.')  # a backend's working directory is the data directory
 return s.f_bavail * s.f_frsize
 $fn$;
 
--- NULL when two more steps of p_growth bytes leave pg_llm.min_free_disk (default
+-- NULL when one more step of p_growth bytes leaves pg_llm.min_free_disk (default
 --                     1GB) free on the data directory's disk; else the reason to stop.
 CREATE OR REPLACE FUNCTION llm_train_room(p_loop TEXT, p_step BIGINT, p_free BIGINT, p_growth BIGINT)
 RETURNS TEXT
@@ -8236,7 +8238,7 @@ DECLARE
 BEGIN
   v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
                                   '1GB'));
-  IF p_free - 2 * p_growth >= v_min THEN
+  IF p_free - p_growth >= v_min THEN
     RETURN NULL;
   END IF;
   RETURN format('pg_llm: %s stopped before step %s: %s free on the data directory''s disk, one step took up '
@@ -8421,7 +8423,7 @@ BEGIN
     IF v_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
       PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
     END IF;
-    v_growth := greatest(v_growth, v_free - llm_disk_free());
+    v_growth := greatest(v_free - llm_disk_free(), 0);  -- the last step's: pages are reused after VACUUM
     v_free := llm_disk_free();
   END LOOP;
   IF v_conn IS NOT NULL THEN
@@ -8562,4 +8564,4 @@ $fn$;
 -- ==== build id ====
 -- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart
 -- from a checkout's (pg-llm db start warns when they differ).
-CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'e67d870612af0cfc' $fn$;
+CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'e0a27ebe0e2311a4' $fn$;

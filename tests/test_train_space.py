@@ -34,13 +34,13 @@ def test_disk_free_is_the_data_directory_disk(conn: psycopg.Connection, server: 
     assert abs(ours - s.f_bavail * s.f_frsize) < 256 * 2**20  # other writers move it a little
 
 
-def test_room_keeps_two_steps_above_min_free_disk(conn: psycopg.Connection) -> None:
+def test_room_keeps_one_step_above_min_free_disk(conn: psycopg.Connection) -> None:
     room = "SELECT llm_train_room('SELECT llm_train', 5, pg_size_bytes(%s), pg_size_bytes(%s))"
     conn.execute("SET pg_llm.min_free_disk = '100MB'")
     try:
-        assert conn.execute(room, ("300MB", "100MB")).fetchone()[0] is None
-        msg = conn.execute(room, ("299MB", "100MB")).fetchone()[0]
-        assert msg == ("pg_llm: SELECT llm_train stopped before step 6: 299 MB free on the data directory's disk, "
+        assert conn.execute(room, ("200MB", "100MB")).fetchone()[0] is None
+        msg = conn.execute(room, ("199MB", "100MB")).fetchone()[0]
+        assert msg == ("pg_llm: SELECT llm_train stopped before step 6: 199 MB free on the data directory's disk, "
                        "one step took up to 100 MB, and pg_llm.min_free_disk keeps 100 MB free")
     finally:
         conn.execute("RESET pg_llm.min_free_disk")

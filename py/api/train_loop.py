@@ -134,7 +134,7 @@ def _procedure() -> str:
           IF v_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
             PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
           END IF;
-          v_growth := greatest(v_growth, v_free - llm_disk_free());
+          v_growth := greatest(v_free - llm_disk_free(), 0);  -- the last step's: pages are reused after VACUUM
           v_free := llm_disk_free();
         END LOOP;
         IF v_conn IS NOT NULL THEN

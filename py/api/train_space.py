@@ -7,7 +7,9 @@ tile partitions through its loopback connection, so disk use stays flat. The SEL
 holds one snapshot for its whole run (measured: backend_xmin fixed, "dead but not yet removable" growing
 every step), so its garbage stays until it returns. Both forms measure how much free disk each step took
 and stop cleanly, with a warning that says how to go on, before the next step could fill the disk (a full
-pg_wal disk makes PostgreSQL PANIC).
+pg_wal disk makes PostgreSQL PANIC). The SELECT form expects its largest step so far again; the CALL form
+its last one: after a VACUUM a step reuses the pages the previous one freed (GPT-2 small with 8 x 1024
+tokens writes 28 GB in its first step, then about nothing), so the first step's growth would stop it at once.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _room() -> str:
     body = plpgsql("v_min BIGINT;", f"""
         v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
                                         '{MIN_FREE_DEFAULT}'));
-        IF p_free - 2 * p_growth >= v_min THEN
+        IF p_free - p_growth >= v_min THEN
           RETURN NULL;
         END IF;
         RETURN format('pg_llm: %s stopped before step %s: %s free on the data directory''s disk, one step took up '
@@ -39,7 +41,7 @@ def _room() -> str:
           pg_size_pretty(p_growth), pg_size_pretty(v_min));
     """)
     return function("llm_train_room", "p_loop TEXT, p_step BIGINT, p_free BIGINT, p_growth BIGINT", "TEXT", body,
-                    note=f"""NULL when two more steps of p_growth bytes leave pg_llm.min_free_disk (default
+                    note=f"""NULL when one more step of p_growth bytes leaves pg_llm.min_free_disk (default
                     {MIN_FREE_DEFAULT}) free on the data directory's disk; else the reason to stop.""")
 
 
