@@ -102,11 +102,11 @@ def test_dev_database_built_from_another_checkout_is_reported(server: Server,
     from pg_llm.harness import devdb
 
     dsn = server.fresh_db("t_harness_build")
-    devdb._warn_if_stale(dsn)
+    assert devdb._warn_if_stale(dsn) is False
     assert capsys.readouterr().err == ""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql AS $$ SELECT 'older' $$")
-    devdb._warn_if_stale(dsn)
+    assert devdb._warn_if_stale(dsn) is True
     err = capsys.readouterr().err
     assert f"has pg_llm build older, this checkout generates {build_id()}" in err
     assert "pg-llm db start --recreate" in err

@@ -78,15 +78,14 @@ def start(recreate: bool = False) -> str:
         installed = conn.execute("SELECT to_regclass('llm_tensor') IS NOT NULL").fetchone()[0]
     if not installed:
         install_pg_llm(c.dsn(DBNAME))
-    else:
-        _warn_if_stale(c.dsn(DBNAME))
-    _post_install(c.dsn(DBNAME))
+    if not (installed and _warn_if_stale(c.dsn(DBNAME))):  # a stale schema may lack what the import needs
+        _post_install(c.dsn(DBNAME))
     dsn = c.url(DBNAME)
     (STATE / "dsn").write_text(dsn + "\n")
     return dsn
 
 
-def _warn_if_stale(dsn: str) -> None:
+def _warn_if_stale(dsn: str) -> bool:
     """The dev database keeps the pg_llm it was created with: say so when this checkout generates another."""
     from pg_llm.gen.build import build_id
 
@@ -97,6 +96,8 @@ def _warn_if_stale(dsn: str) -> None:
         print(f"pg-llm: database {DBNAME} has pg_llm build {installed}, this checkout generates {build_id()}: "
               "`pg-llm db start --recreate` reinstalls it (and drops the database's models, tokenizers and "
               "datasets)", file=sys.stderr)
+        return True
+    return False
 
 
 def _post_install(dsn: str) -> None:
