@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -63,7 +64,8 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
 
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
-    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+    """Seeded by the test's name (crc32: stable across runs, unlike hash() of a str), so a failure reproduces."""
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-5) -> None:
