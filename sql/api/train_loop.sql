@@ -96,7 +96,8 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_stop TEXT;
-  v_conn TEXT := 'pg_llm_vacuum_' || pg_backend_pid(); v_free INT8 := llm_disk_free(); v_growth INT8 := 0;
+  v_conn TEXT := 'pg_llm_vacuum_' || pg_backend_pid(); v_step INT; v_free INT8 := llm_disk_free();
+  v_now INT8; v_growth INT8 := 0;
 BEGIN
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
   v_first := llm_train_claim(model, steps, pg_backend_pid());
@@ -109,9 +110,10 @@ BEGIN
     v_conn := NULL;
   END;
   COMMIT;
-  WHILE (SELECT m.step FROM llm_model AS m WHERE m.name = model) < steps LOOP
-    v_stop := llm_train_room('CALL llm_train_run', (SELECT m.step FROM llm_model AS m WHERE m.name = model),
-                             v_free, v_growth);
+  LOOP
+    v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model);
+    EXIT WHEN v_step >= steps;
+    v_stop := llm_train_room('CALL llm_train_run', v_step, v_free, v_growth);
     IF v_stop IS NOT NULL THEN
       RAISE WARNING '%', v_stop USING HINT = 'Free disk space (or lower pg_llm.min_free_disk), then CALL '
         'llm_train_run(...) again: it resumes at the next step.';
@@ -137,8 +139,9 @@ BEGIN
     IF v_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
       PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
     END IF;
-    v_growth := greatest(v_free - llm_disk_free(), 0);  -- the last step's: pages are reused after VACUUM
-    v_free := llm_disk_free();
+    v_now := llm_disk_free();
+    v_growth := greatest(v_free - v_now, 0);  -- the last step's: pages are reused after VACUUM
+    v_free := v_now;
   END LOOP;
   IF v_conn IS NOT NULL THEN
     PERFORM dblink_disconnect(v_conn);
@@ -158,7 +161,7 @@ VOLATILE
 AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
-  v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_growth INT8 := 0;
+  v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_now INT8; v_growth INT8 := 0;
 BEGIN
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
   v_conn := 'pg_llm_train_' || pg_backend_pid();
@@ -178,8 +181,9 @@ BEGIN
       EXIT;
     END IF;
     PERFORM * FROM dblink(v_conn, format('SELECT (llm_train_step(%L, %L, %s, lr => %L, warmup_steps => %L, min_lr => %L, weight_decay => %L, beta1 => %L, beta2 => %L, eps => %L, grad_clip => %L, dropout => %L, grad_accum => %L, seed => %L, max_steps => %s, split => %L, on_behalf_of => %s)).step', model, dataset, batch_size, lr, warmup_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed, coalesce(max_steps, steps), split, pg_backend_pid())) AS x(step INT);
-    v_growth := greatest(v_growth, v_free - llm_disk_free());
-    v_free := llm_disk_free();
+    v_now := llm_disk_free();
+    v_growth := greatest(v_growth, v_free - v_now);  -- the largest step's: nothing is reclaimed meanwhile
+    v_free := v_now;
     SELECT * INTO v_log FROM llm_train_log AS l WHERE l.model = llm_train.model ORDER BY l.step DESC LIMIT 1;
     v_first := coalesce(v_first, v_log.step - 1);
     v_val := NULL;
