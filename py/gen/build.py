@@ -58,7 +58,7 @@ def outputs() -> dict[str, str]:
     """Every generated file (relative path -> content)."""
     us = units()
     files = {u.path: u.text for u in us}
-    body = "".join(f"\n-- ==== {u.path} ====\n" + u.text.split("\n", 1)[1] for u in us)
+    body = _body(us)
     body += ("\n-- ==== build id ====\n"
              "-- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart\n"
              "-- from a checkout's (pg-llm db start warns when they differ).\n"
@@ -80,11 +80,14 @@ def outputs() -> dict[str, str]:
     return files
 
 
+def _body(us: list[Unit]) -> str:
+    """The install script's body: every unit in install order, each under a header naming its file."""
+    return "".join(f"\n-- ==== {u.path} ====\n" + u.text.split("\n", 1)[1] for u in us)
+
+
 def build_id(body: str | None = None) -> str:
     """First 16 hex digits of the sha256 of the install script's body (before the build id itself)."""
-    if body is None:
-        body = "".join(f"\n-- ==== {u.path} ====\n" + u.text.split("\n", 1)[1] for u in units())
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
+    return hashlib.sha256((_body(units()) if body is None else body).encode()).hexdigest()[:16]
 
 
 def stale() -> list[str]:

@@ -92,8 +92,9 @@ def _warn_if_stale(dsn: str) -> bool:
     with psycopg.connect(dsn) as conn:
         has = conn.execute("SELECT to_regprocedure('llm_build()') IS NOT NULL").fetchone()[0]
         installed = conn.execute("SELECT llm_build()").fetchone()[0] if has else "(before build ids)"
-    if installed != build_id():
-        print(f"pg-llm: database {DBNAME} has pg_llm build {installed}, this checkout generates {build_id()}: "
+    current = build_id()  # generates every module's SQL: once
+    if installed != current:
+        print(f"pg-llm: database {DBNAME} has pg_llm build {installed}, this checkout generates {current}: "
               "`pg-llm db start --recreate` reinstalls it (and drops the database's models, tokenizers and "
               "datasets)", file=sys.stderr)
         return True
