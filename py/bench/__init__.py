@@ -172,6 +172,24 @@ class Context:
             self._conn.close()
 
 
+def random_dataset(conn: psycopg.Connection, name: str, rows: int, block: int, vocab: int, seed: int) -> None:
+    """`rows` training windows of `block` random token ids, registered like the corpus loader does (replaces
+    a dataset of that name; deleting its llm_dataset_source row drops it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM llm_dataset_source WHERE dataset = %s", (name,))
+        cur.execute("INSERT INTO llm_dataset_source (dataset, source_hash, tokenizer, block_size, stride, "
+                    "val_fraction, documents, tokens, train_rows, val_rows, encoder, sources) VALUES "
+                    "(%s, 'bench', 'gpt2', %s, %s, 0, 1, %s, %s, 0, 'random', '{}')",
+                    (name, block, block, rows * block, rows))
+        for i in range(rows):
+            s = rng.integers(0, vocab, block + 1)
+            cur.execute("INSERT INTO llm_dataset (dataset, split, tokens, targets, source_hash, pos) "
+                        "VALUES (%s, 'train', %s, %s, 'bench', %s)", (name, s[:-1].tolist(), s[1:].tolist(), i))
+
+
 def tables_from_dicts(section: str, result: object) -> list[Table]:
     """Adapt a legacy `run(dsn) -> list[dict]` result (see the module docstring)."""
     if isinstance(result, Table):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pg_llm.assets import ROOT
-from pg_llm.bench import Context, Stats, Table, Timed, blas_probe, server_setup_sql
+from pg_llm.bench import Context, Stats, Table, Timed, blas_probe, random_dataset, server_setup_sql
 from pg_llm.config import GPT2Config as PgConfig
 
 CACHE = ROOT / ".pg_llm" / "bench-models"
@@ -94,17 +94,7 @@ class Gpt2Bench:
         """A few random rows of T_TRAIN tokens (registered like the corpus loader does)."""
         name = model + "_ds"
         self.datasets.append(name)
-        rng = np.random.default_rng(SEED)
-        with self.conn.cursor() as cur:
-            cur.execute("DELETE FROM llm_dataset_source WHERE dataset = %s", (name,))
-            cur.execute("INSERT INTO llm_dataset_source (dataset, source_hash, tokenizer, block_size, stride, "
-                        "val_fraction, documents, tokens, train_rows, val_rows, encoder, sources) VALUES "
-                        "(%s, 'bench', 'gpt2', %s, %s, 0, 1, %s, 4, 0, 'random', '{}')",
-                        (name, T_TRAIN, T_TRAIN, 4 * T_TRAIN))
-            for i in range(4):
-                s = rng.integers(0, vocab, T_TRAIN + 1)
-                cur.execute("INSERT INTO llm_dataset (dataset, split, tokens, targets, source_hash, pos) "
-                            "VALUES (%s, 'train', %s, %s, 'bench', %s)", (name, s[:-1].tolist(), s[1:].tolist(), i))
+        random_dataset(self.conn, name, 4, T_TRAIN, vocab, SEED)
         return name
 
     def compare(self, fns: dict[str, Timed], runs: int, warmup: int) -> dict[str, Stats]:

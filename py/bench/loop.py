@@ -12,10 +12,7 @@ import statistics
 import threading
 import time
 
-import numpy as np
-import psycopg
-
-from pg_llm.bench import Context, Table
+from pg_llm.bench import Context, Table, random_dataset
 
 OPTIONAL = False
 CONFIG = dict(n_layer=4, n_head=6, n_embd=384, n_ctx=128, vocab_size=50257)
@@ -23,18 +20,6 @@ T, BATCH = 64, 1
 SIZES = "SELECT pg_total_relation_size('llm_tile_durable'), pg_total_relation_size('llm_tile_scratch')"
 LOOPS = {"CALL llm_train_run": "CALL llm_train_run(%s, %s, dataset => %s, batch_size => %s, dropout => 0.0)",
          "SELECT llm_train": "SELECT llm_train(%s, %s, dataset => %s, batch_size => %s, dropout => 0.0)"}
-
-
-def _dataset(conn: psycopg.Connection, name: str) -> None:
-    rng = np.random.default_rng(0)
-    conn.execute("DELETE FROM llm_dataset_source WHERE dataset = %s", (name,))
-    conn.execute("INSERT INTO llm_dataset_source (dataset, source_hash, tokenizer, block_size, stride, val_fraction, "
-                 "documents, tokens, train_rows, val_rows, encoder, sources) VALUES (%s, 'bench', 'gpt2', %s, %s, 0, "
-                 "1, %s, 8, 0, 'random', '{}')", (name, T, T, 8 * T))
-    for i in range(8):
-        s = rng.integers(0, CONFIG["vocab_size"], T + 1)
-        conn.execute("INSERT INTO llm_dataset (dataset, split, tokens, targets, source_hash, pos) "
-                     "VALUES (%s, 'train', %s, %s, 'bench', %s)", (name, s[:-1].tolist(), s[1:].tolist(), i))
 
 
 def _run_loop(ctx: Context, sql: str, model: str, data: str, steps: int) -> tuple[list[tuple[int, int]], float]:
@@ -83,7 +68,7 @@ def run(ctx: Context) -> list[Table]:
             model, data = f"{cfg}_{i}", f"{cfg}_{i}_ds"
             ctx.conn.execute("SELECT llm_model_drop(%s, TRUE)", (model,))
             ctx.conn.execute("SELECT llm_model_init(%s, %s)", (model, cfg))
-            _dataset(ctx.conn, data)
+            random_dataset(ctx.conn, data, 8, T, CONFIG["vocab_size"], 0)
             ctx.conn.execute("VACUUM llm_tile_durable")
             ctx.conn.execute("VACUUM llm_tile_scratch")
             ctx.log(f"loop: {name}, {steps} steps")
