@@ -2255,6 +2255,7 @@ BEGIN
       IF p_pre IS NOT NULL THEN
         PERFORM llm_output(p_pre, 'linear', ARRAY[v_m, v_n], ARRAY[v_tm, v_tn], FALSE);
       END IF;
+      -- panels: v_pi tiles of m by v_pj tiles of n, each operand and output panel <= v_budget floats
       v_budget := coalesce(nullif(current_setting('pg_llm.matmul_panel_floats', TRUE), '')::BIGINT, 8388608);
       v_pi := greatest(1, least((v_m + v_tm - 1) / v_tm, v_budget / (v_tm::BIGINT * v_k)));
       v_pj := greatest(1, least((v_n + v_tn - 1) / v_tn,
@@ -8568,4 +8569,4 @@ $fn$;
 -- ==== build id ====
 -- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart
 -- from a checkout's (pg-llm db start warns when they differ).
-CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ SELECT '6b8185ce7bf3d8bc' $fn$;
+CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'c649d00c78b827a4' $fn$;

@@ -28,11 +28,10 @@ from pg_llm.gen.emit import _BOOT, comment, function, plpgsql
 from pg_llm.ops import weight_cache
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 from pg_llm.ops.gelu import gelu_tile
-from pg_llm.ops.matmul import block_matrix
+from pg_llm.ops.matmul import PANELS, block_matrix
 
 SQL_FILE = "kernels/linear.sql"
 ORDER = 15
-PANEL_FLOATS = 8 * 1024 * 1024  # floats per operand and output panel (32 MiB), as llm_matmul
 
 
 # ---- numpy (unit-tested without a server) -------------------------------------------------------------------
@@ -155,12 +154,7 @@ def _forward() -> str:
         IF p_pre IS NOT NULL THEN
           PERFORM llm_output(p_pre, 'linear', ARRAY[v_m, v_n], ARRAY[v_tm, v_tn], FALSE);
         END IF;
-        v_budget := coalesce(nullif(current_setting('pg_llm.matmul_panel_floats', TRUE), '')::BIGINT, {PANEL_FLOATS});
-        v_pi := greatest(1, least((v_m + v_tm - 1) / v_tm, v_budget / (v_tm::BIGINT * v_k)));
-        v_pj := greatest(1, least((v_n + v_tn - 1) / v_tn,
-                                  v_budget / (v_tn::BIGINT * greatest(v_k, least(v_m, v_pi * v_tm)))));
-        v_ni := ((v_m + v_tm - 1) / v_tm + v_pi - 1) / v_pi;
-        v_nj := ((v_n + v_tn - 1) / v_tn + v_pj - 1) / v_pj;
+{PANELS}
         v_gx := ARRAY[v_m, v_k, v_tm, v_tk];
         v_gw := ARRAY[v_k, v_n, rw.tile[1], rw.tile[2]];  -- as stored: llm_matmul's weight-cache key
         @forward;

@@ -36,6 +36,16 @@ from pg_llm.ops.weight_cache import cached_block
 SQL_FILE = "kernels/matmul.sql"
 ORDER = 10
 PANEL_FLOATS = 8 * 1024 * 1024  # per operand and output panel (32 MiB of float32)
+# PL/pgSQL of llm_matmul and llm_linear: panel geometry from v_m, v_k, v_n and the tiles v_tm, v_tn
+PANELS = f"""
+        -- panels: v_pi tiles of m by v_pj tiles of n, each operand and output panel <= v_budget floats
+        v_budget := coalesce(nullif(current_setting('pg_llm.matmul_panel_floats', TRUE), '')::BIGINT, {PANEL_FLOATS});
+        v_pi := greatest(1, least((v_m + v_tm - 1) / v_tm, v_budget / (v_tm::BIGINT * v_k)));
+        v_pj := greatest(1, least((v_n + v_tn - 1) / v_tn,
+                                  v_budget / (v_tn::BIGINT * greatest(v_k, least(v_m, v_pi * v_tm)))));
+        v_ni := ((v_m + v_tm - 1) / v_tm + v_pi - 1) / v_pi;
+        v_nj := ((v_n + v_tn - 1) / v_tn + v_pj - 1) / v_pj;
+""".strip("\n")
 
 
 def matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb):
@@ -162,13 +172,7 @@ def forward_function(name: str, insert: str) -> str:
             ra.name, rb.name, v_k, v_tk, v_tkb USING HINT = 'Store both with the same tile size along k.';
         END IF;
         v_out := llm_output(p_out, 'matmul', ARRAY[v_m, v_n], ARRAY[v_tm, v_tn], p_accumulate);
-        -- panels: v_pi tiles of m by v_pj tiles of n, each operand and output panel <= v_budget floats
-        v_budget := coalesce(nullif(current_setting('pg_llm.matmul_panel_floats', TRUE), '')::BIGINT, {PANEL_FLOATS});
-        v_pi := greatest(1, least((v_m + v_tm - 1) / v_tm, v_budget / (v_tm::BIGINT * v_k)));
-        v_pj := greatest(1, least((v_n + v_tn - 1) / v_tn,
-                                  v_budget / (v_tn::BIGINT * greatest(v_k, least(v_m, v_pi * v_tm)))));
-        v_ni := ((v_m + v_tm - 1) / v_tm + v_pi - 1) / v_pi;
-        v_nj := ((v_n + v_tn - 1) / v_tn + v_pj - 1) / v_pj;
+{PANELS}
         v_ga := ARRAY[llm_rows(ra.shape), llm_cols(ra.shape), ra.tile[1], ra.tile[2]];
         v_gb := ARRAY[llm_rows(rb.shape), llm_cols(rb.shape), rb.tile[1], rb.tile[2]];
         @forward;

@@ -325,6 +325,7 @@ BEGIN
       IF p_pre IS NOT NULL THEN
         PERFORM llm_output(p_pre, 'linear', ARRAY[v_m, v_n], ARRAY[v_tm, v_tn], FALSE);
       END IF;
+      -- panels: v_pi tiles of m by v_pj tiles of n, each operand and output panel <= v_budget floats
       v_budget := coalesce(nullif(current_setting('pg_llm.matmul_panel_floats', TRUE), '')::BIGINT, 8388608);
       v_pi := greatest(1, least((v_m + v_tm - 1) / v_tm, v_budget / (v_tm::BIGINT * v_k)));
       v_pj := greatest(1, least((v_n + v_tn - 1) / v_tn,
