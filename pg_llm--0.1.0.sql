@@ -77,6 +77,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   LEAST(t, n - i * t)
@@ -89,6 +90,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   CASE WHEN cardinality(shape) = 1 THEN 1 ELSE shape[1] END
@@ -101,6 +103,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   shape[cardinality(shape)]
@@ -113,6 +116,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   '(' || ARRAY_TO_STRING(shape, ', ') || CASE WHEN cardinality(shape) = 1 THEN ',)' ELSE ')' END
@@ -123,6 +127,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_create(p_name TEXT, p_shape INT[], p_tile 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_id BIGINT;
@@ -161,6 +166,7 @@ CREATE OR REPLACE FUNCTION llm_tensor(p_model TEXT, p_name TEXT, p_role TEXT DEF
 RETURNS BIGINT
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_id BIGINT;
@@ -185,6 +191,7 @@ CREATE OR REPLACE FUNCTION llm_param(p_model TEXT, p_name TEXT)
 RETURNS BIGINT
 LANGUAGE sql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tensor(p_model, p_name, 'param')
@@ -195,6 +202,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_get(p_id BIGINT)
 RETURNS llm_tensor
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -212,6 +220,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_drop(p_id BIGINT)
 RETURNS VOID
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DELETE FROM llm_tensor
 WHERE
@@ -223,6 +232,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_mark()
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   nextval('llm_tensor_scratch_id')
@@ -233,6 +243,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_release(p_mark BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;
@@ -248,6 +259,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_clear()
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;
@@ -265,6 +277,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_validate(p_id BIGINT)
 RETURNS llm_tensor
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -308,6 +321,7 @@ CREATE OR REPLACE FUNCTION llm_tables_analyze()
 RETURNS INT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r RECORD; n INT := 0;
@@ -344,6 +358,7 @@ CREATE OR REPLACE FUNCTION llm_py_boot()
 RETURNS BOOLEAN
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 import sys, os
 extra = [p for p in (os.environ.get('PG_LLM_SERVER_PYTHON'), '/usr/local/lib/pg_llm/python3') if p and os.path.isdir(p)]
@@ -366,6 +381,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def tile_to_list(np, data):
@@ -380,6 +396,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def tile_to_rows(np, data, cols):
@@ -397,6 +414,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def list_to_tile(np, values):
@@ -412,6 +430,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def tile_stats(np, data):
@@ -426,6 +445,7 @@ CREATE OR REPLACE FUNCTION llm_tile_values(p_tensor BIGINT, p_tile_row INT, p_ti
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_data BYTEA;
@@ -451,6 +471,7 @@ CREATE OR REPLACE FUNCTION llm_tile_values_2d(p_tensor BIGINT, p_tile_row INT, p
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_data BYTEA;
@@ -512,6 +533,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def block_rows_skip(np, tiles, rows, first, count, skip):
@@ -525,6 +547,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_rows(p_tensor BIGINT, p_first_row INT DEFA
 RETURNS TABLE(row_index INT, vals FLOAT4[])
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_first INT; v_last INT;
@@ -564,6 +587,7 @@ CREATE OR REPLACE FUNCTION llm_doctor()
 RETURNS TABLE(check_name TEXT, value TEXT, status TEXT)
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 import os, sys, time
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
@@ -607,6 +631,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def add_tiles(np, a, b):
@@ -626,6 +651,7 @@ CREATE OR REPLACE FUNCTION llm_input(p_id BIGINT, p_op TEXT, p_arg TEXT)
 RETURNS llm_tensor
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -644,6 +670,7 @@ CREATE OR REPLACE FUNCTION llm_output(p_out BIGINT, p_name TEXT, p_shape INT[], 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -704,6 +731,7 @@ CREATE OR REPLACE FUNCTION llm_weight_cache_stats()
 RETURNS TABLE(tensors INT, entries INT, bytes BIGINT, hits BIGINT, misses BIGINT, evictions BIGINT)
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 c = GD.get('llm_weight_cache')
@@ -717,6 +745,7 @@ CREATE OR REPLACE FUNCTION llm_weight_cache_clear()
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 c = GD.pop('llm_weight_cache', None)
@@ -729,6 +758,7 @@ RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 c = GD.get('llm_weight_cache')
@@ -777,6 +807,7 @@ RETURNS TABLE(tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 DEFAULT_MB = 1024
@@ -1008,6 +1039,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb):
@@ -1032,6 +1064,7 @@ CREATE OR REPLACE FUNCTION llm_matmul(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAU
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1091,6 +1124,7 @@ CREATE OR REPLACE FUNCTION llm_matmul_backward(p_a BIGINT, p_b BIGINT, p_dy BIGI
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -1123,6 +1157,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def sum_tile(np, data, n, axis):
@@ -1144,6 +1179,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def broadcast_tile(np, v, h, w, axis):
@@ -1164,6 +1200,7 @@ CREATE OR REPLACE FUNCTION llm_sum_rows(p_x BIGINT, p_out BIGINT DEFAULT NULL, p
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1211,6 +1248,7 @@ CREATE OR REPLACE FUNCTION llm_sum_cols(p_x BIGINT, p_out BIGINT DEFAULT NULL, p
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1259,6 +1297,7 @@ CREATE OR REPLACE FUNCTION llm_sum_rows_backward(p_dy BIGINT, p_like BIGINT, p_d
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1320,6 +1359,7 @@ CREATE OR REPLACE FUNCTION llm_sum_cols_backward(p_dy BIGINT, p_like BIGINT, p_d
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1402,6 +1442,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def ew_tile(np, op, a, b):
@@ -1431,6 +1472,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def ew_tile(np, op, a, b):
@@ -1460,6 +1502,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def scale_tile(np, x, alpha):
@@ -1477,6 +1520,7 @@ CREATE OR REPLACE FUNCTION llm_add(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAULT 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1532,6 +1576,7 @@ CREATE OR REPLACE FUNCTION llm_mul(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAULT 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1587,6 +1632,7 @@ CREATE OR REPLACE FUNCTION llm_scale(p_x BIGINT, p_alpha FLOAT8, p_out BIGINT DE
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1633,6 +1679,7 @@ CREATE OR REPLACE FUNCTION llm_add_bias(p_x BIGINT, p_b BIGINT, p_out BIGINT DEF
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1688,6 +1735,7 @@ CREATE OR REPLACE FUNCTION llm_add_backward(p_dy BIGINT, p_da BIGINT, p_db BIGIN
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1734,6 +1782,7 @@ CREATE OR REPLACE FUNCTION llm_mul_backward(p_a BIGINT, p_b BIGINT, p_dy BIGINT,
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -1748,6 +1797,7 @@ CREATE OR REPLACE FUNCTION llm_scale_backward(p_dy BIGINT, p_alpha FLOAT8, p_dx 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -1761,6 +1811,7 @@ CREATE OR REPLACE FUNCTION llm_add_bias_backward(p_dy BIGINT, p_dx BIGINT, p_db 
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -1790,6 +1841,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def gelu_tile(np, x):
@@ -1809,6 +1861,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def gelu_backward_tile(np, x, dy):
@@ -1834,6 +1887,7 @@ CREATE OR REPLACE FUNCTION llm_gelu(p_x BIGINT, p_out BIGINT DEFAULT NULL, p_acc
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1877,6 +1931,7 @@ CREATE OR REPLACE FUNCTION llm_gelu_backward(p_x BIGINT, p_dy BIGINT, p_dx BIGIN
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -1955,6 +2010,7 @@ CREATE OR REPLACE FUNCTION llm_mk_linear_panel(x BIGINT, x_geom INT[], i INT, pi
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 DEFAULT_MB = 1024
@@ -2207,6 +2263,7 @@ CREATE OR REPLACE FUNCTION llm_linear(p_x BIGINT, p_w BIGINT, p_b BIGINT DEFAULT
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -2292,6 +2349,7 @@ CREATE OR REPLACE FUNCTION llm_linear_backward(p_x BIGINT, p_w BIGINT, p_dy BIGI
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -2321,6 +2379,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def layernorm_block(np, x_tiles, g_row, b_row, rows, cols, eps):
@@ -2350,6 +2409,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def layernorm_backward_block(np, x_tiles, dy_tiles, g_row, rows, cols, eps):
@@ -2382,6 +2442,7 @@ CREATE OR REPLACE FUNCTION llm_layernorm_param(p_id BIGINT, p_x llm_tensor, p_op
 RETURNS BYTEA
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_row BYTEA;
@@ -2419,6 +2480,7 @@ CREATE OR REPLACE FUNCTION llm_layernorm(p_x BIGINT, p_g BIGINT, p_b BIGINT, p_o
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -2469,6 +2531,7 @@ CREATE OR REPLACE FUNCTION llm_layernorm_backward(p_x BIGINT, p_g BIGINT, p_dy B
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -2576,6 +2639,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def softmax_block(np, s_tiles, rows, cols, first_row, seq_len, scale, causal):
@@ -2608,6 +2672,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def softmax_backward_block(np, p_tiles, dp_tiles, rows, cols, scale):
@@ -2636,6 +2701,7 @@ CREATE OR REPLACE FUNCTION llm_softmax_causal(p_s BIGINT, p_seq_len INT, p_scale
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -2700,6 +2766,7 @@ CREATE OR REPLACE FUNCTION llm_softmax_causal_backward(p_p BIGINT, p_dp BIGINT, 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -2769,6 +2836,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def cross_entropy_block(np, tiles, targets, rows, cols):
@@ -2796,6 +2864,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def cross_entropy_backward_block(np, tiles, targets, rows, cols, scale):
@@ -2830,6 +2899,7 @@ CREATE OR REPLACE FUNCTION llm_cross_entropy(p_logits BIGINT, p_targets INT[])
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -2898,6 +2968,7 @@ CREATE OR REPLACE FUNCTION llm_cross_entropy_backward(p_logits BIGINT, p_targets
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -2993,6 +3064,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def embedding_scatter_tile(np, segs, local_rows, rows, cols):
@@ -3017,6 +3089,7 @@ CREATE OR REPLACE FUNCTION llm_embedding(p_weight BIGINT, p_ids INT[], p_out BIG
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -3095,6 +3168,7 @@ CREATE OR REPLACE FUNCTION llm_embedding_backward(p_dy BIGINT, p_ids INT[], p_dw
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -3229,6 +3303,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def nll_rows(np, tiles, rows, cols, skip, targets):
@@ -3255,6 +3330,7 @@ CREATE OR REPLACE FUNCTION llm_nll(p_logits BIGINT, p_targets INT[], p_first_row
 RETURNS FLOAT8[]
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -3344,6 +3420,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len, rate, seed):
@@ -3379,6 +3456,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len, rate, seed):
@@ -3427,6 +3505,7 @@ CREATE OR REPLACE FUNCTION llm_attention(p_qkv BIGINT, p_n_head INT, p_seq_len I
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -3482,6 +3561,7 @@ CREATE OR REPLACE FUNCTION llm_attention_backward(p_qkv BIGINT, p_dy BIGINT, p_n
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -3570,6 +3650,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def attention_cached(np, tiles, kv, rows, cols, th, tw, past, n_head):
@@ -3615,6 +3696,7 @@ CREATE OR REPLACE FUNCTION llm_attention_cached(p_qkv BIGINT, p_cache BIGINT, p_
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -3711,6 +3793,7 @@ RETURNS BYTEA[]
 LANGUAGE plpython3u
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
@@ -3995,6 +4078,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_block_params(p_model TEXT, p_n_layer INT)
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_names TEXT[] := ARRAY['ln_1.weight', 'ln_1.bias', 'attn.c_attn.weight', 'attn.c_attn.bias', 'attn.c_proj.weight', 'attn.c_proj.bias', 'ln_2.weight', 'ln_2.bias', 'mlp.c_fc.weight', 'mlp.c_fc.bias', 'mlp.c_proj.weight', 'mlp.c_proj.bias'];
@@ -4049,6 +4133,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_zero(p_id BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4092,6 +4177,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_zeros_like(p_id BIGINT, p_role TEXT DEFAUL
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4124,6 +4210,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def adamw_tile(np, p, g, m, v, h):
@@ -4163,6 +4250,7 @@ CREATE OR REPLACE FUNCTION llm_adamw_step(p_param BIGINT, p_grad BIGINT, p_m BIG
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4276,6 +4364,7 @@ CREATE OR REPLACE FUNCTION llm_adamw_state(p_param BIGINT, OUT m_id BIGINT, OUT 
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4332,6 +4421,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def sq_sum_tile(np, x):
@@ -4347,6 +4437,7 @@ CREATE OR REPLACE FUNCTION llm_sq_norm(p_tensor BIGINT)
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4377,6 +4468,7 @@ CREATE OR REPLACE FUNCTION llm_global_grad_norm(p_ids BIGINT[])
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -4399,6 +4491,7 @@ RETURNS FLOAT8
 LANGUAGE sql
 IMMUTABLE
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   CASE
@@ -4441,20 +4534,54 @@ PARALLEL SAFE
 AS $fn$
 SELECT
   CASE
-    WHEN p_step <= 0
+    WHEN (
+      p_step OPERATOR(pg_catalog.<=) 0
+    )
     THEN CAST(0 AS DOUBLE PRECISION)
-    WHEN p_step <= p_warmup
-    THEN p_peak * p_step / p_warmup
-    WHEN p_step >= p_max_steps
-    THEN COALESCE(p_min_lr, 0.1 * p_peak)
-    ELSE COALESCE(p_min_lr, 0.1 * p_peak) + 0.5 * (
-      p_peak - COALESCE(p_min_lr, 0.1 * p_peak)
-    ) * (
-      1 + COS(
-        PI() * (
-          p_step - GREATEST(p_warmup, 0)
-        ) / (
-          p_max_steps - GREATEST(p_warmup, 0)
+    WHEN (
+      p_step OPERATOR(pg_catalog.<=) p_warmup
+    )
+    THEN (
+      (
+        p_peak OPERATOR(pg_catalog.*) p_step
+      ) OPERATOR(pg_catalog./) p_warmup
+    )
+    WHEN (
+      p_step OPERATOR(pg_catalog.>=) p_max_steps
+    )
+    THEN COALESCE(p_min_lr, (
+      0.1 OPERATOR(pg_catalog.*) p_peak
+    ))
+    ELSE (
+      COALESCE(p_min_lr, (
+        0.1 OPERATOR(pg_catalog.*) p_peak
+      )) OPERATOR(pg_catalog.+) (
+        (
+          0.5 OPERATOR(pg_catalog.*) (
+            (
+              p_peak OPERATOR(pg_catalog.-) COALESCE(p_min_lr, (
+                0.1 OPERATOR(pg_catalog.*) p_peak
+              ))
+            )
+          )
+        ) OPERATOR(pg_catalog.*) (
+          (
+            1 OPERATOR(pg_catalog.+) pg_catalog.cos(
+              (
+                (
+                  pg_catalog.pi() OPERATOR(pg_catalog.*) (
+                    (
+                      p_step OPERATOR(pg_catalog.-) GREATEST(p_warmup, 0)
+                    )
+                  )
+                ) OPERATOR(pg_catalog./) (
+                  (
+                    p_max_steps OPERATOR(pg_catalog.-) GREATEST(p_warmup, 0)
+                  )
+                )
+              )
+            )
+          )
         )
       )
     )
@@ -4489,6 +4616,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def dropout_tile(np, x, rate, seed, tr, tc):
@@ -4509,6 +4637,7 @@ CREATE OR REPLACE FUNCTION llm_dropout(p_x BIGINT, p_rate FLOAT8, p_seed BIGINT,
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4563,6 +4692,7 @@ CREATE OR REPLACE FUNCTION llm_dropout_backward(p_dy BIGINT, p_rate FLOAT8, p_se
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4652,6 +4782,7 @@ CREATE OR REPLACE FUNCTION llm_tape_record(p_tape BIGINT, p_op TEXT, p_out BIGIN
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 INSERT INTO llm_tape (
   tape,
@@ -4689,6 +4820,7 @@ CREATE OR REPLACE FUNCTION llm_t_embedding(p_tape BIGINT, p_w BIGINT, p_ids INT[
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(p_tape, 'embedding', llm_embedding(p_w, p_ids, NULL, p_tile_rows), p_w, p_ids => p_ids)
@@ -4699,6 +4831,7 @@ CREATE OR REPLACE FUNCTION llm_t_add(p_tape BIGINT, p_a BIGINT, p_b BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(p_tape, 'add', llm_add(p_a, p_b), p_a, p_b)
@@ -4709,6 +4842,7 @@ CREATE OR REPLACE FUNCTION llm_t_add_bias(p_tape BIGINT, p_x BIGINT, p_b BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(p_tape, 'add_bias', llm_add_bias(p_x, p_b), p_x, p_b)
@@ -4719,6 +4853,7 @@ CREATE OR REPLACE FUNCTION llm_t_matmul(p_tape BIGINT, p_a BIGINT, p_b BIGINT, p
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(
@@ -4736,6 +4871,7 @@ CREATE OR REPLACE FUNCTION llm_t_layernorm(p_tape BIGINT, p_x BIGINT, p_g BIGINT
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(
@@ -4754,6 +4890,7 @@ CREATE OR REPLACE FUNCTION llm_t_gelu(p_tape BIGINT, p_x BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(p_tape, 'gelu', llm_gelu(p_x), p_x)
@@ -4764,6 +4901,7 @@ CREATE OR REPLACE FUNCTION llm_t_attention(p_tape BIGINT, p_qkv BIGINT, p_n_head
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(
@@ -4782,6 +4920,7 @@ CREATE OR REPLACE FUNCTION llm_t_dropout(p_tape BIGINT, p_x BIGINT, p_rate FLOAT
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   IF p_rate = 0 THEN
@@ -4800,6 +4939,7 @@ CREATE OR REPLACE FUNCTION llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT,
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4856,6 +4996,7 @@ RETURNS BIGINT
 LANGUAGE sql
 IMMUTABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   CAST(CAST((
@@ -4885,6 +5026,7 @@ CREATE OR REPLACE FUNCTION llm_grad_acc(p_tape BIGINT, p_tensor BIGINT, p_grad B
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -4907,6 +5049,7 @@ CREATE OR REPLACE FUNCTION llm_grad_of(p_tape BIGINT, p_tensor BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   grad
@@ -4920,6 +5063,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_like(p_id BIGINT, p_name TEXT, p_role TEXT
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tensor_create(p_name, v.shape, v.tile, p_role, v.model)
@@ -4934,6 +5078,7 @@ CREATE OR REPLACE FUNCTION llm_backward(p_tape BIGINT, p_root BIGINT, p_root_gra
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -5108,6 +5253,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   CASE p_pretokenizer
@@ -5121,6 +5267,7 @@ CREATE OR REPLACE FUNCTION llm_tokenizer_get(p_name TEXT)
 RETURNS llm_tokenizer
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tokenizer;
@@ -5142,6 +5289,7 @@ RETURNS TABLE(piece TEXT, ids INT[])
 LANGUAGE sql
 STABLE
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 WITH RECURSIVE w(piece, parts, ranks, mids) AS (
@@ -5232,6 +5380,7 @@ RETURNS INT[]
 LANGUAGE plpgsql
 VOLATILE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 SET plan_cache_mode = force_custom_plan
 AS $fn$
@@ -5389,6 +5538,7 @@ RETURNS INT[]
 LANGUAGE sql
 VOLATILE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_bpe_encode($1, $2)
@@ -5402,6 +5552,7 @@ LANGUAGE plpgsql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n INT := length(p_bytes);
@@ -5453,6 +5604,7 @@ LANGUAGE plpgsql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   RETURN convert_from(p_bytes, 'UTF8');
@@ -5467,6 +5619,7 @@ RETURNS BYTEA
 LANGUAGE plpgsql
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -5499,6 +5652,7 @@ RETURNS BYTEA
 LANGUAGE sql
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_bpe_decode_bytes($1, $2)
@@ -5511,6 +5665,7 @@ RETURNS TEXT
 LANGUAGE sql
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_utf8_text(llm_decode_bytes($1, $2))
@@ -5522,6 +5677,7 @@ RETURNS TABLE(pos INT, id INT, printable TEXT, piece TEXT)
 LANGUAGE sql
 VOLATILE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -5541,6 +5697,7 @@ CREATE OR REPLACE FUNCTION llm_bpe_cache_clear(tokenizer TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;
@@ -5627,6 +5784,7 @@ CREATE OR REPLACE FUNCTION llm_dataset_drop(p_dataset TEXT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;
@@ -5764,6 +5922,7 @@ CREATE OR REPLACE FUNCTION llm_model_config_get(p_config TEXT)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_model_config; v_known TEXT;
@@ -5790,6 +5949,7 @@ CREATE OR REPLACE FUNCTION llm_param_names(p_config TEXT)
 RETURNS TABLE(name TEXT, shape INT[])
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config;
@@ -5825,6 +5985,7 @@ CREATE OR REPLACE FUNCTION llm_model_get(p_name TEXT)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_config TEXT; v_known TEXT;
@@ -5857,6 +6018,7 @@ CREATE OR REPLACE FUNCTION llm_model_create(p_name TEXT, p_config TEXT DEFAULT '
 RETURNS llm_model
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_model; c llm_model_config; v_exists BOOLEAN;
@@ -5897,6 +6059,7 @@ CREATE OR REPLACE FUNCTION llm_model_drop(p_name TEXT, p_if_exists BOOLEAN DEFAU
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_n BIGINT; v_exists BOOLEAN; v_known TEXT;
@@ -5934,6 +6097,7 @@ CREATE OR REPLACE FUNCTION llm_model_check(p_name TEXT, p_tiles BOOLEAN DEFAULT 
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_config TEXT; v_problem TEXT; v_n BIGINT;
@@ -6084,6 +6248,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_get(p_id BIGINT, p_model TEXT DEFAULT 
 RETURNS llm_checkpoint
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_checkpoint; v_model TEXT; v_known TEXT;
@@ -6123,6 +6288,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_save(model TEXT, note TEXT DEFAULT NUL
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 #variable_conflict use_column
@@ -6219,6 +6385,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_load(model TEXT, id BIGINT)
 RETURNS llm_checkpoint
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 #variable_conflict use_column
@@ -6354,6 +6521,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_drop(id BIGINT, if_exists BOOLEAN DEFA
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -6450,6 +6618,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def normal_tile(np, rows, cols, mean, std, seed):
@@ -6466,6 +6635,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_fill_normal(p_id BIGINT, p_mean FLOAT8, p_
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -6508,6 +6678,7 @@ CREATE OR REPLACE FUNCTION llm_model_init(model TEXT, config TEXT DEFAULT 'gpt2-
 RETURNS llm_model
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -6559,6 +6730,7 @@ CREATE OR REPLACE FUNCTION llm_server_file_check(p_path TEXT, p_write BOOLEAN, p
 RETURNS VOID
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_ok BOOLEAN; v_role TEXT;
@@ -6592,6 +6764,7 @@ CREATE OR REPLACE FUNCTION llm_reraise(p_msg TEXT, p_detail TEXT, p_hint TEXT, p
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
@@ -6615,6 +6788,7 @@ CREATE OR REPLACE FUNCTION llm_npz_import(path TEXT, model TEXT)
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
@@ -6863,6 +7037,7 @@ CREATE OR REPLACE FUNCTION llm_npz_export(path TEXT, model TEXT, compressed BOOL
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
@@ -7037,6 +7212,7 @@ CREATE OR REPLACE FUNCTION pg_llm_import_npz(path TEXT, model TEXT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7056,6 +7232,7 @@ CREATE OR REPLACE FUNCTION pg_llm_export_npz(path TEXT, model TEXT, compressed B
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7087,6 +7264,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_check_input(p_model TEXT, p_tokens INT[], p_
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_bad INT;
@@ -7129,6 +7307,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7173,6 +7352,7 @@ CREATE OR REPLACE FUNCTION llm_logits(model TEXT, tokens INT[])
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7191,6 +7371,7 @@ CREATE OR REPLACE FUNCTION llm_logits_all(model TEXT, tokens INT[])
 RETURNS TABLE(pos INT, logits FLOAT4[])
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7208,6 +7389,7 @@ CREATE OR REPLACE FUNCTION llm_loss(model TEXT, tokens INT[], targets INT[], tra
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7262,6 +7444,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity_windows(p_model TEXT, p_x INT[], p_y I
 RETURNS FLOAT8[]
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7298,6 +7481,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity_tokens(model TEXT, tokens INT[], strid
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7344,6 +7528,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity(model TEXT, text TEXT, stride INT DEFA
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7364,6 +7549,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity(model TEXT, dataset llm_dataset_name, 
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7520,6 +7706,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def sample_logits(np, logits, temperature, top_k, top_p, seed, step, keep):
@@ -7558,6 +7745,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def sample_logits(np, logits, temperature, top_k, top_p, seed, step, keep):
@@ -7594,6 +7782,7 @@ CREATE OR REPLACE FUNCTION llm_sampling_check(p_op TEXT, p_temperature FLOAT8, p
 RETURNS VOID
 LANGUAGE plpgsql
 IMMUTABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   IF p_temperature IS NULL OR NOT (p_temperature >= 0 AND p_temperature < 'Infinity') THEN
@@ -7620,6 +7809,7 @@ CREATE OR REPLACE FUNCTION llm_sample_keep(logits FLOAT4[], temperature FLOAT8 D
 RETURNS INT[]
 LANGUAGE plpgsql
 IMMUTABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_sampling_check('llm_sample_keep', temperature, top_k, top_p, 0);
@@ -7635,6 +7825,7 @@ CREATE OR REPLACE FUNCTION llm_sample(logits FLOAT4[], temperature FLOAT8 DEFAUL
 RETURNS INT
 LANGUAGE plpgsql
 IMMUTABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_sampling_check('llm_sample', temperature, top_k, top_p, seed);
@@ -7651,6 +7842,7 @@ CREATE OR REPLACE FUNCTION llm_kv_cache_create(p_model TEXT)
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_ids BIGINT[] := '{}';
@@ -7672,6 +7864,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_forward_cached(p_model TEXT, p_tokens INT[],
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7787,6 +7980,7 @@ CREATE OR REPLACE FUNCTION llm_generate_check(p_model TEXT, p_tokens INT[], p_ma
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config;
@@ -7812,6 +8006,7 @@ CREATE OR REPLACE FUNCTION llm_generate_eos(p_config llm_model_config)
 RETURNS INT
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   RETURN coalesce((
@@ -7830,6 +8025,7 @@ CREATE OR REPLACE FUNCTION llm_generate_steps(p_model TEXT, p_tokens INT[], p_ma
 RETURNS TABLE(out_step INT, out_token INT)
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7892,6 +8088,7 @@ CREATE OR REPLACE FUNCTION llm_generate_tokens(model TEXT, tokens INT[], max_new
 RETURNS INT[]
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -7908,6 +8105,7 @@ CREATE OR REPLACE FUNCTION llm_generate(model TEXT, prompt TEXT, max_new_tokens 
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -7934,6 +8132,7 @@ CREATE OR REPLACE FUNCTION llm_generate_stream(model TEXT, prompt TEXT, max_new_
 RETURNS TABLE(step INT, token_id INT, token TEXT)
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -8039,6 +8238,7 @@ CREATE OR REPLACE FUNCTION llm_train_guard(p_model TEXT, p_on_behalf_of INT DEFA
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_pid INT;
@@ -8074,6 +8274,7 @@ RETURNS BOOLEAN
 LANGUAGE sql
 IMMUTABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   p_name LIKE '%.weight' AND p_name NOT LIKE '%ln\_%' ESCAPE '\'
@@ -8084,6 +8285,7 @@ CREATE OR REPLACE FUNCTION llm_train_batch(p_dataset TEXT, p_split TEXT, p_batch
 RETURNS TABLE(tokens INT[], targets INT[])
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -8121,6 +8323,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_loss_backward(p_model TEXT, p_tokens INT[], 
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -8143,6 +8346,7 @@ CREATE OR REPLACE FUNCTION llm_train_step(model TEXT, dataset TEXT, batch_size I
 RETURNS llm_train_log
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -8218,6 +8422,7 @@ CREATE OR REPLACE FUNCTION llm_disk_free()
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 import os
 s = os.statvfs('.')  # a backend's working directory is the data directory
@@ -8230,6 +8435,7 @@ CREATE OR REPLACE FUNCTION llm_train_room(p_loop TEXT, p_step BIGINT, p_free BIG
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_min BIGINT;
@@ -8245,20 +8451,67 @@ BEGIN
 END
 $fn$;
 
+-- A libpq conninfo value, quoted: any role, database or path is one value, never keywords.
+CREATE OR REPLACE FUNCTION llm_conninfo_quote(p_value TEXT)
+RETURNS TEXT
+LANGUAGE plpgsql
+IMMUTABLE
+STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $fn$
+BEGIN
+  RETURN '''' || replace(replace(p_value, '\', '\\'), '''', '\''') || '''';
+END
+$fn$;
+
 -- Open the named dblink connection to this database as this user (set pg_llm.loopback
---                     to extra conninfo, e.g. a password, if the server needs it).
+--                         to extra conninfo, e.g. a password, if the server needs it).
 CREATE OR REPLACE FUNCTION llm_loopback_connect(p_conn TEXT)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   IF p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
     PERFORM dblink_disconnect(p_conn);  -- left open by a cancelled earlier call in this session
   END IF;
   PERFORM dblink_connect_u(p_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
-    || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
-    || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));
+    || ' dbname=' || llm_conninfo_quote(current_database())
+    || ' port=' || llm_conninfo_quote(current_setting('port'))
+    || ' user=' || llm_conninfo_quote(current_user)
+    || coalesce(' host=' || llm_conninfo_quote(nullif(split_part(current_setting('unix_socket_directories'),
+                                                                 ',', 1), '')), ''));
+  -- the loopback session resolves names as pg_llm's functions do, whatever the role's default path
+  PERFORM dblink_exec(p_conn, 'SET search_path = ' || current_setting('search_path'));  -- ours, pinned
+END
+$fn$;
+
+-- VACUUM the tile partitions through the loopback connection p_conn (NULL: nothing).
+CREATE OR REPLACE FUNCTION llm_loopback_vacuum(p_conn TEXT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $fn$
+BEGIN
+  IF p_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
+    PERFORM dblink_exec(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
+  END IF;
+END
+$fn$;
+
+-- Close the loopback connection p_conn (NULL: nothing).
+CREATE OR REPLACE FUNCTION llm_loopback_close(p_conn TEXT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $fn$
+BEGIN
+  IF p_conn IS NOT NULL THEN
+    PERFORM dblink_disconnect(p_conn);
+  END IF;
 END
 $fn$;
 
@@ -8267,6 +8520,7 @@ CREATE OR REPLACE FUNCTION llm_train_pinned_notice(p_model TEXT, p_step BIGINT, 
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_bytes FLOAT8;
@@ -8293,6 +8547,7 @@ CREATE OR REPLACE FUNCTION llm_eval_loss(model TEXT, dataset TEXT, split TEXT DE
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_sum FLOAT8 := 0; v_n INT := 0; v_tokens INT[]; v_targets INT[]; v_t INT; r RECORD;
@@ -8325,6 +8580,7 @@ CREATE OR REPLACE FUNCTION llm_train_claim(p_model TEXT, p_steps INT, p_pid INT)
 RETURNS INT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_pid INT; v_step INT;
@@ -8345,6 +8601,7 @@ CREATE OR REPLACE FUNCTION llm_train_prepare(p_model TEXT, p_dataset TEXT, p_spl
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_model_get(p_model);
@@ -8372,17 +8629,23 @@ END
 $fn$;
 
 -- CALL form of the training loop: steps are committed one by one (an interruption
---                           loses at most the step in progress); resumes at llm_model.step up to `steps`. After
---                           each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
---                           procedure), so disk use stays flat; it stops with a WARNING before the disk fills.
+--                      loses at most the step in progress); resumes at llm_model.step up to `steps`. After
+--                      each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
+--                      procedure), so disk use stays flat; it stops with a WARNING before the disk fills.
 CREATE OR REPLACE PROCEDURE llm_train_run(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-  v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_stop TEXT;
-  v_conn TEXT := 'pg_llm_vacuum_' || pg_backend_pid(); v_step INT; v_free INT8 := llm_disk_free();
-  v_now INT8; v_growth INT8 := 0;
+  v_caller_path TEXT;
+  v_first INT; v_t0 TIMESTAMPTZ; v_log @extschema@.llm_train_log; v_val FLOAT8; v_stop TEXT; v_conn TEXT;
+  v_step INT; v_free INT8; v_now INT8; v_growth INT8;
 BEGIN
+  v_caller_path := pg_catalog.current_setting('search_path');
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
+  v_t0 := clock_timestamp();
+  v_conn := 'pg_llm_vacuum_' || pg_backend_pid();
+  v_free := llm_disk_free();
+  v_growth := 0;
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
   v_first := llm_train_claim(model, steps, pg_backend_pid());
   BEGIN
@@ -8394,6 +8657,7 @@ BEGIN
     v_conn := NULL;
   END;
   COMMIT;
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
   LOOP
     v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model);
     EXIT WHEN v_step >= steps;
@@ -8419,17 +8683,16 @@ BEGIN
     CASE WHEN v_val IS NOT NULL THEN ' | val_loss ' || round(v_val::NUMERIC, 4) ELSE '' END);
 
     COMMIT;
+
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
     -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
-    IF v_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
-      PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
-    END IF;
+    PERFORM llm_loopback_vacuum(v_conn);
     v_now := llm_disk_free();
     v_growth := greatest(v_free - v_now, 0);  -- the last step's: pages are reused after VACUUM
     v_free := v_now;
   END LOOP;
-  IF v_conn IS NOT NULL THEN
-    PERFORM dblink_disconnect(v_conn);
-  END IF;
+  PERFORM llm_loopback_close(v_conn);
+  PERFORM pg_catalog.set_config('search_path', v_caller_path, TRUE);
 END
 $fn$;
 
@@ -8442,6 +8705,7 @@ CREATE OR REPLACE FUNCTION llm_train(model TEXT, steps INT, dataset TEXT DEFAULT
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
@@ -8507,6 +8771,7 @@ CREATE OR REPLACE FUNCTION llm_loss(model TEXT, tokens INT[], targets INT[], n_l
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -8527,6 +8792,7 @@ CREATE OR REPLACE FUNCTION llm_generate(prompt TEXT, max_tokens INT, temperature
 RETURNS TEXT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -8547,6 +8813,7 @@ CREATE OR REPLACE FUNCTION llm_generate_stream(prompt TEXT, max_tokens INT, temp
 RETURNS TABLE(step INT, token_id INT, token TEXT)
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -8566,4 +8833,22 @@ $fn$;
 -- ==== build id ====
 -- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart
 -- from a checkout's (pg-llm db start warns when they differ).
-CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'c649d00c78b827a4' $fn$;
+CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, @extschema@, pg_temp AS $fn$ SELECT '212b2424fcc7482d' $fn$;
+
+-- ==== dblink's schema ====
+DO $do$
+DECLARE
+  v_schema NAME;
+  f REGPROCEDURE;
+BEGIN
+  v_schema := (SELECT n.nspname FROM pg_catalog.pg_extension AS e JOIN pg_catalog.pg_namespace AS n
+               ON n.oid = e.extnamespace WHERE e.extname = 'dblink' AND e.extnamespace <> '@extschema@'::REGNAMESPACE);
+  IF v_schema IS NOT NULL THEN
+    FOR f IN SELECT p.oid FROM pg_catalog.pg_proc AS p WHERE p.pronamespace = '@extschema@'::REGNAMESPACE
+               AND p.prokind = 'f' AND p.prosrc LIKE '%dblink%' LOOP
+      EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, @extschema@, %I, pg_temp',
+                                f, v_schema);
+    END LOOP;
+  END IF;
+END
+$do$;

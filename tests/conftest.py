@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -60,6 +63,15 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
     """One long-lived autocommit connection per module (the first PL/Python call imports numpy, ~75 ms)."""
     with psycopg.connect(dsn, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def shared_dir() -> Iterator[Path]:
+    """A directory the server's OS user (postgres, when tests run as root) can read and write."""
+    d = Path(tempfile.mkdtemp(prefix="pg_llm_shared_", dir="/tmp"))
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,15 +35,6 @@ def fingerprint(conn: psycopg.Connection) -> tuple:
         SELECT (SELECT count(*) FROM llm_tensor), (SELECT count(*) FROM llm_model),
                (SELECT count(*) FROM llm_model_config),
                (SELECT md5(string_agg(md5(data), ',' ORDER BY tensor_id, tr, tc)) FROM llm_tile)""").fetchone()
-
-
-@pytest.fixture(scope="module")
-def shared_dir() -> Iterator[Path]:
-    """A directory the server's OS user (postgres, when tests run as root) can read and write."""
-    d = Path(tempfile.mkdtemp(prefix="pg_llm_npz_", dir="/tmp"))
-    os.chmod(d, 0o777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

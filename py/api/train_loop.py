@@ -6,7 +6,7 @@ commits in its own transaction even though a SELECT cannot COMMIT). Both resume 
 from __future__ import annotations
 
 from pg_llm.api.train import HYPER
-from pg_llm.gen.emit import comment, function, plpgsql
+from pg_llm.gen.emit import comment, function, plpgsql, procedure
 
 SQL_FILE = "api/train_loop.sql"
 ORDER = 87
@@ -97,11 +97,15 @@ STEP_CALL = ("llm_train_step(model, dataset, batch_size, "
 
 
 def _procedure() -> str:
-    body = plpgsql("""
-        v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_stop TEXT;
-        v_conn TEXT := 'pg_llm_vacuum_' || pg_backend_pid(); v_step INT; v_free INT8 := llm_disk_free();
-        v_now INT8; v_growth INT8 := 0;
-    """, f"""
+    declare = """
+        v_first INT; v_t0 TIMESTAMPTZ; v_log @extschema@.llm_train_log; v_val FLOAT8; v_stop TEXT; v_conn TEXT;
+        v_step INT; v_free INT8; v_now INT8; v_growth INT8;
+    """
+    body = f"""
+        v_t0 := clock_timestamp();
+        v_conn := 'pg_llm_vacuum_' || pg_backend_pid();
+        v_free := llm_disk_free();
+        v_growth := 0;
         dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
         v_first := llm_train_claim(model, steps, pg_backend_pid());
         BEGIN
@@ -133,32 +137,18 @@ def _procedure() -> str:
     """ + NOTICE + """
           COMMIT;
           -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
-          IF v_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
-            PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
-          END IF;
+          PERFORM llm_loopback_vacuum(v_conn);
           v_now := llm_disk_free();
           v_growth := greatest(v_free - v_now, 0);  -- the last step's: pages are reused after VACUUM
           v_free := v_now;
         END LOOP;
-        IF v_conn IS NOT NULL THEN
-          PERFORM dblink_disconnect(v_conn);
-        END IF;
-    """)
-    header_body = body
-    return (function_proc("llm_train_run", LOOP_ARGS, header_body,
-                          note="""CALL form of the training loop: steps are committed one by one (an interruption
-                          loses at most the step in progress); resumes at llm_model.step up to `steps`. After
-                          each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
-                          procedure), so disk use stays flat; it stops with a WARNING before the disk fills."""))
-
-
-def function_proc(name: str, args: str, body: str, note: str) -> str:
-    """CREATE PROCEDURE (no SET clause: a procedure with SET cannot COMMIT)."""
-    from pg_llm.gen.emit import comment as c
-    from pg_llm.gen.sqlfmt import check_function_header
-
-    check_function_header(f"CREATE OR REPLACE FUNCTION {name}({args}) RETURNS VOID LANGUAGE plpgsql")
-    return f"{c(note)}\nCREATE OR REPLACE PROCEDURE {name}({args})\nLANGUAGE plpgsql\nAS $fn$\n{body}\n$fn$;\n"
+        PERFORM llm_loopback_close(v_conn);
+    """
+    return procedure("llm_train_run", LOOP_ARGS, declare, body,
+                     note="""CALL form of the training loop: steps are committed one by one (an interruption
+                     loses at most the step in progress); resumes at llm_model.step up to `steps`. After
+                     each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
+                     procedure), so disk use stays flat; it stops with a WARNING before the disk fills.""")
 
 
 def _function() -> str:

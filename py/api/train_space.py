@@ -46,17 +46,43 @@ def _room() -> str:
 
 
 def _loopback() -> str:
+    # conninfo values in single quotes with \ and ' escaped, so a role or database name is always one value
+    quote = plpgsql("", r"""
+        RETURN '''' || replace(replace(p_value, '\', '\\'), '''', '\''') || '''';
+    """)
+    out = [function("llm_conninfo_quote", "p_value TEXT", "TEXT", quote, volatility="IMMUTABLE", strict=True,
+                    note="A libpq conninfo value, quoted: any role, database or path is one value, never keywords.")]
     body = plpgsql("", """
         IF p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
           PERFORM dblink_disconnect(p_conn);  -- left open by a cancelled earlier call in this session
         END IF;
         PERFORM dblink_connect_u(p_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
-          || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
-          || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));
+          || ' dbname=' || llm_conninfo_quote(current_database())
+          || ' port=' || llm_conninfo_quote(current_setting('port'))
+          || ' user=' || llm_conninfo_quote(current_user)
+          || coalesce(' host=' || llm_conninfo_quote(nullif(split_part(current_setting('unix_socket_directories'),
+                                                                       ',', 1), '')), ''));
+        -- the loopback session resolves names as pg_llm's functions do, whatever the role's default path
+        PERFORM dblink_exec(p_conn, 'SET search_path = ' || current_setting('search_path'));  -- ours, pinned
     """)
-    return function("llm_loopback_connect", "p_conn TEXT", "VOID", body,
-                    note="""Open the named dblink connection to this database as this user (set pg_llm.loopback
-                    to extra conninfo, e.g. a password, if the server needs it).""")
+    out.append(function("llm_loopback_connect", "p_conn TEXT", "VOID", body,
+                        note="""Open the named dblink connection to this database as this user (set pg_llm.loopback
+                        to extra conninfo, e.g. a password, if the server needs it)."""))
+    body = plpgsql("", """
+        IF p_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
+          PERFORM dblink_exec(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
+        END IF;
+    """)
+    out.append(function("llm_loopback_vacuum", "p_conn TEXT", "VOID", body,
+                        note="VACUUM the tile partitions through the loopback connection p_conn (NULL: nothing)."))
+    body = plpgsql("", """
+        IF p_conn IS NOT NULL THEN
+          PERFORM dblink_disconnect(p_conn);
+        END IF;
+    """)
+    out.append(function("llm_loopback_close", "p_conn TEXT", "VOID", body,
+                        note="Close the loopback connection p_conn (NULL: nothing)."))
+    return "\n".join(out)
 
 
 def _pinned_notice() -> str:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from pg_llm.gen.emit import EXTSCHEMA, SEARCH_PATH
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 PACKAGES = ("pg_llm.gen", "pg_llm.ops", "pg_llm.autograd", "pg_llm.api")
 VERSION = "0.1.0"
@@ -62,13 +64,15 @@ def outputs() -> dict[str, str]:
     body += ("\n-- ==== build id ====\n"
              "-- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart\n"
              "-- from a checkout's (pg-llm db start warns when they differ).\n"
-             f"CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$ "
-             f"SELECT '{build_id(body)}' $fn$;\n")
+             f"CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE "
+             f"SET search_path = {SEARCH_PATH} AS $fn$ SELECT '{build_id(body)}' $fn$;\n") + DBLINK_PATH
     head = BANNER.format(src="all generator modules")
-    files["install.sql"] = (head + "-- Install pg_llm into the current database: psql -f install.sql\n"
+    files["install.sql"] = (head + "-- Install pg_llm into schema public of the current database: psql -f install.sql\n"
+                            "-- (another schema: make install, then CREATE EXTENSION pg_llm SCHEMA name)\n"
                             "SET client_min_messages = warning;\n"
+                            "SET search_path = public;\n"
                             "CREATE EXTENSION IF NOT EXISTS plpython3u;\n"
-                            "CREATE EXTENSION IF NOT EXISTS dblink;\n" + body)
+                            "CREATE EXTENSION IF NOT EXISTS dblink;\n" + body.replace(EXTSCHEMA, "public"))
     files[f"pg_llm--{VERSION}.sql"] = (head + "\\echo Use \"CREATE EXTENSION pg_llm\" to load this file. \\quit\n"
                                        + body)
     files["pg_llm.control"] = ("# pg_llm: GPT-2 trained, evaluated and sampled from SQL\n"
@@ -78,6 +82,29 @@ def outputs() -> dict[str, str]:
                                "requires = 'plpython3u, dblink'\n"
                                "superuser = true\n")
     return files
+
+
+# Functions pin search_path to pg_catalog and pg_llm's schema; those calling dblink also need dblink's schema
+# when it lives elsewhere (PostgreSQL 15 has no @extschema:dblink@), so they get it added at install time.
+DBLINK_PATH = f"""
+-- ==== dblink's schema ====
+DO $do$
+DECLARE
+  v_schema NAME;
+  f REGPROCEDURE;
+BEGIN
+  v_schema := (SELECT n.nspname FROM pg_catalog.pg_extension AS e JOIN pg_catalog.pg_namespace AS n
+               ON n.oid = e.extnamespace WHERE e.extname = 'dblink' AND e.extnamespace <> '{EXTSCHEMA}'::REGNAMESPACE);
+  IF v_schema IS NOT NULL THEN
+    FOR f IN SELECT p.oid FROM pg_catalog.pg_proc AS p WHERE p.pronamespace = '{EXTSCHEMA}'::REGNAMESPACE
+               AND p.prokind = 'f' AND p.prosrc LIKE '%dblink%' LOOP
+      EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, {EXTSCHEMA}, %I, pg_temp',
+                                f, v_schema);
+    END LOOP;
+  END IF;
+END
+$do$;
+"""
 
 
 def _body(us: list[Unit]) -> str:

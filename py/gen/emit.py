@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import sqlglot
 
-from pg_llm.gen.sqlfmt import check_function_header, sql
+from pg_llm.gen.sqlfmt import check_function_header, qualify_builtins, sql
 
 
 def comment(text: str) -> str:
@@ -30,32 +30,69 @@ def sql_statements(text: str) -> str:
     return ";\n".join(sql(p) for p in parts)
 
 
+# Every function runs with this search_path, whoever calls it: pg_catalog first (no operator or function of
+# the caller's can shadow a built-in), then pg_llm's own schema, pg_temp last (never first, as it would be by
+# default for tables). @extschema@ is pg_llm's schema: CREATE EXTENSION substitutes it, install.sql says public.
+EXTSCHEMA = "@extschema@"
+SEARCH_PATH = f"pg_catalog, {EXTSCHEMA}, pg_temp"
+
+
+def _check_header(parts: Sequence[str]) -> None:
+    # sqlglot does not know PARALLEL SAFE nor the @extschema@ placeholder; check the rest of the header.
+    check_function_header(" ".join(p for p in parts if not p.startswith("PARALLEL")).replace(EXTSCHEMA, "s"))
+
+
 def _header(name: str, args: str, returns: str, language: str, volatility: str,
-            settings: Sequence[str], strict: bool, parallel: str) -> str:
+            settings: Sequence[str], strict: bool, parallel: str, pin: bool = True) -> str:
     parts = [f"CREATE OR REPLACE FUNCTION {name}({args})", f"RETURNS {returns}", f"LANGUAGE {language}",
              volatility]
     if strict:
         parts.append("STRICT")
     if parallel:
         parts.append(f"PARALLEL {parallel}")
-    parts += [f"SET {s}" for s in settings]
-    header = "\n".join(parts)
-    # sqlglot does not know PARALLEL SAFE; check the rest of the header.
-    check_function_header(" ".join(p for p in parts if not p.startswith("PARALLEL")))
-    return header
+    parts += [f"SET search_path = {SEARCH_PATH}"] * pin + [f"SET {s}" for s in settings]
+    _check_header(parts)
+    return "\n".join(parts)
 
 
 def function(name: str, args: str, returns: str, body: str, *, language: str = "plpgsql",
              volatility: str = "VOLATILE", note: str | None = None, settings: Sequence[str] = (),
-             strict: bool = False, parallel: str = "") -> str:
+             strict: bool = False, parallel: str = "", inline: bool = False) -> str:
     """CREATE OR REPLACE FUNCTION with a dollar-quoted body. SQL statements inside PL/pgSQL bodies are
-    built with sqlfmt.sql() by the caller; the envelope is parse-checked here."""
-    header = _header(name, args, returns, language, volatility, settings, strict, parallel)
+    built with sqlfmt.sql() by the caller; the envelope is parse-checked here. inline: a one-expression SQL
+    function the planner may inline (a SET clause would forbid it): no SET search_path, every operator and
+    function in its body named by schema instead (qualify_builtins)."""
+    if inline and (language != "sql" or settings):
+        raise ValueError(f"{name}: only a SQL function without settings can be inlined")
+    header = _header(name, args, returns, language, volatility, settings, strict, parallel, pin=not inline)
     body = textwrap.dedent(body).strip("\n")
-    if language == "sql":  # SQL-language bodies are statements: parse-check and pretty-print each
+    if inline:
+        body = qualify_builtins(body)
+    elif language == "sql":  # SQL-language bodies are statements: parse-check and pretty-print each
         body = sql_statements(body)
     head = comment(note) + "\n" if note else ""
     return f"{head}{header}\nAS $fn$\n{body}\n$fn$;\n"
+
+
+# A procedure that COMMITs cannot have a SET clause, so it pins search_path itself: set_config(..., TRUE)
+# lasts until the end of the current transaction, hence once at the start and again after every COMMIT;
+# the caller's own path is restored before the procedure returns.
+_PIN = f"PERFORM pg_catalog.set_config('search_path', '{SEARCH_PATH}', TRUE);"
+_COMMIT = re.compile(r"^(\s*)COMMIT;$", re.MULTILINE)
+
+
+def procedure(name: str, args: str, declare: str, body: str, *, note: str, **queries: str) -> str:
+    """CREATE PROCEDURE in PL/pgSQL whose statements run under SEARCH_PATH (see _PIN). DECLARE initializers
+    would run before the pin: give variables their values in the body."""
+    if ":=" in declare:
+        raise ValueError(f"{name}: initialize variables in the body, after search_path is pinned")
+    _check_header([f"CREATE OR REPLACE FUNCTION {name}({args})", "RETURNS VOID", "LANGUAGE plpgsql"])
+    body = _COMMIT.sub(lambda m: f"{m.group(1)}COMMIT;\n{m.group(1)}{_PIN}", textwrap.dedent(body).strip("\n"))
+    body = ("v_caller_path := pg_catalog.current_setting('search_path');\n" + _PIN + "\n" + body
+            + "\nPERFORM pg_catalog.set_config('search_path', v_caller_path, TRUE);")
+    block = plpgsql("v_caller_path TEXT;\n" + textwrap.dedent(declare).strip(), body, **queries)
+    head = comment(note) + "\n"
+    return f"{head}CREATE OR REPLACE PROCEDURE {name}({args})\nLANGUAGE plpgsql\nAS $fn$\n{block}\n$fn$;\n"
 
 
 _PLACEHOLDER = re.compile(r"^(\s*)@(\w+)(.*)$")

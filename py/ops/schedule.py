@@ -30,7 +30,7 @@ def _lr_at() -> str:
           WHEN p_step >= p_max_steps THEN coalesce(p_min_lr, 0.1 * p_peak)
           ELSE coalesce(p_min_lr, 0.1 * p_peak) + 0.5 * (p_peak - coalesce(p_min_lr, 0.1 * p_peak))
                * (1 + cos(pi() * (p_step - greatest(p_warmup, 0)) / (p_max_steps - greatest(p_warmup, 0))))
-        END""", language="sql", volatility="IMMUTABLE", parallel="SAFE", note="""
+        END""", language="sql", volatility="IMMUTABLE", parallel="SAFE", inline=True, note="""
         Learning rate at optimizer step p_step (1 = first step): linear warmup 0 -> p_peak over p_warmup steps
         (p_peak * step / warmup), cosine decay to p_min_lr (NULL: 0.1 * p_peak) at p_max_steps, p_min_lr after.
         0 for step <= 0; NULL when p_step is NULL.""")

@@ -45,6 +45,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_get(p_id BIGINT, p_model TEXT DEFAULT 
 RETURNS llm_checkpoint
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_checkpoint; v_model TEXT; v_known TEXT;
@@ -84,6 +85,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_save(model TEXT, note TEXT DEFAULT NUL
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 #variable_conflict use_column
@@ -180,6 +182,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_load(model TEXT, id BIGINT)
 RETURNS llm_checkpoint
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 #variable_conflict use_column
@@ -315,6 +318,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_drop(id BIGINT, if_exists BOOLEAN DEFA
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 #variable_conflict use_column
 DECLARE

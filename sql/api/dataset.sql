@@ -71,6 +71,7 @@ CREATE OR REPLACE FUNCTION llm_dataset_drop(p_dataset TEXT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;

@@ -40,6 +40,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def sample_logits(np, logits, temperature, top_k, top_p, seed, step, keep):
@@ -78,6 +79,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def sample_logits(np, logits, temperature, top_k, top_p, seed, step, keep):
@@ -114,6 +116,7 @@ CREATE OR REPLACE FUNCTION llm_sampling_check(p_op TEXT, p_temperature FLOAT8, p
 RETURNS VOID
 LANGUAGE plpgsql
 IMMUTABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   IF p_temperature IS NULL OR NOT (p_temperature >= 0 AND p_temperature < 'Infinity') THEN
@@ -140,6 +143,7 @@ CREATE OR REPLACE FUNCTION llm_sample_keep(logits FLOAT4[], temperature FLOAT8 D
 RETURNS INT[]
 LANGUAGE plpgsql
 IMMUTABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_sampling_check('llm_sample_keep', temperature, top_k, top_p, 0);
@@ -155,6 +159,7 @@ CREATE OR REPLACE FUNCTION llm_sample(logits FLOAT4[], temperature FLOAT8 DEFAUL
 RETURNS INT
 LANGUAGE plpgsql
 IMMUTABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_sampling_check('llm_sample', temperature, top_k, top_p, seed);
@@ -171,6 +176,7 @@ CREATE OR REPLACE FUNCTION llm_kv_cache_create(p_model TEXT)
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_ids BIGINT[] := '{}';
@@ -192,6 +198,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_forward_cached(p_model TEXT, p_tokens INT[],
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -307,6 +314,7 @@ CREATE OR REPLACE FUNCTION llm_generate_check(p_model TEXT, p_tokens INT[], p_ma
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config;
@@ -332,6 +340,7 @@ CREATE OR REPLACE FUNCTION llm_generate_eos(p_config llm_model_config)
 RETURNS INT
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   RETURN coalesce((
@@ -350,6 +359,7 @@ CREATE OR REPLACE FUNCTION llm_generate_steps(p_model TEXT, p_tokens INT[], p_ma
 RETURNS TABLE(out_step INT, out_token INT)
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -412,6 +422,7 @@ CREATE OR REPLACE FUNCTION llm_generate_tokens(model TEXT, tokens INT[], max_new
 RETURNS INT[]
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -428,6 +439,7 @@ CREATE OR REPLACE FUNCTION llm_generate(model TEXT, prompt TEXT, max_new_tokens 
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -454,6 +466,7 @@ CREATE OR REPLACE FUNCTION llm_generate_stream(model TEXT, prompt TEXT, max_new_
 RETURNS TABLE(step INT, token_id INT, token TEXT)
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -15,6 +15,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_check_input(p_model TEXT, p_tokens INT[], p_
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_bad INT;
@@ -57,6 +58,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -101,6 +103,7 @@ CREATE OR REPLACE FUNCTION llm_logits(model TEXT, tokens INT[])
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -119,6 +122,7 @@ CREATE OR REPLACE FUNCTION llm_logits_all(model TEXT, tokens INT[])
 RETURNS TABLE(pos INT, logits FLOAT4[])
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -136,6 +140,7 @@ CREATE OR REPLACE FUNCTION llm_loss(model TEXT, tokens INT[], targets INT[], tra
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -13,6 +13,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def normal_tile(np, rows, cols, mean, std, seed):
@@ -29,6 +30,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_fill_normal(p_id BIGINT, p_mean FLOAT8, p_
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -71,6 +73,7 @@ CREATE OR REPLACE FUNCTION llm_model_init(model TEXT, config TEXT DEFAULT 'gpt2-
 RETURNS llm_model
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

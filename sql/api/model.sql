@@ -119,6 +119,7 @@ CREATE OR REPLACE FUNCTION llm_model_config_get(p_config TEXT)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_model_config; v_known TEXT;
@@ -145,6 +146,7 @@ CREATE OR REPLACE FUNCTION llm_param_names(p_config TEXT)
 RETURNS TABLE(name TEXT, shape INT[])
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config;
@@ -180,6 +182,7 @@ CREATE OR REPLACE FUNCTION llm_model_get(p_name TEXT)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_config TEXT; v_known TEXT;
@@ -212,6 +215,7 @@ CREATE OR REPLACE FUNCTION llm_model_create(p_name TEXT, p_config TEXT DEFAULT '
 RETURNS llm_model
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_model; c llm_model_config; v_exists BOOLEAN;
@@ -252,6 +256,7 @@ CREATE OR REPLACE FUNCTION llm_model_drop(p_name TEXT, p_if_exists BOOLEAN DEFAU
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_n BIGINT; v_exists BOOLEAN; v_known TEXT;
@@ -289,6 +294,7 @@ CREATE OR REPLACE FUNCTION llm_model_check(p_name TEXT, p_tiles BOOLEAN DEFAULT 
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_config TEXT; v_problem TEXT; v_n BIGINT;

@@ -25,6 +25,7 @@ CREATE OR REPLACE FUNCTION llm_server_file_check(p_path TEXT, p_write BOOLEAN, p
 RETURNS VOID
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_ok BOOLEAN; v_role TEXT;
@@ -58,6 +59,7 @@ CREATE OR REPLACE FUNCTION llm_reraise(p_msg TEXT, p_detail TEXT, p_hint TEXT, p
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
@@ -81,6 +83,7 @@ CREATE OR REPLACE FUNCTION llm_npz_import(path TEXT, model TEXT)
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
@@ -329,6 +332,7 @@ CREATE OR REPLACE FUNCTION llm_npz_export(path TEXT, model TEXT, compressed BOOL
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
@@ -503,6 +507,7 @@ CREATE OR REPLACE FUNCTION pg_llm_import_npz(path TEXT, model TEXT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -522,6 +527,7 @@ CREATE OR REPLACE FUNCTION pg_llm_export_npz(path TEXT, model TEXT, compressed B
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -31,6 +31,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity_windows(p_model TEXT, p_x INT[], p_y I
 RETURNS FLOAT8[]
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -67,6 +68,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity_tokens(model TEXT, tokens INT[], strid
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -113,6 +115,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity(model TEXT, text TEXT, stride INT DEFA
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -133,6 +136,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity(model TEXT, dataset llm_dataset_name, 
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

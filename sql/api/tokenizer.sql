@@ -109,6 +109,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   CASE p_pretokenizer
@@ -122,6 +123,7 @@ CREATE OR REPLACE FUNCTION llm_tokenizer_get(p_name TEXT)
 RETURNS llm_tokenizer
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tokenizer;
@@ -143,6 +145,7 @@ RETURNS TABLE(piece TEXT, ids INT[])
 LANGUAGE sql
 STABLE
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 WITH RECURSIVE w(piece, parts, ranks, mids) AS (
@@ -233,6 +236,7 @@ RETURNS INT[]
 LANGUAGE plpgsql
 VOLATILE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 SET plan_cache_mode = force_custom_plan
 AS $fn$
@@ -390,6 +394,7 @@ RETURNS INT[]
 LANGUAGE sql
 VOLATILE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_bpe_encode($1, $2)
@@ -403,6 +408,7 @@ LANGUAGE plpgsql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n INT := length(p_bytes);
@@ -454,6 +460,7 @@ LANGUAGE plpgsql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   RETURN convert_from(p_bytes, 'UTF8');
@@ -468,6 +475,7 @@ RETURNS BYTEA
 LANGUAGE plpgsql
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -500,6 +508,7 @@ RETURNS BYTEA
 LANGUAGE sql
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_bpe_decode_bytes($1, $2)
@@ -512,6 +521,7 @@ RETURNS TEXT
 LANGUAGE sql
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_utf8_text(llm_decode_bytes($1, $2))
@@ -523,6 +533,7 @@ RETURNS TABLE(pos INT, id INT, printable TEXT, piece TEXT)
 LANGUAGE sql
 VOLATILE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -542,6 +553,7 @@ CREATE OR REPLACE FUNCTION llm_bpe_cache_clear(tokenizer TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;

@@ -82,6 +82,7 @@ CREATE OR REPLACE FUNCTION llm_train_guard(p_model TEXT, p_on_behalf_of INT DEFA
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_pid INT;
@@ -117,6 +118,7 @@ RETURNS BOOLEAN
 LANGUAGE sql
 IMMUTABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   p_name LIKE '%.weight' AND p_name NOT LIKE '%ln\_%' ESCAPE '\'
@@ -127,6 +129,7 @@ CREATE OR REPLACE FUNCTION llm_train_batch(p_dataset TEXT, p_split TEXT, p_batch
 RETURNS TABLE(tokens INT[], targets INT[])
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -164,6 +167,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_loss_backward(p_model TEXT, p_tokens INT[], 
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -186,6 +190,7 @@ CREATE OR REPLACE FUNCTION llm_train_step(model TEXT, dataset TEXT, batch_size I
 RETURNS llm_train_log
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -9,6 +9,7 @@ CREATE OR REPLACE FUNCTION llm_eval_loss(model TEXT, dataset TEXT, split TEXT DE
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_sum FLOAT8 := 0; v_n INT := 0; v_tokens INT[]; v_targets INT[]; v_t INT; r RECORD;
@@ -41,6 +42,7 @@ CREATE OR REPLACE FUNCTION llm_train_claim(p_model TEXT, p_steps INT, p_pid INT)
 RETURNS INT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_pid INT; v_step INT;
@@ -61,6 +63,7 @@ CREATE OR REPLACE FUNCTION llm_train_prepare(p_model TEXT, p_dataset TEXT, p_spl
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_model_get(p_model);
@@ -88,17 +91,23 @@ END
 $fn$;
 
 -- CALL form of the training loop: steps are committed one by one (an interruption
---                           loses at most the step in progress); resumes at llm_model.step up to `steps`. After
---                           each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
---                           procedure), so disk use stays flat; it stops with a WARNING before the disk fills.
+--                      loses at most the step in progress); resumes at llm_model.step up to `steps`. After
+--                      each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
+--                      procedure), so disk use stays flat; it stops with a WARNING before the disk fills.
 CREATE OR REPLACE PROCEDURE llm_train_run(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-  v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_stop TEXT;
-  v_conn TEXT := 'pg_llm_vacuum_' || pg_backend_pid(); v_step INT; v_free INT8 := llm_disk_free();
-  v_now INT8; v_growth INT8 := 0;
+  v_caller_path TEXT;
+  v_first INT; v_t0 TIMESTAMPTZ; v_log @extschema@.llm_train_log; v_val FLOAT8; v_stop TEXT; v_conn TEXT;
+  v_step INT; v_free INT8; v_now INT8; v_growth INT8;
 BEGIN
+  v_caller_path := pg_catalog.current_setting('search_path');
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
+  v_t0 := clock_timestamp();
+  v_conn := 'pg_llm_vacuum_' || pg_backend_pid();
+  v_free := llm_disk_free();
+  v_growth := 0;
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
   v_first := llm_train_claim(model, steps, pg_backend_pid());
   BEGIN
@@ -110,6 +119,7 @@ BEGIN
     v_conn := NULL;
   END;
   COMMIT;
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
   LOOP
     v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model);
     EXIT WHEN v_step >= steps;
@@ -135,17 +145,16 @@ BEGIN
     CASE WHEN v_val IS NOT NULL THEN ' | val_loss ' || round(v_val::NUMERIC, 4) ELSE '' END);
 
     COMMIT;
+
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
     -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
-    IF v_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
-      PERFORM dblink_exec(v_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
-    END IF;
+    PERFORM llm_loopback_vacuum(v_conn);
     v_now := llm_disk_free();
     v_growth := greatest(v_free - v_now, 0);  -- the last step's: pages are reused after VACUUM
     v_free := v_now;
   END LOOP;
-  IF v_conn IS NOT NULL THEN
-    PERFORM dblink_disconnect(v_conn);
-  END IF;
+  PERFORM llm_loopback_close(v_conn);
+  PERFORM pg_catalog.set_config('search_path', v_caller_path, TRUE);
 END
 $fn$;
 
@@ -158,6 +167,7 @@ CREATE OR REPLACE FUNCTION llm_train(model TEXT, steps INT, dataset TEXT DEFAULT
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;

@@ -17,6 +17,7 @@ CREATE OR REPLACE FUNCTION llm_disk_free()
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 import os
 s = os.statvfs('.')  # a backend's working directory is the data directory
@@ -29,6 +30,7 @@ CREATE OR REPLACE FUNCTION llm_train_room(p_loop TEXT, p_step BIGINT, p_free BIG
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_min BIGINT;
@@ -44,20 +46,67 @@ BEGIN
 END
 $fn$;
 
+-- A libpq conninfo value, quoted: any role, database or path is one value, never keywords.
+CREATE OR REPLACE FUNCTION llm_conninfo_quote(p_value TEXT)
+RETURNS TEXT
+LANGUAGE plpgsql
+IMMUTABLE
+STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $fn$
+BEGIN
+  RETURN '''' || replace(replace(p_value, '\', '\\'), '''', '\''') || '''';
+END
+$fn$;
+
 -- Open the named dblink connection to this database as this user (set pg_llm.loopback
---                     to extra conninfo, e.g. a password, if the server needs it).
+--                         to extra conninfo, e.g. a password, if the server needs it).
 CREATE OR REPLACE FUNCTION llm_loopback_connect(p_conn TEXT)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   IF p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
     PERFORM dblink_disconnect(p_conn);  -- left open by a cancelled earlier call in this session
   END IF;
   PERFORM dblink_connect_u(p_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
-    || format(' dbname=%s port=%s user=%s', current_database(), current_setting('port'), current_user)
-    || coalesce(' host=' || nullif(split_part(current_setting('unix_socket_directories'), ',', 1), ''), ''));
+    || ' dbname=' || llm_conninfo_quote(current_database())
+    || ' port=' || llm_conninfo_quote(current_setting('port'))
+    || ' user=' || llm_conninfo_quote(current_user)
+    || coalesce(' host=' || llm_conninfo_quote(nullif(split_part(current_setting('unix_socket_directories'),
+                                                                 ',', 1), '')), ''));
+  -- the loopback session resolves names as pg_llm's functions do, whatever the role's default path
+  PERFORM dblink_exec(p_conn, 'SET search_path = ' || current_setting('search_path'));  -- ours, pinned
+END
+$fn$;
+
+-- VACUUM the tile partitions through the loopback connection p_conn (NULL: nothing).
+CREATE OR REPLACE FUNCTION llm_loopback_vacuum(p_conn TEXT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $fn$
+BEGIN
+  IF p_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
+    PERFORM dblink_exec(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
+  END IF;
+END
+$fn$;
+
+-- Close the loopback connection p_conn (NULL: nothing).
+CREATE OR REPLACE FUNCTION llm_loopback_close(p_conn TEXT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $fn$
+BEGIN
+  IF p_conn IS NOT NULL THEN
+    PERFORM dblink_disconnect(p_conn);
+  END IF;
 END
 $fn$;
 
@@ -66,6 +115,7 @@ CREATE OR REPLACE FUNCTION llm_train_pinned_notice(p_model TEXT, p_step BIGINT, 
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_bytes FLOAT8;

@@ -20,6 +20,7 @@ CREATE OR REPLACE FUNCTION llm_grad_acc(p_tape BIGINT, p_tensor BIGINT, p_grad B
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -42,6 +43,7 @@ CREATE OR REPLACE FUNCTION llm_grad_of(p_tape BIGINT, p_tensor BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   grad
@@ -55,6 +57,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_like(p_id BIGINT, p_name TEXT, p_role TEXT
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tensor_create(p_name, v.shape, v.tile, p_role, v.model)
@@ -69,6 +72,7 @@ CREATE OR REPLACE FUNCTION llm_backward(p_tape BIGINT, p_root BIGINT, p_root_gra
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -40,6 +40,7 @@ CREATE OR REPLACE FUNCTION llm_tape_record(p_tape BIGINT, p_op TEXT, p_out BIGIN
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 INSERT INTO llm_tape (
   tape,
@@ -77,6 +78,7 @@ CREATE OR REPLACE FUNCTION llm_t_embedding(p_tape BIGINT, p_w BIGINT, p_ids INT[
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(p_tape, 'embedding', llm_embedding(p_w, p_ids, NULL, p_tile_rows), p_w, p_ids => p_ids)
@@ -87,6 +89,7 @@ CREATE OR REPLACE FUNCTION llm_t_add(p_tape BIGINT, p_a BIGINT, p_b BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(p_tape, 'add', llm_add(p_a, p_b), p_a, p_b)
@@ -97,6 +100,7 @@ CREATE OR REPLACE FUNCTION llm_t_add_bias(p_tape BIGINT, p_x BIGINT, p_b BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(p_tape, 'add_bias', llm_add_bias(p_x, p_b), p_x, p_b)
@@ -107,6 +111,7 @@ CREATE OR REPLACE FUNCTION llm_t_matmul(p_tape BIGINT, p_a BIGINT, p_b BIGINT, p
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(
@@ -124,6 +129,7 @@ CREATE OR REPLACE FUNCTION llm_t_layernorm(p_tape BIGINT, p_x BIGINT, p_g BIGINT
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(
@@ -142,6 +148,7 @@ CREATE OR REPLACE FUNCTION llm_t_gelu(p_tape BIGINT, p_x BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(p_tape, 'gelu', llm_gelu(p_x), p_x)
@@ -152,6 +159,7 @@ CREATE OR REPLACE FUNCTION llm_t_attention(p_tape BIGINT, p_qkv BIGINT, p_n_head
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tape_record(
@@ -170,6 +178,7 @@ CREATE OR REPLACE FUNCTION llm_t_dropout(p_tape BIGINT, p_x BIGINT, p_rate FLOAT
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   IF p_rate = 0 THEN
@@ -188,6 +197,7 @@ CREATE OR REPLACE FUNCTION llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT,
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -244,6 +254,7 @@ RETURNS BIGINT
 LANGUAGE sql
 IMMUTABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   CAST(CAST((

@@ -74,6 +74,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   LEAST(t, n - i * t)
@@ -86,6 +87,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   CASE WHEN cardinality(shape) = 1 THEN 1 ELSE shape[1] END
@@ -98,6 +100,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   shape[cardinality(shape)]
@@ -110,6 +113,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   '(' || ARRAY_TO_STRING(shape, ', ') || CASE WHEN cardinality(shape) = 1 THEN ',)' ELSE ')' END
@@ -120,6 +124,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_create(p_name TEXT, p_shape INT[], p_tile 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_id BIGINT;
@@ -158,6 +163,7 @@ CREATE OR REPLACE FUNCTION llm_tensor(p_model TEXT, p_name TEXT, p_role TEXT DEF
 RETURNS BIGINT
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_id BIGINT;
@@ -182,6 +188,7 @@ CREATE OR REPLACE FUNCTION llm_param(p_model TEXT, p_name TEXT)
 RETURNS BIGINT
 LANGUAGE sql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   llm_tensor(p_model, p_name, 'param')
@@ -192,6 +199,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_get(p_id BIGINT)
 RETURNS llm_tensor
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -209,6 +217,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_drop(p_id BIGINT)
 RETURNS VOID
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DELETE FROM llm_tensor
 WHERE
@@ -220,6 +229,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_mark()
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   nextval('llm_tensor_scratch_id')
@@ -230,6 +240,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_release(p_mark BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;
@@ -245,6 +256,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_clear()
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;
@@ -262,6 +274,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_validate(p_id BIGINT)
 RETURNS llm_tensor
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -305,6 +318,7 @@ CREATE OR REPLACE FUNCTION llm_tables_analyze()
 RETURNS INT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r RECORD; n INT := 0;

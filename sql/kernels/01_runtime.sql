@@ -6,6 +6,7 @@ CREATE OR REPLACE FUNCTION llm_py_boot()
 RETURNS BOOLEAN
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 import sys, os
 extra = [p for p in (os.environ.get('PG_LLM_SERVER_PYTHON'), '/usr/local/lib/pg_llm/python3') if p and os.path.isdir(p)]
@@ -28,6 +29,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def tile_to_list(np, data):
@@ -42,6 +44,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def tile_to_rows(np, data, cols):
@@ -59,6 +62,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def list_to_tile(np, values):
@@ -74,6 +78,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def tile_stats(np, data):
@@ -88,6 +93,7 @@ CREATE OR REPLACE FUNCTION llm_tile_values(p_tensor BIGINT, p_tile_row INT, p_ti
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_data BYTEA;
@@ -113,6 +119,7 @@ CREATE OR REPLACE FUNCTION llm_tile_values_2d(p_tensor BIGINT, p_tile_row INT, p
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_data BYTEA;
@@ -174,6 +181,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def block_rows_skip(np, tiles, rows, first, count, skip):
@@ -187,6 +195,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_rows(p_tensor BIGINT, p_first_row INT DEFA
 RETURNS TABLE(row_index INT, vals FLOAT4[])
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_first INT; v_last INT;
@@ -226,6 +235,7 @@ CREATE OR REPLACE FUNCTION llm_doctor()
 RETURNS TABLE(check_name TEXT, value TEXT, status TEXT)
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 import os, sys, time
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']

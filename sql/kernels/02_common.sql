@@ -7,6 +7,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def add_tiles(np, a, b):
@@ -26,6 +27,7 @@ CREATE OR REPLACE FUNCTION llm_input(p_id BIGINT, p_op TEXT, p_arg TEXT)
 RETURNS llm_tensor
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -44,6 +46,7 @@ CREATE OR REPLACE FUNCTION llm_output(p_out BIGINT, p_name TEXT, p_shape INT[], 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;

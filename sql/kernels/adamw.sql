@@ -25,6 +25,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_zero(p_id BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -68,6 +69,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_zeros_like(p_id BIGINT, p_role TEXT DEFAUL
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -100,6 +102,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def adamw_tile(np, p, g, m, v, h):
@@ -139,6 +142,7 @@ CREATE OR REPLACE FUNCTION llm_adamw_step(p_param BIGINT, p_grad BIGINT, p_m BIG
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -252,6 +256,7 @@ CREATE OR REPLACE FUNCTION llm_adamw_state(p_param BIGINT, OUT m_id BIGINT, OUT 
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

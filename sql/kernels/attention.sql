@@ -16,6 +16,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len, rate, seed):
@@ -51,6 +52,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len, rate, seed):
@@ -99,6 +101,7 @@ CREATE OR REPLACE FUNCTION llm_attention(p_qkv BIGINT, p_n_head INT, p_seq_len I
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -154,6 +157,7 @@ CREATE OR REPLACE FUNCTION llm_attention_backward(p_qkv BIGINT, p_dy BIGINT, p_n
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

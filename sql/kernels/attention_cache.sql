@@ -23,6 +23,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def attention_cached(np, tiles, kv, rows, cols, th, tw, past, n_head):
@@ -68,6 +69,7 @@ CREATE OR REPLACE FUNCTION llm_attention_cached(p_qkv BIGINT, p_cache BIGINT, p_
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

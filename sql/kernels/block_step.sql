@@ -25,6 +25,7 @@ RETURNS BYTEA[]
 LANGUAGE plpython3u
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
@@ -309,6 +310,7 @@ CREATE OR REPLACE FUNCTION llm_gpt2_block_params(p_model TEXT, p_n_layer INT)
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   v_names TEXT[] := ARRAY['ln_1.weight', 'ln_1.bias', 'attn.c_attn.weight', 'attn.c_attn.bias', 'attn.c_proj.weight', 'attn.c_proj.bias', 'ln_2.weight', 'ln_2.bias', 'mlp.c_fc.weight', 'mlp.c_fc.bias', 'mlp.c_proj.weight', 'mlp.c_proj.bias'];

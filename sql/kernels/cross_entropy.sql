@@ -19,6 +19,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def cross_entropy_block(np, tiles, targets, rows, cols):
@@ -46,6 +47,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def cross_entropy_backward_block(np, tiles, targets, rows, cols, scale):
@@ -80,6 +82,7 @@ CREATE OR REPLACE FUNCTION llm_cross_entropy(p_logits BIGINT, p_targets INT[])
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -148,6 +151,7 @@ CREATE OR REPLACE FUNCTION llm_cross_entropy_backward(p_logits BIGINT, p_targets
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

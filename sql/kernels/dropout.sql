@@ -26,6 +26,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def dropout_tile(np, x, rate, seed, tr, tc):
@@ -46,6 +47,7 @@ CREATE OR REPLACE FUNCTION llm_dropout(p_x BIGINT, p_rate FLOAT8, p_seed BIGINT,
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -100,6 +102,7 @@ CREATE OR REPLACE FUNCTION llm_dropout_backward(p_dy BIGINT, p_rate FLOAT8, p_se
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -27,6 +27,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def ew_tile(np, op, a, b):
@@ -56,6 +57,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def ew_tile(np, op, a, b):
@@ -85,6 +87,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def scale_tile(np, x, alpha):
@@ -102,6 +105,7 @@ CREATE OR REPLACE FUNCTION llm_add(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAULT 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -157,6 +161,7 @@ CREATE OR REPLACE FUNCTION llm_mul(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAULT 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -212,6 +217,7 @@ CREATE OR REPLACE FUNCTION llm_scale(p_x BIGINT, p_alpha FLOAT8, p_out BIGINT DE
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -258,6 +264,7 @@ CREATE OR REPLACE FUNCTION llm_add_bias(p_x BIGINT, p_b BIGINT, p_out BIGINT DEF
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -313,6 +320,7 @@ CREATE OR REPLACE FUNCTION llm_add_backward(p_dy BIGINT, p_da BIGINT, p_db BIGIN
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -359,6 +367,7 @@ CREATE OR REPLACE FUNCTION llm_mul_backward(p_a BIGINT, p_b BIGINT, p_dy BIGINT,
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -373,6 +382,7 @@ CREATE OR REPLACE FUNCTION llm_scale_backward(p_dy BIGINT, p_alpha FLOAT8, p_dx 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -386,6 +396,7 @@ CREATE OR REPLACE FUNCTION llm_add_bias_backward(p_dy BIGINT, p_dx BIGINT, p_db 
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN

@@ -26,6 +26,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def embedding_scatter_tile(np, segs, local_rows, rows, cols):
@@ -50,6 +51,7 @@ CREATE OR REPLACE FUNCTION llm_embedding(p_weight BIGINT, p_ids INT[], p_out BIG
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -128,6 +130,7 @@ CREATE OR REPLACE FUNCTION llm_embedding_backward(p_dy BIGINT, p_ids INT[], p_dw
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

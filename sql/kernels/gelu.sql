@@ -18,6 +18,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def gelu_tile(np, x):
@@ -37,6 +38,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def gelu_backward_tile(np, x, dy):
@@ -62,6 +64,7 @@ CREATE OR REPLACE FUNCTION llm_gelu(p_x BIGINT, p_out BIGINT DEFAULT NULL, p_acc
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -105,6 +108,7 @@ CREATE OR REPLACE FUNCTION llm_gelu_backward(p_x BIGINT, p_dy BIGINT, p_dx BIGIN
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

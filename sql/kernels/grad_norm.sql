@@ -19,6 +19,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def sq_sum_tile(np, x):
@@ -34,6 +35,7 @@ CREATE OR REPLACE FUNCTION llm_sq_norm(p_tensor BIGINT)
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -64,6 +66,7 @@ CREATE OR REPLACE FUNCTION llm_global_grad_norm(p_ids BIGINT[])
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -86,6 +89,7 @@ RETURNS FLOAT8
 LANGUAGE sql
 IMMUTABLE
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 SELECT
   CASE

@@ -18,6 +18,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def layernorm_block(np, x_tiles, g_row, b_row, rows, cols, eps):
@@ -47,6 +48,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def layernorm_backward_block(np, x_tiles, dy_tiles, g_row, rows, cols, eps):
@@ -79,6 +81,7 @@ CREATE OR REPLACE FUNCTION llm_layernorm_param(p_id BIGINT, p_x llm_tensor, p_op
 RETURNS BYTEA
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_row BYTEA;
@@ -116,6 +119,7 @@ CREATE OR REPLACE FUNCTION llm_layernorm(p_x BIGINT, p_g BIGINT, p_b BIGINT, p_o
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -166,6 +170,7 @@ CREATE OR REPLACE FUNCTION llm_layernorm_backward(p_x BIGINT, p_g BIGINT, p_dy B
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

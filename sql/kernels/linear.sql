@@ -28,6 +28,7 @@ CREATE OR REPLACE FUNCTION llm_mk_linear_panel(x BIGINT, x_geom INT[], i INT, pi
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 DEFAULT_MB = 1024
@@ -280,6 +281,7 @@ CREATE OR REPLACE FUNCTION llm_linear(p_x BIGINT, p_w BIGINT, p_b BIGINT DEFAULT
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -365,6 +367,7 @@ CREATE OR REPLACE FUNCTION llm_linear_backward(p_x BIGINT, p_w BIGINT, p_dy BIGI
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN

@@ -33,6 +33,7 @@ RETURNS TABLE(tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 DEFAULT_MB = 1024
@@ -264,6 +265,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb):
@@ -288,6 +290,7 @@ CREATE OR REPLACE FUNCTION llm_matmul(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAU
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -347,6 +350,7 @@ CREATE OR REPLACE FUNCTION llm_matmul_backward(p_a BIGINT, p_b BIGINT, p_dy BIGI
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN

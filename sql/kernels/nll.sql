@@ -20,6 +20,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def nll_rows(np, tiles, rows, cols, skip, targets):
@@ -46,6 +47,7 @@ CREATE OR REPLACE FUNCTION llm_nll(p_logits BIGINT, p_targets INT[], p_first_row
 RETURNS FLOAT8[]
 LANGUAGE plpgsql
 STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -22,6 +22,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def sum_tile(np, data, n, axis):
@@ -43,6 +44,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def broadcast_tile(np, v, h, w, axis):
@@ -63,6 +65,7 @@ CREATE OR REPLACE FUNCTION llm_sum_rows(p_x BIGINT, p_out BIGINT DEFAULT NULL, p
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -110,6 +113,7 @@ CREATE OR REPLACE FUNCTION llm_sum_cols(p_x BIGINT, p_out BIGINT DEFAULT NULL, p
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -158,6 +162,7 @@ CREATE OR REPLACE FUNCTION llm_sum_rows_backward(p_dy BIGINT, p_like BIGINT, p_d
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -219,6 +224,7 @@ CREATE OR REPLACE FUNCTION llm_sum_cols_backward(p_dy BIGINT, p_like BIGINT, p_d
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

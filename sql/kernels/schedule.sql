@@ -24,20 +24,54 @@ PARALLEL SAFE
 AS $fn$
 SELECT
   CASE
-    WHEN p_step <= 0
+    WHEN (
+      p_step OPERATOR(pg_catalog.<=) 0
+    )
     THEN CAST(0 AS DOUBLE PRECISION)
-    WHEN p_step <= p_warmup
-    THEN p_peak * p_step / p_warmup
-    WHEN p_step >= p_max_steps
-    THEN COALESCE(p_min_lr, 0.1 * p_peak)
-    ELSE COALESCE(p_min_lr, 0.1 * p_peak) + 0.5 * (
-      p_peak - COALESCE(p_min_lr, 0.1 * p_peak)
-    ) * (
-      1 + COS(
-        PI() * (
-          p_step - GREATEST(p_warmup, 0)
-        ) / (
-          p_max_steps - GREATEST(p_warmup, 0)
+    WHEN (
+      p_step OPERATOR(pg_catalog.<=) p_warmup
+    )
+    THEN (
+      (
+        p_peak OPERATOR(pg_catalog.*) p_step
+      ) OPERATOR(pg_catalog./) p_warmup
+    )
+    WHEN (
+      p_step OPERATOR(pg_catalog.>=) p_max_steps
+    )
+    THEN COALESCE(p_min_lr, (
+      0.1 OPERATOR(pg_catalog.*) p_peak
+    ))
+    ELSE (
+      COALESCE(p_min_lr, (
+        0.1 OPERATOR(pg_catalog.*) p_peak
+      )) OPERATOR(pg_catalog.+) (
+        (
+          0.5 OPERATOR(pg_catalog.*) (
+            (
+              p_peak OPERATOR(pg_catalog.-) COALESCE(p_min_lr, (
+                0.1 OPERATOR(pg_catalog.*) p_peak
+              ))
+            )
+          )
+        ) OPERATOR(pg_catalog.*) (
+          (
+            1 OPERATOR(pg_catalog.+) pg_catalog.cos(
+              (
+                (
+                  pg_catalog.pi() OPERATOR(pg_catalog.*) (
+                    (
+                      p_step OPERATOR(pg_catalog.-) GREATEST(p_warmup, 0)
+                    )
+                  )
+                ) OPERATOR(pg_catalog./) (
+                  (
+                    p_max_steps OPERATOR(pg_catalog.-) GREATEST(p_warmup, 0)
+                  )
+                )
+              )
+            )
+          )
         )
       )
     )

@@ -20,6 +20,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def softmax_block(np, s_tiles, rows, cols, first_row, seq_len, scale, causal):
@@ -52,6 +53,7 @@ LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
 def softmax_backward_block(np, p_tiles, dp_tiles, rows, cols, scale):
@@ -80,6 +82,7 @@ CREATE OR REPLACE FUNCTION llm_softmax_causal(p_s BIGINT, p_seq_len INT, p_scale
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -144,6 +147,7 @@ CREATE OR REPLACE FUNCTION llm_softmax_causal_backward(p_p BIGINT, p_dp BIGINT, 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -39,6 +39,7 @@ CREATE OR REPLACE FUNCTION llm_weight_cache_stats()
 RETURNS TABLE(tensors INT, entries INT, bytes BIGINT, hits BIGINT, misses BIGINT, evictions BIGINT)
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 c = GD.get('llm_weight_cache')
@@ -52,6 +53,7 @@ CREATE OR REPLACE FUNCTION llm_weight_cache_clear()
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 c = GD.pop('llm_weight_cache', None)
@@ -64,6 +66,7 @@ RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
 STRICT
+SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 c = GD.get('llm_weight_cache')
