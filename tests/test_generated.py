@@ -21,6 +21,12 @@ def test_committed_sql_is_current() -> None:
     assert build.stale() == [], "run `make generate` and commit the result"
 
 
+def test_built_scripts_are_current_and_not_committed() -> None:
+    assert build.stale(built=True) == [], "run `make generate` (make test does)"
+    tracked = subprocess.run(["git", "ls-files", *build.BUILT], cwd=ROOT, capture_output=True, text=True)
+    assert tracked.returncode != 0 or tracked.stdout == "", "build outputs are gitignored, not committed"
+
+
 def test_generation_is_deterministic() -> None:
     assert build.outputs() == build.outputs()
 

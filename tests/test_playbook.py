@@ -1,5 +1,5 @@
 """The user's playbook (../shared/seed-playbook.md), executed in order against a fresh database: its SQL
-statements verbatim, its scripts replaced by pg_llm's commands (README, "GPT-2 reproduction playbook").
+statements verbatim, its scripts replaced by pg_llm's commands (docs/playbook.md).
 
 Default suite: the playbook's names with a tiny architecture registered as 'gpt2-small' (the GPT-2 tokenizer
 and vocabulary are real). The slow-marked variant keeps the real GPT-2 small config."""

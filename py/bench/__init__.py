@@ -2,7 +2,7 @@
 
 Run: `.venv/bin/python -m pg_llm.bench [--only SECTION ...] [--dsn DSN] [--runs N] [--quick]`. Without --dsn it
 starts its own ephemeral cluster (py/harness) and creates a database with pg_llm installed. Every table is
-printed and written to `.pg_llm/bench/<section>.md`, aligned so it can be pasted into the README.
+printed and written to `.pg_llm/bench/<section>.md`, aligned so it can be pasted into docs/benchmarks.md.
 
 Adding a section: a module `pg_llm.bench.<name>` with
 

@@ -183,7 +183,10 @@ class Cluster:
 
 def install_pg_llm(dsn: str, script: Path | None = None) -> None:
     """Run install.sql (what `psql -f install.sql` runs) in one transaction."""
-    text = (script or ROOT / "install.sql").read_text()
+    path = script or ROOT / "install.sql"
+    if not path.exists():
+        raise ClusterError(f"pg_llm: {path} is missing: it is built, not committed; run `make generate`")
+    text = path.read_text()
     with psycopg.connect(dsn) as conn:
         conn.execute(text)  # no parameters: psycopg sends it as one simple-protocol query
 
