@@ -24,6 +24,19 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def pip_download(args: list[str], dest: str) -> None:
+    """`pip download -q --no-deps ARGS -d dest`, without the warnings this machine's pip config prints for
+    optional local indexes that do not exist; any other output is passed on, and a failure raises."""
+    p = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *args, "-d", dest],
+                       capture_output=True, text=True)
+    noise = "is ignored: it is neither a file nor a directory"
+    for line in (p.stdout + p.stderr).splitlines():
+        if noise not in line:
+            print(line, file=sys.stderr)
+    if p.returncode:
+        raise subprocess.CalledProcessError(p.returncode, p.args)
+
+
 def gpt2_dir() -> Path:
     return ASSETS / "gpt2"
 

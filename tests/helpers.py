@@ -26,5 +26,5 @@ class FakePlpy:
         pass
 
     @staticmethod
-    def error(msg: str) -> None:
-        raise FakePlpy.Error(msg)
+    def error(msg: str, hint: str | None = None) -> None:
+        raise FakePlpy.Error(msg if hint is None else f"{msg} (HINT: {hint})")

@@ -7,9 +7,9 @@ import psycopg
 import pytest
 import torch
 
+from pg_llm.kernels import runtime
+from pg_llm.kernels.adamw import adamw_tile
 from pg_llm.loader.tensors import write_tensor
-from pg_llm.ops import adamw
-from pg_llm.ops.adamw import adamw_tile
 
 from conftest import close
 from helpers import FakePlpy, call, get, put
@@ -56,7 +56,7 @@ def test_microkernel_matches_formula(rng: np.random.Generator) -> None:
     p, g = rng.standard_normal(12).astype(np.float32), rng.standard_normal(12).astype(np.float32)
     m, v = rng.standard_normal(12).astype(np.float32), rng.uniform(0, 2, 12).astype(np.float32)
     lr, b1, b2, eps, wd, scale, t = 3e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, 7
-    out = adamw_tile(np, p.tobytes(), g.tobytes(), m.tobytes(), v.tobytes(),
+    out = adamw_tile(p.tobytes(), g.tobytes(), m.tobytes(), v.tobytes(),
                      [lr, b1, b2, eps, wd, scale, t])
     p1, m1, v1 = (np.frombuffer(b, "<f4") for b in out)
     g64 = g.astype(np.float64) * scale
@@ -69,10 +69,10 @@ def test_microkernel_matches_formula(rng: np.random.Generator) -> None:
 
 
 def test_microkernel_refuses_mismatched_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(adamw, "plpy", FakePlpy, raising=False)
+    monkeypatch.setattr(runtime, "plpy", FakePlpy)
     a, b = np.zeros(4, "<f4").tobytes(), np.zeros(3, "<f4").tobytes()
     with pytest.raises(FakePlpy.Error, match="tiles of 4, 4, 3 and 4 floats"):
-        adamw_tile(np, a, a, b, a, [1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0, 1])
+        adamw_tile(a, a, b, a, [1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0, 1])
 
 
 # ---- against torch.optim.AdamW ------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_errors(conn: psycopg.Connection) -> None:
 def test_dropout_on_probabilities(conn: psycopg.Connection, rng: np.random.Generator) -> None:
     """Dropout on attention probabilities: reproducible per seed, and backward consistent with forward
     (checked by a directional finite difference in float64 of the same masked function)."""
-    from pg_llm.ops.attention import attention_backward, attention_forward
+    from pg_llm.kernels.attention import attention_backward, attention_forward
 
     B, T, C, H = 2, 9, 12, 3
     qkv = rng.standard_normal((B * T, 3 * C)).astype(np.float32)
@@ -63,12 +63,12 @@ def test_dropout_on_probabilities(conn: psycopg.Connection, rng: np.random.Gener
     assert (y1 == y2).all() and not (y1 == y3).all() and not (y1 == y0).all()
 
     def f(x: np.ndarray) -> np.ndarray:  # the masked forward in float64 via the same microkernel
-        out = attention_forward(np, [x.astype(np.float32).tobytes()], B * T, 3 * C, B * T, 3 * C, H, T, 0.3, 7)
+        out = attention_forward([x.astype(np.float32).tobytes()], B * T, 3 * C, B * T, 3 * C, H, T, 0.3, 7)
         return np.frombuffer(out[0], "<f4").reshape(B * T, C).astype(np.float64)
 
     dy = rng.standard_normal((B * T, C))
-    g = np.frombuffer(attention_backward(np, [qkv.tobytes()], [dy.astype(np.float32).tobytes()], B * T, 3 * C,
-                                         B * T, 3 * C, H, T, 0.3, 7)[0], "<f4").reshape(B * T, 3 * C)
+    g = np.frombuffer(attention_backward([qkv.tobytes()], [dy.astype(np.float32).tobytes()], B * T, 3 * C,
+                                     B * T, 3 * C, H, T, 0.3, 7)[0], "<f4").reshape(B * T, 3 * C)
     d = rng.standard_normal(qkv.shape).astype(np.float32)
     eps = 1e-2
     fd = ((f(qkv + eps * d) - f(qkv - eps * d)) * dy).sum() / (2 * eps)

@@ -10,7 +10,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from pg_llm.ops.block_step import block_shapes, gpt2_block_step
+from pg_llm.kernels.block_step import block_shapes, gpt2_block_step
 
 from gpt2_fixtures import import_tiny
 
@@ -47,7 +47,7 @@ def test_block_in_numpy(rng: np.random.Generator) -> None:
     x = rng.standard_normal((1, C)).astype(np.float32)
     for past in (0, 5):
         kv = rng.standard_normal((past, 2 * C)).astype(np.float32)
-        y, row = gpt2_block_step(np, x, w, kv, past, H, 1e-5)
+        y, row = gpt2_block_step(x, w, kv, past, H, 1e-5)
         want_y, want_row = ref_block(x, w, kv, H, 1e-5)
         assert np.abs(y - want_y).max() <= 1e-5 * max(1.0, np.abs(want_y).max())
         assert np.abs(row - want_row).max() <= 1e-5 * max(1.0, np.abs(want_row).max())

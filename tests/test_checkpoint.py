@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from pg_llm.kernels.npz import META_KEY
 from pg_llm.loader.checkpoint import CheckpointError
 from pg_llm.loader.model import export_model, import_model
-from pg_llm.loader.npz import META_KEY
 from pg_llm.loader.state import export_state, import_state
 from pg_llm.loader.tensors import read_tensor, write_tensor, write_tiles
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pg_llm.ops.cross_entropy import cross_entropy_backward_block, cross_entropy_block
+from pg_llm.kernels.cross_entropy import cross_entropy_backward_block, cross_entropy_block
 
 from conftest import close
 from helpers import call, get, put
@@ -38,8 +38,8 @@ def test_microkernels_in_numpy(rng: np.random.Generator) -> None:
     logits, targets = data(rng, 40, 11)
     loss, grad = torch_ce(logits, targets)
     tiles = [np.ascontiguousarray(logits[:, i:i + 4]).tobytes() for i in range(0, 11, 4)]
-    assert cross_entropy_block(np, tiles, targets.tolist(), 40, 11) / 40 == pytest.approx(loss, rel=1e-12)
-    out = cross_entropy_backward_block(np, tiles, targets.tolist(), 40, 11, 1 / 40)
+    assert cross_entropy_block(tiles, targets.tolist(), 40, 11) / 40 == pytest.approx(loss, rel=1e-12)
+    out = cross_entropy_backward_block(tiles, targets.tolist(), 40, 11, 1 / 40)
     close(np.hstack([np.frombuffer(t, "<f4").reshape(40, -1) for t in out]), grad)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from pg_llm.ops.dropout import dropout_tile
+from pg_llm.kernels.dropout import dropout_tile
 
 from conftest import close
 from helpers import call, get, put
@@ -40,7 +40,7 @@ def refused(conn: psycopg.Connection, match: str, sql: str, *args: object) -> No
 def test_microkernel_in_numpy(rng: np.random.Generator) -> None:
     x = rng.standard_normal((6, 5)).astype(np.float32)
     for seed in (0, 7, -3, 2**63 - 1):
-        y = np.frombuffer(dropout_tile(np, x.tobytes(), 0.3, seed, 2, 5), "<f4").reshape(6, 5)
+        y = np.frombuffer(dropout_tile(x.tobytes(), 0.3, seed, 2, 5), "<f4").reshape(6, 5)
         full = np.zeros((18, 30), np.float32)
         full[12:18, 25:30] = x  # tile (2, 5) of a (6, 5)-tiled tensor
         close(y, reference(full, (6, 5), 0.3, seed)[12:18, 25:30])

@@ -7,8 +7,8 @@ import psycopg
 import pytest
 import torch
 
-from pg_llm.ops import elementwise
-from pg_llm.ops.elementwise import ew_tile, scale_tile
+from pg_llm.kernels import runtime
+from pg_llm.kernels.elementwise import ew_tile, scale_tile
 
 from conftest import close
 from helpers import FakePlpy, call, get, put
@@ -39,19 +39,19 @@ def test_microkernels_in_numpy(rng: np.random.Generator) -> None:
     a = rng.standard_normal((3, 5), dtype=np.float32)
     b = rng.standard_normal((3, 5), dtype=np.float32)
     bias = rng.standard_normal(5, dtype=np.float32)
-    close(f32(ew_tile(np, "add", a.tobytes(), b.tobytes()), 3, 5), a + b)
-    close(f32(ew_tile(np, "mul", a.tobytes(), b.tobytes()), 3, 5), a * b)
-    close(f32(ew_tile(np, "add_bias", a.tobytes(), bias.tobytes()), 3, 5), a + bias)
-    close(f32(scale_tile(np, a.tobytes(), -2.5), 3, 5), -2.5 * a)
-    assert f32(scale_tile(np, a.tobytes(), 0.1), 3, 5).dtype == np.float32
+    close(f32(ew_tile("add", a.tobytes(), b.tobytes()), 3, 5), a + b)
+    close(f32(ew_tile("mul", a.tobytes(), b.tobytes()), 3, 5), a * b)
+    close(f32(ew_tile("add_bias", a.tobytes(), bias.tobytes()), 3, 5), a + bias)
+    close(f32(scale_tile(a.tobytes(), -2.5), 3, 5), -2.5 * a)
+    assert f32(scale_tile(a.tobytes(), 0.1), 3, 5).dtype == np.float32
 
 
 def test_microkernel_errors_in_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(elementwise, "plpy", FakePlpy, raising=False)
+    monkeypatch.setattr(runtime, "plpy", FakePlpy)
     with pytest.raises(FakePlpy.Error, match="tiles of 6 and 4 floats"):
-        ew_tile(np, "mul", np.ones(6, "<f4").tobytes(), np.ones(4, "<f4").tobytes())
+        ew_tile("mul", np.ones(6, "<f4").tobytes(), np.ones(4, "<f4").tobytes())
     with pytest.raises(FakePlpy.Error, match="not whole rows of the 4-float bias tile"):
-        ew_tile(np, "add_bias", np.ones(6, "<f4").tobytes(), np.ones(4, "<f4").tobytes())
+        ew_tile("add_bias", np.ones(6, "<f4").tobytes(), np.ones(4, "<f4").tobytes())
 
 
 # ---- forward ------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pg_llm.ops import gelu
-from pg_llm.ops.gelu import gelu_backward_tile, gelu_tile
+from pg_llm.kernels import runtime
+from pg_llm.kernels.gelu import gelu_backward_tile, gelu_tile
 
 from conftest import close
 from helpers import FakePlpy, call, get, put
@@ -50,10 +50,10 @@ def inputs(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 def test_microkernels_in_numpy(rng: np.random.Generator) -> None:
     x = inputs(rng, (64, 33))
     dy = rng.standard_normal((64, 33), dtype=np.float32)
-    y = f32(gelu_tile(np, x.tobytes()), 64, 33)
+    y = f32(gelu_tile(x.tobytes()), 64, 33)
     assert y.dtype == np.float32
     close(y, torch_gelu(x))
-    close(f32(gelu_backward_tile(np, x.tobytes(), dy.tobytes()), 64, 33), torch_grad(x, dy))
+    close(f32(gelu_backward_tile(x.tobytes(), dy.tobytes()), 64, 33), torch_grad(x, dy))
 
 
 def test_derivative_against_finite_differences(rng: np.random.Generator) -> None:
@@ -64,14 +64,14 @@ def test_derivative_against_finite_differences(rng: np.random.Generator) -> None
         return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
 
     fd = (fwd(x + h) - fwd(x - h)) / (2 * h)
-    got = f32(gelu_backward_tile(np, x.astype(np.float32).tobytes(), np.ones(200, "<f4").tobytes()), 200)
+    got = f32(gelu_backward_tile(x.astype(np.float32).tobytes(), np.ones(200, "<f4").tobytes()), 200)
     close(got, fd, rel=1e-5)
 
 
 def test_microkernel_errors_in_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gelu, "plpy", FakePlpy, raising=False)
+    monkeypatch.setattr(runtime, "plpy", FakePlpy)
     with pytest.raises(FakePlpy.Error, match="x and dy tiles of 6 and 4 floats"):
-        gelu_backward_tile(np, np.ones(6, "<f4").tobytes(), np.ones(4, "<f4").tobytes())
+        gelu_backward_tile(np.ones(6, "<f4").tobytes(), np.ones(4, "<f4").tobytes())
 
 
 # ---- forward and backward -----------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 import torch
 
+from pg_llm.kernels.attention_cache import attention_cached
 from pg_llm.loader.model import import_model
 from pg_llm.loader.tokenizer import ensure_gpt2
-from pg_llm.ops.attention_cache import attention_cached
 
 from gpt2_fixtures import import_tiny, make_hf_model
 
@@ -96,7 +96,7 @@ def test_attention_cached_kernel_in_chunks(rng: np.random.Generator) -> None:
         rows = qkv[past:past + n]
         tiles = [np.ascontiguousarray(rows[r:r + th, c:c + tw]).tobytes()
                  for r in range(0, n, th) for c in range(0, 3 * C, tw)]
-        out = list(attention_cached(np, tiles, cache, n, 3 * C, th, tw, past, H))
+        out = list(attention_cached(tiles, cache, n, 3 * C, th, tw, past, H))
         y = np.zeros((n, C), np.float32)
         for t, tr, tc, data in out:
             if t == 0:

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 import torch
 
+from pg_llm.kernels.grad_norm import sq_sum_tile
 from pg_llm.loader.tensors import write_tensor
-from pg_llm.ops.grad_norm import sq_sum_tile
 
 from conftest import close
 from helpers import call, get, put
@@ -36,8 +36,8 @@ def torch_clip(arrays: list[np.ndarray], max_norm: float) -> tuple[float, list[n
 
 def test_microkernel_in_numpy(rng: np.random.Generator) -> None:
     a = rng.standard_normal((7, 9)).astype(np.float32)
-    assert sq_sum_tile(np, a.tobytes()) == pytest.approx(float((a.astype(np.float64) ** 2).sum()), rel=1e-14)
-    assert sq_sum_tile(np, b"") == 0.0
+    assert sq_sum_tile(a.tobytes()) == pytest.approx(float((a.astype(np.float64) ** 2).sum()), rel=1e-14)
+    assert sq_sum_tile(b"") == 0.0
 
 
 def test_sq_norm(conn: psycopg.Connection, rng: np.random.Generator) -> None:

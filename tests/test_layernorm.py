@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pg_llm.ops.layernorm import layernorm_backward_block, layernorm_block
+from pg_llm.kernels.layernorm import layernorm_backward_block, layernorm_block
 
 from conftest import close
 from helpers import call, get, put
@@ -42,10 +42,10 @@ def split(a: np.ndarray, w: int) -> list[bytes]:
 def test_microkernels_in_numpy(rng: np.random.Generator) -> None:
     x, g, b, dy = data(rng, 6, 11)
     want, dx, dg, db = torch_ln(x, g, b, dy)
-    out = layernorm_block(np, split(x, 4), g.tobytes(), b.tobytes(), 6, 11, 1e-5)
+    out = layernorm_block(split(x, 4), g.tobytes(), b.tobytes(), 6, 11, 1e-5)
     assert [len(t) for t in out] == [4 * 6 * 4, 4 * 6 * 4, 4 * 6 * 3]
     close(np.hstack([np.frombuffer(t, "<f4").reshape(6, -1) for t in out]), want)
-    parts = layernorm_backward_block(np, split(x, 4), split(dy, 4), g.tobytes(), 6, 11, 1e-5)
+    parts = layernorm_backward_block(split(x, 4), split(dy, 4), g.tobytes(), 6, 11, 1e-5)
     assert len(parts) == 9
     close(np.hstack([np.frombuffer(t, "<f4").reshape(6, -1) for t in parts[:3]]), dx)
     close(np.concatenate([np.frombuffer(t, "<f4") for t in parts[3:6]]), dg)

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 import torch
 
-from pg_llm.ops.gelu import gelu_tile
-from pg_llm.ops.linear import linear_blocks
+from pg_llm.kernels.gelu import gelu_tile
+from pg_llm.kernels.linear import linear_blocks
 
 from conftest import close
 from helpers import call, get, put
@@ -42,14 +42,14 @@ def test_panel_in_numpy(rng: np.random.Generator, act: bool, pre: bool, res: boo
     out: dict[int, np.ndarray] = {0: np.zeros((m, n), np.float32), 1: np.zeros((m, n), np.float32)}
     bias = [b[c:c + 3].tobytes() for c in range(0, n, 3)]
     r = rng.standard_normal((m, n), dtype=np.float32)
-    for kind, i, j, data in linear_blocks(np, x, w, 0, 0, 4, 3, bias, act, pre, grid(r, (4, 3)) if res else ()):
+    for kind, i, j, data in linear_blocks(x, w, 0, 0, 4, 3, bias, act, pre, grid(r, (4, 3)) if res else ()):
         out[kind][i * 4:(i + 1) * 4, j * 3:(j + 1) * 3] = np.frombuffer(data, "<f4").reshape(
             min(4, m - i * 4), min(3, n - j * 3))
     want = x.astype(np.float64) @ w + b
     close(out[0], (gelu(want) if act else want) + (r if res else 0))
     if pre:
         close(out[1], want)
-        assert np.array_equal(out[0], np.frombuffer(gelu_tile(np, out[1].tobytes()), "<f4").reshape(m, n))
+        assert np.array_equal(out[0], np.frombuffer(gelu_tile(out[1].tobytes()), "<f4").reshape(m, n))
 
 
 @pytest.fixture(params=["default", "tiny"])

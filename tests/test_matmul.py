@@ -7,7 +7,7 @@ import psycopg
 import pytest
 import torch
 
-from pg_llm.ops.matmul import matmul_panel, matmul_tile, panel_block
+from pg_llm.kernels.matmul import matmul_panel, matmul_tile, panel_block
 
 from conftest import close
 from helpers import call, get, put
@@ -25,7 +25,7 @@ def test_microkernel_in_numpy(rng: np.random.Generator) -> None:
     b = rng.standard_normal((9, 4), dtype=np.float32)
     tiles_a = [a[:, :5].tobytes(), a[:, 5:].tobytes()]
     tiles_b = [b[:5].tobytes(), b[5:].tobytes()]
-    out = np.frombuffer(matmul_tile(np, tiles_a, tiles_b, 6, 4, False, False), "<f4").reshape(6, 4)
+    out = np.frombuffer(matmul_tile(tiles_a, tiles_b, 6, 4, False, False), "<f4").reshape(6, 4)
     close(out, a @ b)
 
 
@@ -44,7 +44,7 @@ def test_panel_microkernel_in_numpy(rng: np.random.Generator, ta: bool, tb: bool
     geom_b = [*b.shape, *tile, 0, -(-b.shape[0] // 4), 0, -(-b.shape[1] // 3)]
     got = np.zeros((m, n), np.float32)
     tm, tn = (3 if ta else 4), (4 if tb else 3)
-    for i, j, data in matmul_panel(np, tile_grid(a, tile), geom, ta, tile_grid(b, tile), geom_b, tb):
+    for i, j, data in matmul_panel(tile_grid(a, tile), geom, ta, tile_grid(b, tile), geom_b, tb):
         got[i * tm:(i + 1) * tm, j * tn:(j + 1) * tn] = np.frombuffer(data, "<f4").reshape(
             min(tm, m - i * tm), min(tn, n - j * tn))
     close(got, (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64))
@@ -100,6 +100,21 @@ def test_backward_matches_torch(conn: psycopg.Connection, rng: np.random.Generat
     # accumulate: a second backward adds the same gradient again
     conn.execute("SELECT llm_matmul_backward(%s, %s, %s, %s, %s, TRUE)", (ia, ib, idy, da, db))
     close(get(conn, db), 2 * tb.grad.numpy())
+
+
+def test_backward_of_the_transposed_product_matches_torch(conn: psycopg.Connection, rng: np.random.Generator) -> None:
+    """y = a @ b^T (the tied logits x @ wte^T): what llm_backward runs for a matmul recorded with tb."""
+    a = rng.standard_normal((13, 40), dtype=np.float32)
+    b = rng.standard_normal((35, 40), dtype=np.float32)  # ragged: 35 rows, tiles of 16
+    dy = rng.standard_normal((13, 35), dtype=np.float32)
+    ta, tb = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (a, b))
+    (ta @ tb.T).backward(torch.tensor(dy, dtype=torch.float64))
+    ia, ib, idy = put(conn, a, (8, 16)), put(conn, b, (16, 16)), put(conn, dy, (8, 16))  # dy tiled like y
+    da = call(conn, "SELECT llm_tensor_like(%s, 'da')", ia)
+    db = call(conn, "SELECT llm_tensor_like(%s, 'db')", ib)
+    conn.execute("SELECT llm_matmul_backward(%s, %s, %s, %s, %s, FALSE, TRUE)", (ia, ib, idy, da, db))
+    close(get(conn, da), ta.grad.numpy())
+    close(get(conn, db), tb.grad.numpy())
 
 
 def test_tied_projection_shape(conn: psycopg.Connection, rng: np.random.Generator) -> None:

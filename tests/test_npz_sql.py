@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from pg_llm.config import STANDARD, GPT2Config
-from pg_llm.loader.npz import infer_standard
+from pg_llm.kernels.npz import infer_standard
 from pg_llm.loader.state import export_state
 from pg_llm.loader.tensors import read_tensor
 

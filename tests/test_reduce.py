@@ -6,8 +6,8 @@ import psycopg
 import pytest
 import torch
 
-from pg_llm.ops import reduce
-from pg_llm.ops.reduce import broadcast_tile, sum_tile
+from pg_llm.kernels import runtime
+from pg_llm.kernels.reduce import broadcast_tile, sum_tile
 
 from conftest import close
 from helpers import FakePlpy, call, get, put
@@ -37,25 +37,25 @@ def meta(conn: psycopg.Connection, tid: int) -> tuple[list[int], list[int]]:
 
 def test_microkernels_in_numpy(rng: np.random.Generator) -> None:
     x = rng.standard_normal((7, 5), dtype=np.float32)
-    close(f32(sum_tile(np, x.tobytes(), 5, 0), 5), x.astype(np.float64).sum(axis=0))
-    close(f32(sum_tile(np, x.tobytes(), 7, 1), 7), x.astype(np.float64).sum(axis=1))
+    close(f32(sum_tile(x.tobytes(), 5, 0), 5), x.astype(np.float64).sum(axis=0))
+    close(f32(sum_tile(x.tobytes(), 7, 1), 7), x.astype(np.float64).sum(axis=1))
     v = rng.standard_normal(5, dtype=np.float32)
-    close(f32(broadcast_tile(np, v.tobytes(), 3, 5, 0), 3, 5), np.tile(v, (3, 1)))
-    close(f32(broadcast_tile(np, v.tobytes(), 5, 2, 1), 5, 2), np.tile(v[:, None], (1, 2)))
+    close(f32(broadcast_tile(v.tobytes(), 3, 5, 0), 3, 5), np.tile(v, (3, 1)))
+    close(f32(broadcast_tile(v.tobytes(), 5, 2, 1), 5, 2), np.tile(v[:, None], (1, 2)))
 
 
 def test_sum_accumulates_in_float64() -> None:
     x = np.full((4096, 1), 0.1, dtype=np.float32)
-    got = f32(sum_tile(np, x.tobytes(), 1, 0), 1)[0]
+    got = f32(sum_tile(x.tobytes(), 1, 0), 1)[0]
     assert abs(got - 4096 * np.float64(np.float32(0.1))) < 1e-4
 
 
 def test_microkernel_errors_in_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reduce, "plpy", FakePlpy, raising=False)
+    monkeypatch.setattr(runtime, "plpy", FakePlpy)
     with pytest.raises(FakePlpy.Error, match="tile of 7 floats is not whole rows of 2"):
-        sum_tile(np, np.ones(7, "<f4").tobytes(), 2, 0)
+        sum_tile(np.ones(7, "<f4").tobytes(), 2, 0)
     with pytest.raises(FakePlpy.Error, match="gradient tile of 4 floats, expected 3"):
-        broadcast_tile(np, np.ones(4, "<f4").tobytes(), 2, 3, 0)
+        broadcast_tile(np.ones(4, "<f4").tobytes(), 2, 3, 0)
 
 
 # ---- forward and backward -----------------------------------------------------------------------------------

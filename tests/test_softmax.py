@@ -6,7 +6,7 @@ import psycopg
 import pytest
 import torch
 
-from pg_llm.ops.softmax import softmax_backward_block, softmax_block
+from pg_llm.kernels.softmax import softmax_backward_block, softmax_block
 
 from conftest import close
 from helpers import call, get, put
@@ -43,12 +43,12 @@ def test_microkernels_in_numpy(rng: np.random.Generator) -> None:
     dp = rng.standard_normal((12, 5), dtype=np.float32)
     p_want, ds_want = torch_softmax(s, 5, 0.7, True, dp)
     block = slice(4, 10)  # a block that starts mid-head: query positions 4, 0, 1, 2, 3, 4
-    p = join(softmax_block(np, split(s[block], 2), 6, 5, 4, 5, 0.7, True), 6)
+    p = join(softmax_block(split(s[block], 2), 6, 5, 4, 5, 0.7, True), 6)
     close(p, p_want[block])
     assert (p[1, 1:] == 0).all() and p[0].sum() == pytest.approx(1, abs=1e-6)
-    ds = join(softmax_backward_block(np, split(p, 2), split(dp[block], 2), 6, 5, 0.7), 6)
+    ds = join(softmax_backward_block(split(p, 2), split(dp[block], 2), 6, 5, 0.7), 6)
     close(ds, ds_want[block])
-    plain = join(softmax_block(np, split(s, 3), 12, 5, 0, 5, 1.0, False), 12)
+    plain = join(softmax_block(split(s, 3), 12, 5, 0, 5, 1.0, False), 12)
     close(plain, torch.softmax(torch.tensor(s, dtype=torch.float64), dim=1).numpy())
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import psycopg
 import pytest
 
+from pg_llm.kernels.weight_cache import cache_evict, cached_block, weight_cache
 from pg_llm.loader.tensors import write_tensor
-from pg_llm.ops.weight_cache import cache_evict, cached_block, weight_cache
 
 from helpers import call, get, put
 

@@ -22,7 +22,8 @@ top-p (sort ascending, drop the tokens whose cumulative probability is <= 1 - to
 likely; 1 disables): the semantics of transformers' TemperatureLogitsWarper, TopKLogitsWarper and
 TopPLogitsWarper applied in that order, as generate() does. The draw uses numpy's
 Generator(PCG64(SeedSequence([seed, step]))) with step = 0 for the first new token: the same seed gives the
-same tokens in any session and on any server with the same numpy.
+same tokens in any session and on any server with the same numpy. The numpy microkernel:
+py/kernels/sampling.py.
 
 Stopping: after max_new_tokens; at the tokenizer's <|endoftext|> (50256 when the tokenizer has none) when
 eos is true (the eos token is returned, as transformers does); and when the sequence fills the context: a
@@ -37,6 +38,7 @@ from __future__ import annotations
 from pg_llm.api.gpt2 import TILE_ROWS
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
 from pg_llm.gen.sqlfmt import sql
+from pg_llm.kernels.sampling import sample_logits
 from pg_llm.ops.common import KERNEL_SETTINGS
 
 SQL_FILE = "api/generate.sql"
@@ -46,40 +48,12 @@ EOS_TEXT = "<|endoftext|>"
 EOS_DEFAULT = 50256
 
 
-def sample_logits(np, logits, temperature, top_k, top_p, seed, step, keep):
-    """The token drawn from a logits row (float32 bytes), or (keep) the ids the filters keep, ascending."""
-    z = np.frombuffer(logits, dtype='<f4').astype(np.float64)
-    if temperature == 0:
-        best = int(np.argmax(z))
-        return [best] if keep else best
-    z = z / temperature
-    n = z.size
-    if 0 < top_k < n:
-        z[z < np.partition(z, n - top_k)[n - top_k]] = -np.inf
-    if top_p < 1.0:
-        order = np.argsort(z, kind='stable')
-        s = z[order]
-        p = np.exp(s - s[-1])
-        cum = np.cumsum(p / p.sum())
-        drop = cum <= 1.0 - top_p
-        drop[-1] = False
-        z[order[drop]] = -np.inf
-    kept = np.flatnonzero(z > -np.inf)
-    if keep:
-        return kept.tolist()
-    w = np.exp(z[kept] - z[kept].max())
-    cdf = np.cumsum(w)
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(step)])))
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side='right'))
-    return int(kept[min(i, kept.size - 1)])
-
-
 def _sampling() -> str:
     out = []
     for name, ret, keep in (("llm_mk_sample", "INT", "False"), ("llm_mk_sample_keep", "INT[]", "True")):
         out.append(microkernel(
             name, "logits BYTEA, temperature FLOAT8, top_k INT, top_p FLOAT8, seed BIGINT, step INT", ret,
-            sample_logits, f"sample_logits(np, logits, temperature, top_k, top_p, seed, step, {keep})",
+            sample_logits, f"sample_logits(logits, temperature, top_k, top_p, seed, step, {keep})",
             note="sampling microkernel: " + ("the token drawn from" if keep == "False" else "the ids kept by the "
                  "temperature/top-k/top-p filters of") + " one float32 logits row (see api/generate.sql)."))
     body = plpgsql("", """

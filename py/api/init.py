@@ -3,23 +3,17 @@
 GPT-2 / Hugging Face init: Linear and Embedding weights ~ N(0, initializer_range), with the residual
 projections (attn.c_proj.weight, mlp.c_proj.weight) scaled by 1/sqrt(2 * n_layer); biases 0; LayerNorm
 weight 1 and bias 0. Each tile draws from its own seeded generator (seed, tensor name, tile), so the same
-seed gives the same model in any session and for any order of tile writes.
+seed gives the same model in any session and for any order of tile writes. The numpy microkernel:
+py/kernels/init.py.
 """
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.init import normal_tile
 from pg_llm.ops.common import KERNEL_SETTINGS
 
 SQL_FILE = "api/init.sql"
 ORDER = 79
-
-
-def normal_tile(np, rows, cols, mean, std, seed):
-    """A rows x cols tile of N(mean, std) float32 from its own generator (std 0 gives the constant mean)."""
-    if std == 0:
-        return np.full((rows, cols), mean, dtype='<f4').tobytes()
-    g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
-    return (g.standard_normal((rows, cols)) * std + mean).astype('<f4').tobytes()
 
 
 FILL = """
@@ -73,6 +67,5 @@ def _init() -> str:
 
 def emit() -> str:
     mk = microkernel("llm_mk_normal", "rows INT, cols INT, mean FLOAT8, std FLOAT8, seed BIGINT", "BYTEA",
-                     normal_tile, "normal_tile(np, rows, cols, mean, std, seed)",
-                     note="init microkernel: one tile of seeded N(mean, std) float32.")
+                     normal_tile, note="init microkernel: one tile of seeded N(mean, std) float32.")
     return "\n".join([comment(__doc__ or ""), mk, _fill(), _init()])

@@ -35,6 +35,9 @@ from pathlib import Path
 
 import psycopg
 
+from pg_llm.gen.emit import kernel_body
+from pg_llm.kernels.doctor import blas_probe_json
+
 
 @dataclass
 class Table:
@@ -212,46 +215,12 @@ def _dict_table(title: str, rows: Sequence[dict], notes: Sequence[str]) -> Table
     return t
 
 
-def blas_probe(np, threads=0):
-    """numpy's bundled OpenBLAS through ctypes (also the body of the server-side llm_bench.blas): set its
-    thread count when threads > 0; return threads, core type, build config and the OPENBLAS_* environment."""
-    import ctypes
-    import glob
-    import os
-    info = {'numpy': np.__version__, 'env': {k: v for k, v in os.environ.items() if k.startswith('OPENBLAS')
-                                             or k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}}
-    libs = sorted(glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, 'numpy.libs', '*openblas*')))
-    if not libs:
-        info['error'] = 'no OpenBLAS bundled with numpy at %s' % np.__file__
-        return info
-    lib = ctypes.CDLL(libs[0])  # already loaded by numpy: the same handle
-
-    def sym(name):
-        for s in ('scipy_openblas_%s64_' % name, 'openblas_%s64_' % name, 'openblas_%s' % name):
-            if hasattr(lib, s):
-                return getattr(lib, s)
-    if threads > 0 and sym('set_num_threads'):
-        sym('set_num_threads')(int(threads))
-    for key, fn, res in (('threads', 'get_num_threads', ctypes.c_int), ('core', 'get_corename', ctypes.c_char_p),
-                         ('config', 'get_config', ctypes.c_char_p)):
-        f = sym(fn)
-        if f is not None:
-            f.restype = res
-            v = f()
-            info[key] = v.decode().strip() if isinstance(v, bytes) else v
-    return info
-
-
 def server_setup_sql(schema: str) -> str:
     """The bench schema and its helper: llm_bench.blas(threads) -> JSON of blas_probe inside the server."""
-    import inspect
-    import textwrap
-    src = textwrap.dedent(inspect.getsource(blas_probe))
+    body = kernel_body(blas_probe_json, "blas_probe_json(threads)")
     return f"""
         CREATE SCHEMA IF NOT EXISTS {schema};
-        CREATE OR REPLACE FUNCTION {schema}.blas(threads INT DEFAULT 0) RETURNS TEXT LANGUAGE plpython3u AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-import json
-{src}
-return json.dumps(blas_probe(np, threads))
+        CREATE OR REPLACE FUNCTION {schema}.blas(threads INT DEFAULT 0) RETURNS TEXT LANGUAGE plpython3u
+        SET search_path = pg_catalog, public, pg_temp AS $fn$
+{body}
 $fn$;"""

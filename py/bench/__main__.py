@@ -17,8 +17,9 @@ from types import ModuleType
 import numpy as np
 
 from pg_llm import bench
-from pg_llm.bench import Context, Table, blas_probe, server_setup_sql, tables_from_dicts
+from pg_llm.bench import Context, Table, server_setup_sql, tables_from_dicts
 from pg_llm.harness.cluster import ROOT, start_ephemeral
+from pg_llm.kernels.doctor import blas_probe
 
 ORDER = ("kernels", "copy", "tokenizer")  # built-in order; other modules follow alphabetically
 
@@ -44,7 +45,7 @@ def env_table(ctx: Context) -> Table:
     conn = ctx.conn
     conn.execute(server_setup_sql(ctx.schema))
     server = json.loads(conn.execute(f"SELECT {ctx.schema}.blas(0)").fetchone()[0])
-    client = blas_probe(np)
+    client = blas_probe()
     try:
         from threadpoolctl import threadpool_info  # optional; not a pg_llm dependency
 

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from pg_llm.assets import ROOT
-from pg_llm.bench import Context, Stats, Table, Timed, blas_probe, random_dataset, server_setup_sql
+from pg_llm.bench import Context, Stats, Table, Timed, random_dataset, server_setup_sql
 from pg_llm.config import GPT2Config as PgConfig
+from pg_llm.kernels.doctor import blas_probe
 
 CACHE = ROOT / ".pg_llm" / "bench-models"
 SEED = 0
@@ -60,8 +61,8 @@ class Gpt2Bench:
         self.conn.execute(server_setup_sql(ctx.schema))
         server = json.loads(self.conn.execute(f"SELECT {ctx.schema}.blas(0)").fetchone()[0])
         self.threads = int(server.get("threads") or os.cpu_count() or 1)
-        self.client_threads = blas_probe(np).get("threads")
-        blas_probe(np, self.threads)
+        self.client_threads = blas_probe().get("threads")
+        blas_probe(self.threads)
         import torch
 
         self.torch_threads = torch.get_num_threads()
@@ -72,7 +73,7 @@ class Gpt2Bench:
 
         torch.set_num_threads(self.torch_threads)
         if self.client_threads:
-            blas_probe(np, int(self.client_threads))
+            blas_probe(int(self.client_threads))
         for m in self.models:
             self.conn.execute("SELECT llm_model_drop(%s, TRUE)", (m,))
             self.conn.execute("DELETE FROM llm_model_config AS c WHERE c.name = %s AND NOT EXISTS "

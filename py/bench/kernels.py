@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from pg_llm.bench import Context, Stats, Table, Timed, blas_probe
+from pg_llm.bench import Context, Stats, Table, Timed
+from pg_llm.kernels.doctor import blas_probe
 from pg_llm.loader.tensors import default_tile, read_tensor, write_tensor
 from pg_llm.ops.matmul import FORWARD, PANEL_FLOATS, forward_function, panel_tiles_kernel
 
@@ -326,7 +327,7 @@ def jit_table(b: Bench, cases: list[Case]) -> Table:
 
 
 def threads_table(b: Bench, cases: list[Case]) -> Table | None:
-    client0 = blas_probe(np).get("threads")
+    client0 = blas_probe().get("threads")
     server0 = int(json.loads(b.conn.execute(f"SELECT {b.s}.blas(0)").fetchone()[0]).get("threads") or 0)
     if not client0 or not server0 or server0 == 1:
         return None
@@ -346,10 +347,10 @@ def threads_table(b: Bench, cases: list[Case]) -> Table | None:
         b.conn.execute(f"SELECT {b.s}.blas(%s)", (server0,))
         b.drop(ia, ib)
         for n in (1, server0):
-            blas_probe(np, n)
+            blas_probe(n)
             cl = b.client_numpy(case)
             t.add(case.label, n, r[f"np{n}"].ms, r[f"llm{n}"].ms, cl.ms)
-        blas_probe(np, client0)
+        blas_probe(client0)
         time.sleep(0.5)
     t.notes.append("threads set through numpy's OpenBLAS (openblas_set_num_threads) in the bench's backend only "
                    "(and in the client for its column); the cluster's environment is unchanged. Idle OpenBLAS "

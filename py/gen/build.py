@@ -28,6 +28,7 @@ class Unit:
     order: int
     source: str  # python module file, relative to ROOT
     text: str
+    committed: bool = True  # False: only in the built scripts (its lines are another file's, e.g. py/kernels)
 
 
 def _modules() -> list[ModuleType]:
@@ -49,7 +50,7 @@ def units() -> list[Unit]:
     for mod in _modules():
         src = Path(mod.__file__ or "").resolve().relative_to(ROOT).as_posix()
         text = BANNER.format(src=src) + "\n" + mod.emit().rstrip() + "\n"
-        out.append(Unit(f"sql/{mod.SQL_FILE}", mod.ORDER, src, text))
+        out.append(Unit(f"sql/{mod.SQL_FILE}", mod.ORDER, src, text, getattr(mod, "COMMITTED", True)))
     paths = [u.path for u in out]
     dup = {p for p in paths if paths.count(p) > 1}
     if dup:
@@ -60,7 +61,7 @@ def units() -> list[Unit]:
 def outputs() -> dict[str, str]:
     """Every generated file (relative path -> content)."""
     us = units()
-    files = {u.path: u.text for u in us}
+    files = {u.path: u.text for u in us if u.committed}
     body = _body(us)
     body += ("\n-- ==== build id ====\n"
              "-- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart\n"

@@ -1,9 +1,8 @@
-"""Builders for the SQL objects the generator emits: commented statements, SQL/PL/pgSQL functions, and
-PL/Python numpy microkernels whose body is the source of a plain Python function (so the same code is
-unit-tested in numpy and runs inside the server)."""
+"""Builders for the SQL objects the generator emits: commented statements, SQL/PL/pgSQL functions and
+procedures, and PL/Python microkernels whose body imports a function of pg_llm.kernels (so the same code is
+unit-tested offline and runs inside the server)."""
 from __future__ import annotations
 
-import inspect
 import re
 import textwrap
 from collections.abc import Callable, Sequence
@@ -123,16 +122,24 @@ def plpgsql(declare: str, body: str, **queries: str) -> str:
     return out + "BEGIN\n" + textwrap.indent(embed(body, **queries), "  ") + "\nEND"
 
 
-# Every microkernel starts by fetching numpy from GD: llm_py_boot() imports it once per backend, after
-# putting pg_llm's numpy (a pip wheel with a fast OpenBLAS) on sys.path.
-_BOOT = "np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']"
+# A PL/Python body boots pg_llm's Python once per backend (llm_py_boot: the finder for pg_llm.kernels, numpy),
+# then imports a kernel function and returns its call: the code the offline tests import is the code that runs.
+PRELUDE = "if 'pg_llm_boot' not in GD:\n    plpy.execute('SELECT llm_py_boot()')"
 
 
-def microkernel(name: str, args: str, returns: str, fn: Callable, call: str, *, note: str,
+def kernel_body(fn: Callable, call: str) -> str:
+    """A PL/Python body that imports fn from its pg_llm.kernels module and returns `call`, e.g.
+    kernel_body(gelu_tile, "gelu_tile(x)")."""
+    if not fn.__module__.startswith("pg_llm.kernels."):
+        raise ValueError(f"{fn.__qualname__} is not in pg_llm.kernels: the server cannot import it")
+    return f"{PRELUDE}\nfrom {fn.__module__} import {fn.__name__}\nreturn {call}"
+
+
+def microkernel(name: str, args: str, returns: str, fn: Callable, call: str | None = None, *, note: str,
                 volatility: str = "IMMUTABLE", strict: bool = True) -> str:
-    """A PL/Python function whose body defines `fn` (its exact source) and returns `call`.
-    `fn` takes numpy as its first argument so tests can run it without a server."""
-    src = textwrap.dedent(inspect.getsource(fn)).strip()
-    body = f"{_BOOT}\n{src}\nreturn {call}"
+    """A PL/Python function returning fn(...) of a pg_llm.kernels module; `call` defaults to fn applied to the
+    SQL arguments in order."""
+    names = [a.split()[0] for a in args.split(",") if a.strip()]
+    body = kernel_body(fn, call or f"{fn.__name__}({', '.join(names)})")
     return function(name, args, returns, body, language="plpython3u", volatility=volatility, note=note,
                     strict=strict, parallel="SAFE")

@@ -1,64 +1,34 @@
 """PL/Python runtime: numpy boot, tile <-> float4[] conversion, plain-SQL inspection, llm_doctor()."""
 from __future__ import annotations
 
-from pg_llm.gen.emit import comment, function, microkernel, plpgsql, stmt
+from pg_llm.gen.emit import comment, function, kernel_body, microkernel, plpgsql, stmt
+from pg_llm.kernels.doctor import doctor
+from pg_llm.kernels.tiles import block_rows_skip, list_to_tile, tile_stats, tile_to_list, tile_to_rows
 
 SQL_FILE = "kernels/01_runtime.sql"
 ORDER = 1
 
-# Where `make setup` puts pip's numpy when run as root; PYTHONPATH (set by pg-llm's clusters) wins.
-SERVER_PYTHON = "/usr/local/lib/pg_llm/python3"
-
-BOOT = f'''
-import sys, os
-extra = [p for p in (os.environ.get('PG_LLM_SERVER_PYTHON'), '{SERVER_PYTHON}') if p and os.path.isdir(p)]
-for p in reversed(extra):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-try:
-    import numpy
-except ImportError as e:
-    plpy.error('pg_llm: numpy is not importable inside PostgreSQL: %s' % e,
-               hint='Run make setup, or put a numpy for this Python on the postmaster PYTHONPATH.')
-GD['np'] = numpy
-return True'''
-
-
-# ---- tile codecs: numpy microkernels -------------------------------------------------------------------
-
-def tile_to_list(np, data):
-    return np.frombuffer(data, dtype='<f4').tolist()
-
-
-def tile_to_rows(np, data, cols):
-    a = np.frombuffer(data, dtype='<f4')
-    if a.size % cols:
-        plpy.error('pg_llm: a payload of %d floats is not a whole number of rows of %d' % (a.size, cols))  # noqa: F821
-    return a.reshape(-1, cols).tolist()
-
-
-def list_to_tile(np, values):
-    a = np.asarray(values, dtype='<f4')
-    return a.tobytes()
-
-
-def tile_stats(np, data):
-    a = np.frombuffer(data, dtype='<f4').astype(np.float64)
-    return [float(a.size), float(a.min()), float(a.max()), float(a.sum()), float((a * a).sum()),
-            float(np.isnan(a).sum())]
+# llm_py_boot compiles pg_llm.kernels.loader from llm_py_module and lets it install the finder that imports
+# every other pg_llm.kernels module from there (and numpy first from pg_llm's pip wheel): py/kernels/loader.py.
+BOOT = """
+src = plpy.execute("SELECT m.source FROM llm_py_module AS m WHERE m.name = 'pg_llm.kernels.loader'")[0]['source']
+ns = {'__name__': 'pg_llm_boot'}
+exec(compile(src, 'llm_py_module:pg_llm.kernels.loader', 'exec'), ns)
+return ns['install'](plpy, GD)"""
 
 
 def _codecs() -> str:
     out = [function("llm_py_boot", "", "BOOLEAN", BOOT, language="plpython3u",
-                    note="Import numpy once per backend (pip wheel first on sys.path) and cache it in GD.")]
+                    note="""Once per backend (PL/Python bodies call it when GD lacks pg_llm_boot; call it by hand
+                    to reload after a reinstall): the finder that imports pg_llm.kernels.* from llm_py_module,
+                    and numpy (pg_llm's pip wheel first on sys.path).""")]
     out.append(microkernel("llm_tile_to_float4", "data BYTEA", "FLOAT4[]", tile_to_list,
-                           "tile_to_list(np, data)", note="A tile payload as a flat float4[] (row-major)."))
+                           note="A tile payload as a flat float4[] (row-major)."))
     out.append(microkernel("llm_tile_to_float4_2d", "data BYTEA, cols INT", "FLOAT4[]", tile_to_rows,
-                           "tile_to_rows(np, data, cols)", note="A tile payload as float4[rows][cols]."))
+                           note="A tile payload as float4[rows][cols]."))
     out.append(microkernel("llm_float4_to_tile", "vals FLOAT4[]", "BYTEA", list_to_tile,
-                           "list_to_tile(np, vals)",
                            note="float4[] (any dimensions, row-major) to a raw little-endian float32 payload."))
-    out.append(microkernel("llm_tile_stats", "data BYTEA", "FLOAT8[]", tile_stats, "tile_stats(np, data)",
+    out.append(microkernel("llm_tile_stats", "data BYTEA", "FLOAT8[]", tile_stats,
                            note="[n, min, max, sum, sum of squares, NaN count] of one tile, in float64."))
     return "\n".join(out)
 
@@ -111,7 +81,6 @@ def _inspect() -> str:
         ORDER BY b.r""")
     out.append(microkernel("llm_block_rows", "tiles BYTEA[], rows INT, first INT, count INT, skip INT",
                            "TABLE(r INT, v FLOAT4[])", block_rows_skip,
-                           "block_rows_skip(np, tiles, rows, first, count, skip)",
                            note="Rows of one tile-row block (tiles ordered by column) as (row, float4[])."))
     body = plpgsql("r llm_tensor; v_first INT; v_last INT;", """
         r := llm_tensor_get(p_tensor);
@@ -126,48 +95,8 @@ def _inspect() -> str:
     return "\n".join(out)
 
 
-def block_rows_skip(np, tiles, rows, first, count, skip):
-    block = np.hstack([np.frombuffer(t, dtype='<f4').reshape(rows, -1) for t in tiles])
-    return [(first + i, block[skip + i].tolist()) for i in range(count)]
-
-
-DOCTOR = """
-import os, sys, time
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-rows = []
-def add(check, value, status='ok'):
-    rows.append((check, str(value), status))
-add('server', plpy.execute('SELECT version() AS v')[0]['v'])
-add('plpython3u', 'installed, Python %s' % sys.version.split()[0])
-add('numpy', '%s from %s' % (np.__version__, os.path.dirname(np.__file__)))
-blas = 'unknown'
-try:
-    cfg = np.show_config(mode='dicts')
-    b = cfg.get('Build Dependencies', {}).get('blas', {})
-    blas = '%s %s' % (b.get('name', '?'), b.get('version', ''))
-except Exception as e:
-    blas = 'unknown (%s)' % e
-add('blas', blas.strip())
-add('cores', os.cpu_count())
-a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
-a @ a
-t = time.perf_counter(); n = 0
-while time.perf_counter() - t < 0.05:
-    a @ a; n += 1
-gflops = n * 2 * 512 ** 3 / (time.perf_counter() - t) / 1e9
-if gflops < 20:
-    add('sgemm', '%.1f GFLOP/s' % gflops, 'warning: numpy looks like it runs on the reference BLAS; '
-        'install pg_llm numpy (make setup) and put it on the postmaster PYTHONPATH')
-else:
-    add('sgemm', '%.1f GFLOP/s' % gflops)
-add('jit', plpy.execute("SELECT current_setting('jit') AS v")[0]['v'],
-    'ok (pg_llm kernels set jit = off per function)')
-return rows
-"""
-
-
 def emit() -> str:
-    doctor = function("llm_doctor", "", "TABLE(check_name TEXT, value TEXT, status TEXT)", DOCTOR,
-                      language="plpython3u",
+    checks = function("llm_doctor", "", "TABLE(check_name TEXT, value TEXT, status TEXT)",
+                      kernel_body(doctor, "doctor(plpy)"), language="plpython3u",
                       note="Server, plpython3u, numpy, BLAS, cores, sgemm speed, with warnings on slow BLAS.")
-    return "\n".join([comment(__doc__ or ""), _codecs(), _inspect(), doctor])
+    return "\n".join([comment(__doc__ or ""), _codecs(), _inspect(), checks])

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pg_llm.config import GPT2Config
-from pg_llm.loader.npz import STATE_ROLES, normalize_name, npz_array, npz_classify, npz_header, npz_meta, npz_open
+from pg_llm.kernels.npz import STATE_ROLES, normalize_name, npz_array, npz_classify, npz_header, npz_meta, npz_open
 
 PREFIX = "transformer."
 SAFETENSORS_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("<f8", 8)}
@@ -160,22 +160,22 @@ def read_torch(path: Path, ckpt: Checkpoint) -> None:
 
 def read_npz(path: Path, ckpt: Checkpoint) -> None:
     """Parameters, optimizer state (adam_m/NAME, adam_v/NAME) and pg_llm metadata of an .npz (see
-    pg_llm.loader.npz); only member headers are read here."""
+    pg_llm.kernels.npz); only member headers are read here."""
     try:
-        z = npz_open(np, path)
+        z = npz_open(path)
         params, state, meta = npz_classify(z.files)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from e
 
     def entry(key: str) -> Entry:
         try:
-            shape, dtype = npz_header(np, z, key)
+            shape, dtype = npz_header(z, key)
         except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise CheckpointError(f"{path}: cannot read array {key!r} ({e})") from e
 
         def load() -> np.ndarray:
             try:
-                return npz_array(np, z, key)
+                return npz_array(z, key)
             except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
                 raise CheckpointError(f"{path}: cannot read array {key!r} ({e})") from e
         return Entry(shape, dtype, str(path), load)
@@ -186,7 +186,7 @@ def read_npz(path: Path, ckpt: Checkpoint) -> None:
         ckpt.state[role_name] = entry(key)
     if meta is not None:
         try:
-            ckpt.use_meta(npz_meta(np, z, meta), str(path))
+            ckpt.use_meta(npz_meta(z, meta), str(path))
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise CheckpointError(f"{path}: {e}") from e
 

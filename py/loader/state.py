@@ -25,9 +25,9 @@ import numpy as np
 import psycopg
 from tqdm import tqdm
 
+from pg_llm.kernels.npz import META_KEY, meta_array, npz_write
 from pg_llm.loader.checkpoint import safetensors_header
 from pg_llm.loader.model import ImportResult, hf_name, import_model, resolve_source, tensor_ids
-from pg_llm.loader.npz import META_KEY, meta_array, npz_write
 from pg_llm.loader.tensors import read_tensor
 
 FORMAT = "pg_llm.checkpoint"
@@ -80,10 +80,10 @@ def _write_npz(conn: psycopg.Connection, path: Path, ids: dict[tuple[str, str], 
                              allowZip64=True) as zf:
             for (role, name), tid in ids.items():
                 a = read_tensor(conn, tid)
-                npz_write(np, zf, _key(role, name), a)
+                npz_write(zf, _key(role, name), a)
                 total += a.nbytes
                 bar.update(a.nbytes)
-            npz_write(np, zf, META_KEY, meta_array(np, meta))
+            npz_write(zf, META_KEY, meta_array(meta))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psycopg
 
-from pg_llm.assets import gpt2_dir
+from pg_llm.assets import gpt2_dir, pip_download
 
 DEFAULT_SPECIALS = ("<|endoftext|>",)
 KNOWN_SIZES = {"gpt2": (50257, 50000)}  # (tokens, merges) checked when importing under these names
@@ -339,8 +339,6 @@ TIKTOKEN_GPT2 = ("gpt2.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b
 def fetch_tiktoken_gpt2() -> Path:
     """.pg_llm/assets/gpt2/gpt2.tiktoken from the openai-whisper source archive on PyPI (sha256-checked;
     whisper itself is not installed)."""
-    import subprocess
-    import sys
     import tarfile
     import tempfile
 
@@ -350,8 +348,7 @@ def fetch_tiktoken_gpt2() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        WHISPER_SDIST, "-d", tmp], check=True)
+        pip_download(["--no-binary", ":all:", WHISPER_SDIST], tmp)
         sdist = next(Path(tmp).glob("openai_whisper-*.tar.gz"))
         with tarfile.open(sdist) as tar:
             member = next((m for m in tar.getmembers() if m.name.endswith("/whisper/assets/" + name)), None)

@@ -11,7 +11,8 @@ be four different tensors of one shape, cut in the same tiles. Each tile is ONE 
 that returns the new param, m and v payloads together; one UPDATE joined on (tr, tc) writes the three tensors'
 tiles, per chunk of whole tile rows holding at most 8M parameter floats (setting pg_llm.adamw_chunk_floats), so
 GPT-2's wte (154 MB) takes a few UPDATEs of bounded memory. Arithmetic is in float32 like torch's, in place
-(float64 was 2.7x slower per tile and no closer to torch's float32 results).
+(float64 was 2.7x slower per tile and no closer to torch's float32 results). The numpy microkernel:
+py/kernels/adamw.py.
 
 Optimizer state: llm_adamw_state(param) returns (m_id, v_id), the durable tensors of roles adam_m / adam_v with
 the parameter's model and name, creating them zero-filled when missing (the first step's state).
@@ -21,41 +22,13 @@ llm_tensor_zeros_like(id, role, name, model) creates a zero tensor with the same
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.adamw import adamw_tile
 from pg_llm.ops.common import KERNEL_SETTINGS
 from pg_llm.ops.elementwise import eff_tile, lines, n_tiles, same_layout
 
 SQL_FILE = "kernels/adamw.sql"
 ORDER = 40
 CHUNK_FLOATS = 8 * 1024 * 1024  # parameter floats per UPDATE (32 MiB; setting pg_llm.adamw_chunk_floats overrides)
-
-
-# ---- numpy microkernel --------------------------------------------------------------------------------------
-
-def adamw_tile(np, p, g, m, v, h):
-    """New (param, m, v) payloads of one tile. h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step]."""
-    f = '<f4'
-    lr, b1, b2, eps, wd, scale, t = h
-    bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t  # Python floats: beta^t underflows quietly to 0 at late steps
-    x = np.frombuffer(p, dtype=f).copy()
-    n = x.size
-    if not (len(g) == len(m) == len(v) == 4 * n):
-        plpy.error('pg_llm: adamw: param, grad, m and v tiles of %d, %d, %d and %d floats (tile shapes differ)'  # noqa: F821
-                   % (n, len(g) // 4, len(m) // 4, len(v) // 4))
-    c = np.float32  # float32 arithmetic, in place, as torch's: 2.7x faster than float64 per tile
-    grad = np.frombuffer(g, dtype=f) * c(scale)
-    m32 = np.frombuffer(m, dtype=f) * c(b1)
-    m32 += c(1.0 - b1) * grad
-    grad *= grad
-    v32 = np.frombuffer(v, dtype=f) * c(b2)
-    v32 += c(1.0 - b2) * grad
-    x *= c(1.0 - lr * wd)
-    step = np.sqrt(v32)
-    step *= c(1.0 / bc2 ** 0.5)
-    step += c(eps)
-    np.divide(m32, step, out=step)
-    step *= c(lr / bc1)
-    x -= step
-    return [x.tobytes(), m32.tobytes(), v32.tobytes()]
 
 
 # ---- SQL ----------------------------------------------------------------------------------------------------
@@ -222,7 +195,7 @@ def _zero() -> str:
 
 def emit() -> str:
     mk = microkernel("llm_mk_adamw", "p BYTEA, g BYTEA, m BYTEA, v BYTEA, h FLOAT8[]", "BYTEA[]", adamw_tile,
-                     "adamw_tile(np, p, g, m, v, h)", note="""
+                     note="""
         adamw microkernel: one tile's new ARRAY[param, m, v] payloads (h, w) from param, grad, m, v tiles (h, w);
         h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step t], bias corrections 1 - beta^t.""")
     return "\n".join([comment(__doc__ or "") + "\n", _zero(), mk, _step(), _state()])

@@ -2,11 +2,13 @@
 
 Every kernel writes into an output tensor `p_out`: NULL allocates a scratch tensor; an existing tensor must
 have the expected shape and tile; with p_accumulate the result is added into its tiles (ON CONFLICT ...
-DO UPDATE), which is how backward kernels accumulate gradients."""
+DO UPDATE), which is how backward kernels accumulate gradients. The numpy microkernel (the tile sum):
+py/kernels/common.py."""
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
 from pg_llm.gen.sqlfmt import raw_ddl
+from pg_llm.kernels.common import add_tiles
 
 SQL_FILE = "kernels/02_common.sql"
 ORDER = 2
@@ -15,16 +17,8 @@ KERNEL_SETTINGS = ("jit = off",)  # JIT adds 0.5-2 s to short analytic queries; 
 UPSERT = "ON CONFLICT (tensor_id, tr, tc) DO UPDATE SET data = llm_mk_add(llm_tile.data, excluded.data)"
 
 
-def add_tiles(np, a, b):
-    x = np.frombuffer(a, dtype='<f4')
-    y = np.frombuffer(b, dtype='<f4')
-    if x.size != y.size:
-        plpy.error('pg_llm: cannot add tiles of %d and %d floats (tile shapes differ)' % (x.size, y.size))  # noqa: F821
-    return (x + y).tobytes()
-
-
 def emit() -> str:
-    out = [microkernel("llm_mk_add", "a BYTEA, b BYTEA", "BYTEA", add_tiles, "add_tiles(np, a, b)",
+    out = [microkernel("llm_mk_add", "a BYTEA, b BYTEA", "BYTEA", add_tiles,
                        note="Elementwise sum of two tiles of the same shape (accumulation, tile-sum aggregate).")]
     out.append(comment("Sum of tiles of one shape: reduces per-block partial results (e.g. bias gradients).") + "\n"
                + raw_ddl("CREATE AGGREGATE llm_tile_sum(BYTEA) (SFUNC = llm_mk_add, STYPE = BYTEA)") + ";\n")

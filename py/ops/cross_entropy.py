@@ -8,55 +8,16 @@ targets is an int[] of N ids (one per row), each 0 <= id < V. V need not be a mu
 50257). Tiling: one microkernel call per tile-row block of logits (array_agg(data ORDER BY tc) GROUP BY tr)
 gets that block's slice of targets; it computes in float64, a chunk of rows at a time to bound memory. The
 forward sums per-block NLL sums; the backward returns the block's dlogits tiles as bytea[], unnested WITH
-ORDINALITY into (tr, tc).
+ORDINALITY into (tr, tc). The numpy microkernels: py/kernels/cross_entropy.py.
 """
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.cross_entropy import cross_entropy_backward_block, cross_entropy_block
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 
 SQL_FILE = "kernels/cross_entropy.sql"
 ORDER = 22
-
-
-def cross_entropy_block(np, tiles, targets, rows, cols):
-    """Sum over the rows of one tile-row block of logsumexp(row) - row[target], in float64."""
-    x = np.hstack([np.frombuffer(t, dtype='<f4').reshape(rows, -1) for t in tiles])
-    if x.shape[1] != cols:
-        plpy.error('pg_llm: cross_entropy: a tile-row block has %d columns, expected %d (missing tiles?)'  # noqa: F821
-                   % (x.shape[1], cols))
-    t = np.asarray(targets, dtype=np.int64)
-    total = 0.0  # float64 chunks of 32 rows bound the temporaries (32 x 50257 x 8 bytes = 13 MB)
-    for r0 in range(0, rows, 32):
-        z = x[r0:r0 + 32].astype(np.float64)
-        m = z.max(axis=1)
-        lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
-        total += float((lse - z[np.arange(z.shape[0]), t[r0:r0 + 32]]).sum())
-    return total
-
-
-def cross_entropy_backward_block(np, tiles, targets, rows, cols, scale):
-    """dlogits tiles of one tile-row block: (softmax(row) - onehot(target)) * scale, in float64."""
-    f = '<f4'
-    x = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in tiles])
-    if x.shape[1] != cols:
-        plpy.error('pg_llm: cross_entropy_backward: a tile-row block has %d columns, expected %d'  # noqa: F821
-                   ' (missing tiles?)' % (x.shape[1], cols))
-    t = np.asarray(targets, dtype=np.int64)
-    d = np.empty(x.shape, dtype=f)
-    for r0 in range(0, rows, 32):
-        z = x[r0:r0 + 32].astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        z[np.arange(z.shape[0]), t[r0:r0 + 32]] -= 1.0
-        d[r0:r0 + 32] = z * scale
-    out, c0 = [], 0
-    for tile in tiles:
-        w = len(tile) // (4 * rows)
-        out.append(d[:, c0:c0 + w].tobytes())
-        c0 += w
-    return out
 
 
 # Targets checked before anything is written; v_t is the array re-based to subscript 1.
@@ -148,14 +109,12 @@ def _backward() -> str:
 def emit() -> str:
     mk = microkernel(
         "llm_mk_cross_entropy", "tiles BYTEA[], targets INT[], rows INT, cols INT", "FLOAT8",
-        cross_entropy_block, "cross_entropy_block(np, tiles, targets, rows, cols)",
-        note="""
+        cross_entropy_block, note="""
         cross_entropy microkernel: one tile-row block of logits (rows x cols, tiles ordered by column) and its
         rows' targets -> sum over the rows of logsumexp - logit[target] (float64).""")
     mkb = microkernel(
         "llm_mk_cross_entropy_backward", "tiles BYTEA[], targets INT[], rows INT, cols INT, scale FLOAT8",
-        "BYTEA[]", cross_entropy_backward_block, "cross_entropy_backward_block(np, tiles, targets, rows, cols, scale)",
-        note="""
+        "BYTEA[]", cross_entropy_backward_block, note="""
         cross_entropy backward microkernel: one tile-row block of logits and its rows' targets -> the block's
         tiles of (softmax - onehot) * scale, in column order.""")
     return "\n".join([comment(__doc__ or ""), mk, mkb, _forward(), _backward()])

@@ -13,25 +13,22 @@ in [0, 1).
 
 Tiling: out tile (tr, tc) = one llm_mk_dropout call on x's tile (tr, tc); out is tiled like x. Conventions as
 gelu: p_out / p_dx NULL allocates a scratch tensor; p_accumulate adds into it (forward default FALSE, backward
-default TRUE). Returns the output id.
+default TRUE). Returns the output id. The numpy microkernel: py/kernels/dropout.py.
 """
 from __future__ import annotations
 
+from pg_llm.autograd.registry import Op
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.dropout import dropout_tile
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 from pg_llm.ops.elementwise import eff_tile, lines, not_in_place, write_out
 
 SQL_FILE = "kernels/dropout.sql"
 ORDER = 43
 
-
-def dropout_tile(np, x, rate, seed, tr, tc):
-    """x * mask / (1 - rate) for tile (tr, tc), float32; the mask comes from PCG64(SeedSequence([seed, tr, tc]))."""
-    a = np.frombuffer(x, dtype='<f4')
-    bits = np.random.PCG64(np.random.SeedSequence([seed % 2**64, tr, tc])).random_raw(a.size)
-    u = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # [0, 1), 53 bits
-    scale = np.float32(1.0 / (1.0 - rate))
-    return np.where(u >= rate, a * scale, np.float32(0)).astype('<f4').tobytes()
+OP = Op("dropout", ("x",), args=(("rate", "FLOAT8"), ("seed", "BIGINT")),
+        note="out = x * mask / (1 - p); dx += g * mask / (1 - p) (mask redrawn from the seed)", backward="""
+        acc({x}, llm_dropout_backward({g}, {rate}, {seed}, NULL, FALSE));""")
 
 
 DECLARE = "ra llm_tensor; v_tile INT[]; v_want BIGINT; v_out BIGINT; v_written BIGINT;"
@@ -66,9 +63,21 @@ def _apply(name: str, op: str, arg: str, out: str, acc_default: str, note: str) 
                     f"p_accumulate BOOLEAN DEFAULT {acc_default}", "BIGINT", body, settings=KERNEL_SETTINGS, note=note)
 
 
+def _wrapper() -> str:
+    body = plpgsql("", f"""
+        IF p_rate = 0 THEN
+          RETURN p_x;  -- identity: nothing to record
+        END IF;
+        RETURN {OP.record("llm_dropout(p_x, p_rate, p_seed)")};
+    """)
+    return function("llm_t_dropout", "p_tape BIGINT, p_x BIGINT, p_rate FLOAT8, p_seed BIGINT", "BIGINT", body,
+                    settings=("extra_float_digits = 1",),
+                    note="Recording wrapper: inverted dropout (rate 0 is the identity and records nothing).")
+
+
 def emit() -> str:
     mk = microkernel("llm_mk_dropout", "x BYTEA, rate FLOAT8, seed BIGINT, tr INT, tc INT", "BYTEA", dropout_tile,
-                     "dropout_tile(np, x, rate, seed, tr, tc)", note="""
+                     note="""
         dropout microkernel: x * mask / (1 - rate) for tile (tr, tc) (h, w) -> (h, w), float32; the mask is drawn
         from PCG64(SeedSequence([seed mod 2^64, tr, tc])), so it depends only on the seed, the tile coordinates and
         the tile shape.""")
@@ -81,4 +90,4 @@ def emit() -> str:
         op: dropout backward for y = dropout(x, rate, seed). dx = dy * mask / (1 - rate) with the forward's mask
         (same rate and seed, dy tiled like x). tiling: dx tile (tr, tc) = llm_mk_dropout(dy tile (tr, tc), ...).
         p_dx NULL allocates; p_accumulate (default TRUE) adds into p_dx. Returns dx.""")
-    return "\n".join([comment(__doc__ or "") + "\n", mk, fwd, bwd])
+    return "\n".join([comment(__doc__ or "") + "\n", mk, fwd, bwd, _wrapper()])

@@ -18,42 +18,28 @@ Tiling: a and b of add/mul must have the same shape and be cut in the same tiles
 output tile (tr, tc) = one microkernel call on the (tr, tc) tiles of both. The bias is joined on tc only and must
 cut its C columns like x. The output is tiled like the (first) input. Shape and tiling errors are raised before
 anything is written; an input with missing tiles makes the op fail instead of writing a partial output.
+The numpy microkernels: py/kernels/elementwise.py (llm_mk_add: py/kernels/common.py).
 """
 from __future__ import annotations
 
 import textwrap
 
+from pg_llm.autograd.registry import Op
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.elementwise import ew_tile, scale_tile
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 
 SQL_FILE = "kernels/elementwise.sql"
 ORDER = 12
 
-
-# ---- numpy microkernels -------------------------------------------------------------------------------------
-
-def ew_tile(np, op, a, b):
-    """One output tile of a (op) b, float32: 'add', 'mul', or 'add_bias' (b is one row of w floats added to every
-    row of the a tile)."""
-    x = np.frombuffer(a, dtype='<f4')
-    y = np.frombuffer(b, dtype='<f4')
-    if op == 'add_bias':
-        if y.size == 0 or x.size % y.size:
-            plpy.error('pg_llm: add_bias: a tile of %d floats is not whole rows of the %d-float bias tile'  # noqa: F821
-                       % (x.size, y.size))
-        return (x.reshape(-1, y.size) + y).tobytes()
-    if x.size != y.size:
-        plpy.error('pg_llm: %s: tiles of %d and %d floats (tile shapes differ)' % (op, x.size, y.size))  # noqa: F821
-    if op == 'add':
-        return (x + y).tobytes()
-    if op == 'mul':
-        return (x * y).tobytes()
-    plpy.error('pg_llm: unknown elementwise op %r' % op)  # noqa: F821
-
-
-def scale_tile(np, x, alpha):
-    """alpha * x for one tile, in float32."""
-    return (np.frombuffer(x, dtype='<f4') * np.float32(alpha)).tobytes()
+OP = (Op("add", ("a", "b"), wrapper="p_a BIGINT, p_b BIGINT", kernel="llm_add(p_a, p_b)",
+         note="out = a + b; da += g, db += g (g shared, copied on write)", backward="""
+         acc({a}, {g}, FALSE);
+         acc({b}, {g}, FALSE);"""),
+      Op("add_bias", ("x", "b"), wrapper="p_x BIGINT, p_b BIGINT", kernel="llm_add_bias(p_x, p_b)",
+         note="out = x + b; dx += g, db += sum_rows(g)", backward="""
+         acc({x}, {g}, FALSE);
+         acc({b}, llm_sum_rows({g}));"""))
 
 
 # ---- PL/pgSQL building blocks (also used by reduce.py and gelu.py) -------------------------------------------
@@ -269,11 +255,11 @@ def _add_bias_backward() -> str:
 
 def emit() -> str:
     mks = [
-        microkernel("llm_mk_mul", "a BYTEA, b BYTEA", "BYTEA", ew_tile, "ew_tile(np, 'mul', a, b)",
+        microkernel("llm_mk_mul", "a BYTEA, b BYTEA", "BYTEA", ew_tile, "ew_tile('mul', a, b)",
                     note="mul microkernel: a * b for two tiles of one shape (h, w) -> (h, w), float32."),
-        microkernel("llm_mk_add_bias", "x BYTEA, b BYTEA", "BYTEA", ew_tile, "ew_tile(np, 'add_bias', x, b)",
+        microkernel("llm_mk_add_bias", "x BYTEA, b BYTEA", "BYTEA", ew_tile, "ew_tile('add_bias', x, b)",
                     note="add_bias microkernel: x tile (h, w) + bias tile (1, w) broadcast over rows -> (h, w)."),
-        microkernel("llm_mk_scale", "x BYTEA, alpha FLOAT8", "BYTEA", scale_tile, "scale_tile(np, x, alpha)",
+        microkernel("llm_mk_scale", "x BYTEA, alpha FLOAT8", "BYTEA", scale_tile,
                     note="scale microkernel: alpha * x for one tile (h, w) -> (h, w), float32."),
     ]
     return "\n".join([comment(__doc__ or ""), *mks,

@@ -16,28 +16,30 @@ wte (50257, 768) reads 3 MB, not the whole table. The backward groups the dy row
 they land in: one llm_mk_embedding_scatter call per touched weight tile, which scatter-adds the rows (np.add.at)
 into a zero tile. Accumulating (the default) adds those tiles into an existing, complete gradient (common.UPSERT)
 and touches nothing else; otherwise the untouched weight tiles are written as zeros so dw is complete.
+The numpy microkernel (the scatter-add): py/kernels/embedding.py.
 """
 from __future__ import annotations
 
+from pg_llm.autograd.registry import Op
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
 from pg_llm.gen.storage import DEFAULT_TILE
+from pg_llm.kernels.embedding import embedding_scatter_tile
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 
 SQL_FILE = "kernels/embedding.sql"
 ORDER = 23
 
-
-def embedding_scatter_tile(np, segs, local_rows, rows, cols):
-    """A (rows x cols) weight-gradient tile: zeros, plus row k of segs (len(local_rows) x cols, float32) added
-    into row local_rows[k] (repeated rows accumulate), summed in float64."""
-    out = np.zeros((rows, cols), dtype=np.float64)
-    if local_rows:
-        d = np.frombuffer(segs, dtype='<f4')
-        if d.size != len(local_rows) * cols:
-            plpy.error('pg_llm: embedding_backward: got %d floats of dy for %d rows of %d columns'  # noqa: F821
-                       ' (missing dy tiles?)' % (d.size, len(local_rows), cols))
-        np.add.at(out, np.asarray(local_rows, dtype=np.int64), d.reshape(-1, cols))
-    return out.astype('<f4').tobytes()
+OP = Op("embedding", ("w",), args=(("ids", "INT[]"),), wrapper="p_w BIGINT, p_ids INT[], p_tile_rows INT",
+        kernel="llm_embedding(p_w, p_ids, NULL, p_tile_rows)",
+        note="out = w[ids]; dw[ids] += g (scatter-add straight into an owned gradient: the tied wte)", backward="""
+        dw := llm_grad_of(p_tape, {w});
+        IF dw IS NULL OR NOT (SELECT tg.owned FROM llm_tape_grad AS tg WHERE tg.tape = p_tape AND tg.tensor = {w}) THEN
+          dx := like({w}, 'dw');
+          PERFORM llm_embedding_backward({g}, {ids}, dx, FALSE);
+          acc({w}, dx);
+        ELSE
+          PERFORM llm_embedding_backward({g}, {ids}, dw, TRUE);
+        END IF;""")
 
 
 # ids checked before anything is written; v_ids is the array re-based to subscript 1.
@@ -164,7 +166,7 @@ def _backward() -> str:
 def emit() -> str:
     mk = microkernel(
         "llm_mk_embedding_scatter", "segs BYTEA, local_rows INT[], rows INT, cols INT", "BYTEA",
-        embedding_scatter_tile, "embedding_scatter_tile(np, segs, local_rows, rows, cols)",
+        embedding_scatter_tile,
         note="""
         embedding backward microkernel: one (rows x cols) weight-gradient tile from the concatenated dy row slices
         (k x cols) and the local row each one lands in (scatter-add, repeated rows accumulate); empty -> zeros.""")

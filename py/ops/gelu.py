@@ -8,42 +8,21 @@ Backward: dx = dy * gelu'(x),                                                llm
 Tiling: out tile (tr, tc) = one microkernel call on x's tile (tr, tc) (and dy's, joined on (tr, tc), for the
 backward: x and dy must have the same shape and tiling). Conventions as matmul: p_out / p_dx DEFAULT NULL
 allocates a scratch tensor, p_accumulate adds into it (forward default FALSE; backward default TRUE, gradients
-accumulate). Returns the output id.
+accumulate). Returns the output id. The numpy microkernels: py/kernels/gelu.py.
 """
 from __future__ import annotations
 
+from pg_llm.autograd.registry import Op
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.gelu import gelu_backward_tile, gelu_tile
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 from pg_llm.ops.elementwise import eff_tile, lines, not_in_place, same_layout, write_out
 
 SQL_FILE = "kernels/gelu.sql"
 ORDER = 13
 
-
-# ---- numpy microkernels -------------------------------------------------------------------------------------
-
-def gelu_tile(np, x):
-    """GELU (tanh form) of one tile, float32 throughout like torch's approximate='tanh'."""
-    a = np.frombuffer(x, dtype='<f4')
-    k = np.float32(0.7978845608028654)  # sqrt(2 / pi)
-    c = np.float32(0.044715)
-    half = np.float32(0.5)
-    return (half * a * (np.float32(1) + np.tanh(k * (a + c * a * a * a)))).astype('<f4').tobytes()
-
-
-def gelu_backward_tile(np, x, dy):
-    """dy * gelu'(x) for one tile (x and dy of one shape), float32."""
-    a = np.frombuffer(x, dtype='<f4')
-    g = np.frombuffer(dy, dtype='<f4')
-    if a.size != g.size:
-        plpy.error('pg_llm: gelu_backward: x and dy tiles of %d and %d floats' % (a.size, g.size))  # noqa: F821
-    k = np.float32(0.7978845608028654)
-    c = np.float32(0.044715)
-    half, one = np.float32(0.5), np.float32(1)
-    a2 = a * a
-    t = np.tanh(k * (a + c * a2 * a))
-    d = half * (one + t) + half * a * (one - t * t) * k * (one + np.float32(3) * c * a2)
-    return (g * d).astype('<f4').tobytes()
+OP = Op("gelu", ("x",), wrapper="p_x BIGINT", kernel="llm_gelu(p_x)", note="out = gelu(x); dx += g * gelu'(x)",
+        backward="acc({x}, llm_gelu_backward({x}, {g}, NULL, FALSE));")
 
 
 # ---- SQL ----------------------------------------------------------------------------------------------------
@@ -99,10 +78,9 @@ def _backward() -> str:
 
 def emit() -> str:
     mks = [
-        microkernel("llm_mk_gelu", "x BYTEA", "BYTEA", gelu_tile, "gelu_tile(np, x)",
+        microkernel("llm_mk_gelu", "x BYTEA", "BYTEA", gelu_tile,
                     note="gelu microkernel: tanh-form GELU of one tile (h, w) -> (h, w), float32."),
         microkernel("llm_mk_gelu_backward", "x BYTEA, dy BYTEA", "BYTEA", gelu_backward_tile,
-                    "gelu_backward_tile(np, x, dy)",
                     note="gelu backward microkernel: dy * gelu'(x) for x and dy tiles of one shape (h, w) -> (h, w)."),
     ]
     return "\n".join([comment(__doc__ or ""), *mks, _forward(), _backward()])

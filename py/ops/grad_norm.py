@@ -8,11 +8,12 @@ torch.nn.utils.clip_grad_norm_.
 
 Clipping is applied by the optimizer: llm_adamw_step(..., p_grad_scale => llm_clip_coef(norm, 1.0)) multiplies
 each gradient by the coefficient before using it, so the gradients themselves are never rewritten. Missing tiles
-make llm_sq_norm fail instead of returning a partial norm.
+make llm_sq_norm fail instead of returning a partial norm. The numpy microkernel: py/kernels/grad_norm.py.
 """
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.grad_norm import sq_sum_tile
 from pg_llm.ops.common import KERNEL_SETTINGS
 from pg_llm.ops.elementwise import n_tiles
 
@@ -20,12 +21,6 @@ SQL_FILE = "kernels/grad_norm.sql"
 ORDER = 41
 
 CLIP_EPS = "1e-6"  # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6)
-
-
-def sq_sum_tile(np, x):
-    """Sum of squares of one tile's float32 values, accumulated in float64."""
-    a = np.frombuffer(x, dtype='<f4').astype(np.float64)
-    return float(np.dot(a, a))
 
 
 SQ_NORM = """
@@ -83,6 +78,6 @@ def _clip_coef() -> str:
 
 
 def emit() -> str:
-    mk = microkernel("llm_mk_sq_sum", "x BYTEA", "FLOAT8", sq_sum_tile, "sq_sum_tile(np, x)",
+    mk = microkernel("llm_mk_sq_sum", "x BYTEA", "FLOAT8", sq_sum_tile,
                      note="sq_norm microkernel: sum of squares of one tile (h, w) -> float8, accumulated in float64.")
     return "\n".join([comment(__doc__ or "") + "\n", mk, _sq_norm(), _global_norm(), _clip_coef()])

@@ -7,56 +7,28 @@ Tiling: g and b are 1-D (C,) tensors stored as one row, cut in the same column t
 call per tile-row block of x (array_agg(data ORDER BY tc) GROUP BY tr) normalizes whole rows and returns the
 block's output tiles as bytea[], unnested WITH ORDINALITY into (tr, tc). The backward kernel also returns
 per-block partials of dg and db, reduced over blocks with the llm_tile_sum aggregate. mean and rstd are
-recomputed from x (cheaper than caching them as tensors), in float64.
+recomputed from x (cheaper than caching them as tensors), in float64. numpy: py/kernels/layernorm.py.
 """
 from __future__ import annotations
 
+from pg_llm.autograd.registry import Op
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.layernorm import layernorm_backward_block, layernorm_block
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 
 SQL_FILE = "kernels/layernorm.sql"
 ORDER = 20
 
-
-def layernorm_block(np, x_tiles, g_row, b_row, rows, cols, eps):
-    """One tile-row block (rows x cols, tiles ordered by column) normalized row-wise; returns its tiles."""
-    f = '<f4'
-    x = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in x_tiles]).astype(np.float64)
-    if x.shape[1] != cols:
-        plpy.error('pg_llm: layernorm: a tile-row block has %d columns, expected %d (missing tiles?)'  # noqa: F821
-                   % (x.shape[1], cols))
-    xc = x - x.mean(axis=1, keepdims=True)
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
-    y = (xc * rstd * np.frombuffer(g_row, dtype=f) + np.frombuffer(b_row, dtype=f)).astype(f)
-    out, c0 = [], 0
-    for t in x_tiles:
-        w = len(t) // (4 * rows)
-        out.append(y[:, c0:c0 + w].tobytes())
-        c0 += w
-    return out
-
-
-def layernorm_backward_block(np, x_tiles, dy_tiles, g_row, rows, cols, eps):
-    """dx tiles of one tile-row block, then this block's partial dg tiles (1 x w), then its partial db tiles."""
-    f = '<f4'
-    x = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in x_tiles]).astype(np.float64)
-    dy = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in dy_tiles]).astype(np.float64)
-    if x.shape[1] != cols or dy.shape[1] != cols:
-        plpy.error('pg_llm: layernorm_backward: a tile-row block of x or dy has %d/%d columns, expected %d'  # noqa: F821
-                   ' (missing tiles?)' % (x.shape[1], dy.shape[1], cols))
-    xc = x - x.mean(axis=1, keepdims=True)
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
-    xhat = xc * rstd
-    dxhat = dy * np.frombuffer(g_row, dtype=f)
-    dx = (rstd * (dxhat - dxhat.mean(axis=1, keepdims=True)
-                  - xhat * (dxhat * xhat).mean(axis=1, keepdims=True))).astype(f)
-    dg = (dy * xhat).sum(axis=0).astype(f)
-    db = dy.sum(axis=0).astype(f)
-    cuts, c0 = [], 0
-    for t in x_tiles:
-        cuts.append(slice(c0, c0 + len(t) // (4 * rows)))
-        c0 = cuts[-1].stop
-    return [dx[:, c].tobytes() for c in cuts] + [dg[c].tobytes() for c in cuts] + [db[c].tobytes() for c in cuts]
+OP = Op("layernorm", ("x", "w", "b"), args=(("eps", "FLOAT8"),),
+        wrapper="p_x BIGINT, p_w BIGINT, p_b BIGINT, p_eps FLOAT8",
+        kernel="llm_layernorm(p_x, p_w, p_b, NULL, p_eps)", note="out = ln(x; w, b); dx, dw, db", backward="""
+        dx := like({x}, 'dx');
+        dw := like({w}, 'dg');
+        db := like({b}, 'db');
+        PERFORM llm_layernorm_backward({x}, {w}, {g}, dx, dw, db, FALSE, {eps});
+        acc({x}, dx);
+        acc({w}, dw);
+        acc({b}, db);""")
 
 
 def _param() -> str:
@@ -189,13 +161,13 @@ def _backward() -> str:
 def emit() -> str:
     mk = microkernel(
         "llm_mk_layernorm", "x_tiles BYTEA[], g_row BYTEA, b_row BYTEA, rows INT, cols INT, eps FLOAT8", "BYTEA[]",
-        layernorm_block, "layernorm_block(np, x_tiles, g_row, b_row, rows, cols, eps)",
+        layernorm_block,
         note="""
         layernorm microkernel: one tile-row block of x (rows x cols, tiles ordered by column) and the whole
         g, b rows -> the block's output tiles (same widths), in column order.""")
     mkb = microkernel(
         "llm_mk_layernorm_backward", "x_tiles BYTEA[], dy_tiles BYTEA[], g_row BYTEA, rows INT, cols INT, eps FLOAT8",
-        "BYTEA[]", layernorm_backward_block, "layernorm_backward_block(np, x_tiles, dy_tiles, g_row, rows, cols, eps)",
+        "BYTEA[]", layernorm_backward_block,
         note="""
         layernorm backward microkernel: one tile-row block of x and dy (rows x cols) -> n dx tiles, then n
         partial dg tiles (1 x w), then n partial db tiles, n = number of column tiles.""")

@@ -9,7 +9,7 @@ Backward: dx = dy @ W^T, dW = x^T @ dy, db = column sums of dy
 
 Same numbers as the unfused chain llm_gelu(llm_add_bias(llm_matmul(x, W), b)): the product of one panel is the
 same np.matmul over the same blocks as llm_matmul's panel kernel, the bias is added in float32 like
-llm_mk_add_bias, the GELU is gelu.py's gelu_tile applied to each output tile and the residual is added to
+llm_mk_add_bias, the GELU is kernels/gelu.py's gelu_tile applied to each output tile and the residual is added to
 each tile like llm_mk_add. What it saves: the matmul output, the biased output and the branch before the
 residual add are never written to llm_tile nor read back (full activation writes, ~20 % of a forward at
 T=1024), and two or three kernel calls per layer.
@@ -18,81 +18,30 @@ Tiling (matmul's panel form): x (R, K) tiles (th, tk), W (K, N) tiles (tk, tn), 
 (1, tn); out (R, N) and r tiles (th, tn). Each output panel is ONE PL/Python call (llm_mk_linear_panel) that
 reads x's block rows, W's block columns and the bias (and residual) tiles of the panel itself, with at most
 PANEL_FLOATS floats of each operand and of the output (setting pg_llm.matmul_panel_floats, as llm_matmul).
+The numpy part: py/kernels/linear.py.
 """
 from __future__ import annotations
 
-import inspect
-import textwrap
-
-from pg_llm.gen.emit import _BOOT, comment, function, plpgsql
-from pg_llm.ops import weight_cache
+from pg_llm.autograd.registry import Op, op
+from pg_llm.gen.emit import comment, function, kernel_body, plpgsql
+from pg_llm.kernels.linear import panel_kernel
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
-from pg_llm.ops.gelu import gelu_tile
-from pg_llm.ops.matmul import PANELS, block_matrix
+from pg_llm.ops.matmul import PANELS
 
 SQL_FILE = "kernels/linear.sql"
 ORDER = 15
 
-
-# ---- numpy (unit-tested without a server) -------------------------------------------------------------------
-
-def linear_blocks(np, x, w, i0, j0, th, tn, bias_tiles, gelu, pre, res_tiles=()):
-    """Output tiles (k, tr, tc, bytes) of one panel of act(x @ w + b) [+ r], x and w the assembled blocks (x: the
-    panel's rows, every column; w: every row, the panel's columns), the panel's first output tile (i0, j0) and
-    output tiles (th, tn): k = 0 the output, k = 1 the pre-activation x @ w + b (only when pre). bias_tiles: the
-    bias tiles of the panel's columns (empty: no bias); res_tiles: the residual's tiles of the panel in (tr, tc)
-    order (empty: none)."""
-    if x.shape[1] != w.shape[0]:
-        plpy.error('pg_llm: linear: x block %s and W block %s' % (x.shape, w.shape))  # noqa: F821
-    y = np.matmul(x, w)
-    if bias_tiles:
-        b = np.frombuffer(b''.join(bias_tiles), dtype='<f4')
-        if b.size != y.shape[1]:
-            plpy.error('pg_llm: linear: %d bias values for %d output columns' % (b.size, y.shape[1]))  # noqa: F821
-        y += b
-    if res_tiles and len(res_tiles) != (-(-y.shape[0] // th)) * (-(-y.shape[1] // tn)):
-        plpy.error('pg_llm: linear: %d residual tiles for a %d x %d panel'  # noqa: F821
-                   % (len(res_tiles), y.shape[0], y.shape[1]))
-    res = iter(res_tiles)
-    for r in range(0, y.shape[0], th):
-        for c in range(0, y.shape[1], tn):
-            t = y[r:r + th, c:c + tn].tobytes()
-            if pre:
-                yield 1, i0 + r // th, j0 + c // tn, t
-            if gelu:
-                t = gelu_tile(np, t)
-            if res_tiles:
-                t = (np.frombuffer(next(res), dtype='<f4') + np.frombuffer(t, dtype='<f4')).tobytes()
-            yield 0, i0 + r // th, j0 + c // tn, t
-
-
-def read_tiles(plpy, GD, tensor_id, box):
-    """Payloads of the tiles box = [r0, r1, c0, c1] (half-open) of a tensor in (tr, tc) order (one cached plan)."""
-    plan = GD.get('llm_linear_plan')
-    if plan is None:
-        plan = GD['llm_linear_plan'] = plpy.prepare(
-            'SELECT data FROM llm_tile WHERE tensor_id = $1 AND tr >= $2 AND tr < $3 AND tc >= $4 AND tc < $5 '
-            'ORDER BY tr, tc', ['bigint', 'int', 'int', 'int', 'int'])
-    return [r['data'] for r in plpy.execute(plan, [tensor_id] + list(box))]
-
-
-# W's block comes from the backend's weight cache (weight_cache.py) when W is durable, under the key llm_matmul's
-# panels use for it (stored geometry, tile box), so both kernels share one entry.
-PANEL_CALL = """
-rows, k, th, tk = x_geom
-n, tn = w_geom[1], w_geom[3]
-nk = -(-k // tk)
-xb = [i * pi, min((i + 1) * pi, -(-rows // th)), 0, nk]
-wb = [0, -(-k // w_geom[2]), j * pj, min((j + 1) * pj, -(-n // tn))]
-xm = block_matrix(np, read_tiles(plpy, GD, x, xb), list(x_geom) + xb)
-budget = cache_budget(plpy, GD) if wt_id > 0 else 0
-if budget:
-    wm = cached_block(plpy, GD, wt_id, w_geom, wb, lambda t: block_matrix(np, t, list(w_geom) + wb), budget)
-else:
-    wm = block_matrix(np, read_tiles(plpy, GD, wt_id, wb), list(w_geom) + wb)
-bt = read_tiles(plpy, GD, b, [0, 1, wb[2], wb[3]]) if b is not None else []
-rt = read_tiles(plpy, GD, res, [xb[0], xb[1], wb[2], wb[3]]) if res is not None else []
-return linear_blocks(np, xm, wm, xb[0], wb[2], th, tn, bt, gelu, pre, rt)"""
+OP = Op("linear", ("x", "w", "b"),
+        note="out = x @ w + b (b may be NULL); dx += g @ w^T, dw += x^T @ g, db += sum_rows(g)", backward="""
+        dx := like({x}, 'dx');
+        dw := like({w}, 'dw');
+        db := like({b}, 'db');
+        PERFORM llm_linear_backward({x}, {w}, {g}, dx, dw, db, FALSE);
+        acc({x}, dx);
+        acc({w}, dw);
+        IF {b} IS NOT NULL THEN
+          acc({b}, db);
+        END IF;""")
 
 
 # ---- SQL ----------------------------------------------------------------------------------------------------
@@ -191,17 +140,61 @@ def _backward() -> str:
 
 
 def _panel_kernel() -> str:
-    src = "\n".join([weight_cache.source()] + [textwrap.dedent(inspect.getsource(f)).strip()
-                                                for f in (gelu_tile, block_matrix, linear_blocks, read_tiles)])
     return function(
         "llm_mk_linear_panel", "x BIGINT, x_geom INT[], i INT, pi INT, wt_id BIGINT, w_geom INT[], j INT, pj INT, "
         "b BIGINT, gelu BOOLEAN, pre BOOLEAN, res BIGINT", "TABLE(k INT, tr INT, tc INT, data BYTEA)",
-        f"{_BOOT}\n{src}{PANEL_CALL}", language="plpython3u", volatility="STABLE",
+        kernel_body(panel_kernel, "panel_kernel(plpy, GD, x, x_geom, i, pi, wt_id, w_geom, j, pj, b, gelu, pre, res)"),
+        language="plpython3u", volatility="STABLE",
         note="""linear panel kernel: output panel (i, j) of act(x @ W + b) as (k, tr, tc, data) rows (k = 1: the
         pre-activation, when pre). It reads panel i (pi tile rows) of x, panel j (pj tile cols) of W (a durable
         W's block from the backend's weight cache), of the bias b and of the residual res (NULL: none) itself;
-        geom = [rows, cols, tile_rows, tile_cols]. numpy part: linear_blocks.""")
+        geom = [rows, cols, tile_rows, tile_cols]. numpy: pg_llm.kernels.linear.""")
+
+
+LIKE = """
+    SELECT llm_tensor_create('linear_out', ARRAY[llm_rows(x.shape), llm_cols(w.shape)],
+                             ARRAY[least(x.tile[1], llm_rows(x.shape)), least(w.tile[2], llm_cols(w.shape))])
+    FROM llm_tensor AS x, llm_tensor AS w WHERE x.id = p_x AND w.id = v_w"""
+
+
+def _wrapper() -> str:
+    lin = {"x": "p_x", "w": "v_w", "b": "v_b"}
+    body = plpgsql("v_w BIGINT; v_b BIGINT; v_pre BIGINT; v_lin BIGINT; v_out BIGINT;", f"""
+        v_w := llm_param(p_model, p_prefix || '.weight');
+        v_b := llm_param(p_model, p_prefix || '.bias');
+        IF p_residual IS NOT NULL AND p_dropout = 0 AND NOT (p_gelu AND p_tape IS NOT NULL) THEN
+          -- r + act(x @ W + b) in one kernel, recorded as linear + add
+          v_lin := (
+            @like
+          );
+          v_out := llm_linear(p_x, v_w, v_b, p_gelu, p_residual => p_residual);
+          PERFORM {OP.record("v_lin", lin)};
+          RETURN {op("add").record("v_out", {"a": "p_residual", "b": "v_lin"})};
+        END IF;
+        IF p_gelu AND p_tape IS NOT NULL THEN  -- the GELU backward needs x @ W + b: written to v_pre as well
+          v_pre := (
+            @like
+          );
+          v_out := llm_linear(p_x, v_w, v_b, TRUE, p_pre => v_pre);
+          PERFORM {OP.record("v_pre", lin)};
+          v_out := {op("gelu").record("v_out", {"x": "v_pre"})};
+        ELSE
+          v_out := {OP.record("llm_linear(p_x, v_w, v_b, p_gelu)", lin)};
+        END IF;
+        v_out := llm_t_dropout(p_tape, v_out, p_dropout, p_seed);
+        IF p_residual IS NOT NULL THEN
+          v_out := llm_t_add(p_tape, p_residual, v_out);
+        END IF;
+        RETURN v_out;
+    """, like=LIKE)
+    return function("llm_t_linear", "p_tape BIGINT, p_x BIGINT, p_model TEXT, p_prefix TEXT, "
+                    "p_gelu BOOLEAN DEFAULT FALSE, p_residual BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, "
+                    "p_seed BIGINT DEFAULT 0", "BIGINT", body, settings=KERNEL_SETTINGS,
+                    note="""Recording wrapper: GPT-2 Conv1D [r +] dropout(act(x @ weight [in, out] + bias)) with
+                    fused llm_linear calls. Recorded as 'linear' [+ 'gelu' from a saved pre-activation] [+ 'dropout']
+                    [+ 'add']; with a residual and no dropout the add is fused too and 'linear' records an empty
+                    stand-in for its output (backward only needs its gradient).""")
 
 
 def emit() -> str:
-    return "\n".join([comment(__doc__ or ""), _panel_kernel(), _forward(), _backward()])
+    return "\n".join([comment(__doc__ or ""), _panel_kernel(), _forward(), _backward(), _wrapper()])

@@ -21,20 +21,30 @@ is kept in the backend's GD and reused while the fingerprint of its tiles' row v
 relfilenode, ctid, xmin: no detoasting) is unchanged in the caller's snapshot, so an update, a rollback, a
 rewrite or another session's commit is always seen (weight_cache.py explains why it is exact). Decoding
 reads every weight per token, so this is what makes generation fast. pg_llm.weight_cache_mb bounds it (LRU;
-0 disables).
+0 disables). The numpy part: py/kernels/matmul.py.
 """
 from __future__ import annotations
 
-import inspect
-import textwrap
-
-from pg_llm.gen.emit import _BOOT, comment, function, microkernel, plpgsql
-from pg_llm.ops import weight_cache
+from pg_llm.autograd.registry import Op
+from pg_llm.gen.emit import comment, function, kernel_body, microkernel, plpgsql
+from pg_llm.kernels.matmul import matmul_panel, matmul_tile, panel_kernel
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
-from pg_llm.ops.weight_cache import cached_block
 
 SQL_FILE = "kernels/matmul.sql"
 ORDER = 10
+
+OP = Op("matmul", ("a", "b"), args=(("ta", "BOOLEAN"), ("tb", "BOOLEAN")),
+        wrapper="p_a BIGINT, p_b BIGINT, p_ta BOOLEAN DEFAULT FALSE, p_tb BOOLEAN DEFAULT FALSE",
+        kernel="llm_matmul(p_a, p_b, NULL, p_ta, p_tb)",
+        note="out = a @ op(b); da += g @ op(b)^T, db += a^T @ g (tb: db += g^T @ a)", backward="""
+        IF {ta} THEN
+          RAISE EXCEPTION 'pg_llm: backward: matmul with a transposed first operand is not recorded by any forward';
+        END IF;
+        da := like({a}, 'da');
+        db := like({b}, 'db');
+        PERFORM llm_matmul_backward({a}, {b}, {g}, da, db, FALSE, {tb});
+        acc({a}, da);
+        acc({b}, db);""")
 PANEL_FLOATS = 8 * 1024 * 1024  # per operand and output panel (32 MiB of float32)
 # PL/pgSQL of llm_matmul and llm_linear: panel geometry from v_m, v_k, v_n and the tiles v_tm, v_tn
 PANELS = f"""
@@ -47,93 +57,6 @@ PANELS = f"""
         v_nj := ((v_n + v_tn - 1) / v_tn + v_pj - 1) / v_pj;
 """.strip("\n")
 
-
-def matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb):
-    """One output tile (m x n) of op(A) @ op(B) from A's and B's tiles ordered along K."""
-    f = '<f4'
-    if ta:
-        a = np.vstack([np.frombuffer(t, dtype=f).reshape(-1, m) for t in a_tiles]).T
-    else:
-        a = np.hstack([np.frombuffer(t, dtype=f).reshape(m, -1) for t in a_tiles])
-    if tb:
-        b = np.hstack([np.frombuffer(t, dtype=f).reshape(n, -1) for t in b_tiles]).T
-    else:
-        b = np.vstack([np.frombuffer(t, dtype=f).reshape(-1, n) for t in b_tiles])
-    return np.matmul(a, b, dtype=np.float32).tobytes()
-
-
-def block_matrix(np, tiles, g):
-    """The float32 block of tiles [r0, r1) x [c0, c1) of a tensor, geom g = [rows, cols, tile_rows, tile_cols,
-    r0, r1, c0, c1], from its payloads in (tr, tc) order (a read-only view of one buffer when one tile wide)."""
-    rows, cols, th, tw, r0, r1, c0, c1 = g
-    if len(tiles) != (r1 - r0) * (c1 - c0):
-        plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
-                   % (len(tiles), r1 - r0, c1 - c0))
-    h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
-    if c1 - c0 == 1:
-        return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
-    out = np.empty((h, w), dtype=np.float32)
-    it = iter(tiles)
-    for r in range(0, h, th):
-        for c in range(0, w, tw):
-            dst = out[r:r + th, c:c + tw]
-            dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
-    return out
-
-
-def matmul_blocks(np, a, a_geom, ta, b, b_geom, tb):
-    """Output tiles (tr, tc, bytes) of op(a) @ op(b) for one panel, a and b the assembled blocks of geometry
-    a_geom and b_geom (see block_matrix)."""
-    y = np.matmul(a.T if ta else a, b.T if tb else b)
-    tm, i0 = (a_geom[3], a_geom[6]) if ta else (a_geom[2], a_geom[4])
-    tn, j0 = (b_geom[2], b_geom[4]) if tb else (b_geom[3], b_geom[6])
-    for r in range(0, y.shape[0], tm):
-        for c in range(0, y.shape[1], tn):
-            yield i0 + r // tm, j0 + c // tn, y[r:r + tm, c:c + tn].tobytes()
-
-
-def matmul_panel(np, a_tiles, a_geom, ta, b_tiles, b_geom, tb):
-    """Output tiles (tr, tc, bytes) of op(A) @ op(B) for one panel. geom = [rows, cols, tile_rows, tile_cols,
-    r0, r1, c0, c1]: the stored tensor and the block of tiles [r0, r1) x [c0, c1) given in (tr, tc) order."""
-    return matmul_blocks(np, block_matrix(np, a_tiles, a_geom), a_geom, ta, block_matrix(np, b_tiles, b_geom),
-                         b_geom, tb)
-
-
-def panel_box(geom, along_cols, p, size):
-    """Tile box [r0, r1, c0, c1] of panel p (size tiles along stored columns when along_cols, else rows) of a
-    tensor of geometry [rows, cols, tile_rows, tile_cols]."""
-    rows, cols, th, tw = geom
-    nr, nc = -(-rows // th), -(-cols // tw)
-    return [0, nr, p * size, min((p + 1) * size, nc)] if along_cols else [p * size, min((p + 1) * size, nr), 0, nc]
-
-
-def panel_block(plpy, GD, tensor_id, geom, along_cols, p, size):
-    """Tiles of panel p of a tensor (see panel_box) in (tr, tc) order, and the geometry extended with the box."""
-    box = panel_box(geom, along_cols, p, size)
-    plan = GD.get('llm_panel_plan')
-    if plan is None:
-        plan = GD['llm_panel_plan'] = plpy.prepare(
-            'SELECT data FROM llm_tile WHERE tensor_id = $1 AND tr >= $2 AND tr < $3 AND tc >= $4 AND tc < $5 '
-            'ORDER BY tr, tc', ['bigint', 'int', 'int', 'int', 'int'])
-    return [r['data'] for r in plpy.execute(plan, [tensor_id] + box)], list(geom) + box
-
-
-def panel_operand(plpy, GD, np, tensor_id, geom, along_cols, p, size, budget):
-    """The assembled block of panel p of a tensor and its geometry: from the weight cache (weight_cache.py)
-    when the tensor is durable (id > 0) and budget > 0 bytes, else read from llm_tile."""
-    if tensor_id > 0 and budget:
-        box = panel_box(geom, along_cols, p, size)
-        g = list(geom) + box
-        return cached_block(plpy, GD, tensor_id, geom, box, lambda tiles: block_matrix(np, tiles, g), budget), g
-    tiles, g = panel_block(plpy, GD, tensor_id, geom, along_cols, p, size)
-    return block_matrix(np, tiles, g), g
-
-
-PANEL_CALL = """
-budget = cache_budget(plpy, GD) if a > 0 or b > 0 else 0
-am, a_box = panel_operand(plpy, GD, np, a, a_geom, ta, i, pi, budget)
-bm, b_box = panel_operand(plpy, GD, np, b, b_geom, not tb, j, pj, budget)
-return matmul_blocks(np, am, a_box, ta, bm, b_box, tb)"""
 
 FORWARD = """
     INSERT INTO llm_tile (tensor_id, tr, tc, data)
@@ -190,44 +113,47 @@ def forward_function(name: str, insert: str) -> str:
 
 def _backward() -> str:
     body = plpgsql("", """
-        PERFORM llm_matmul(p_dy, p_b, p_da, FALSE, TRUE, p_accumulate) WHERE p_da IS NOT NULL;
-        PERFORM llm_matmul(p_a, p_dy, p_db, TRUE, FALSE, p_accumulate) WHERE p_db IS NOT NULL;
+        PERFORM llm_matmul(p_dy, p_b, p_da, FALSE, NOT p_tb, p_accumulate) WHERE p_da IS NOT NULL;
+        IF p_tb THEN
+          PERFORM llm_matmul(p_dy, p_a, p_db, TRUE, FALSE, p_accumulate) WHERE p_db IS NOT NULL;
+        ELSE
+          PERFORM llm_matmul(p_a, p_dy, p_db, TRUE, FALSE, p_accumulate) WHERE p_db IS NOT NULL;
+        END IF;
     """)
     return function(
         "llm_matmul_backward",
-        "p_a BIGINT, p_b BIGINT, p_dy BIGINT, p_da BIGINT, p_db BIGINT, p_accumulate BOOLEAN DEFAULT TRUE",
-        "VOID", body, settings=KERNEL_SETTINGS,
-        note="""op: matmul backward for y = a @ b. da = dy @ b^T (m, k), db = a^T @ dy (k, n), each written
-        (or accumulated) into an existing tensor; pass NULL to skip one.""")
+        "p_a BIGINT, p_b BIGINT, p_dy BIGINT, p_da BIGINT, p_db BIGINT, p_accumulate BOOLEAN DEFAULT TRUE, "
+        "p_tb BOOLEAN DEFAULT FALSE", "VOID", body, settings=KERNEL_SETTINGS,
+        note="""op: matmul backward for y = a @ b: da = dy @ b^T (m, k), db = a^T @ dy (k, n); for y = a @ b^T
+        (p_tb, the tied logits x @ wte^T): da = dy @ b, db = dy^T @ a (n, k). Each is written (or accumulated)
+        into an existing tensor; pass NULL to skip one.""")
 
 
 def _panel_kernel() -> str:
-    fns = (block_matrix, matmul_blocks, panel_box, panel_block, panel_operand)
-    src = "\n".join([weight_cache.source()] + [textwrap.dedent(inspect.getsource(f)).strip() for f in fns])
     return function(
         "llm_mk_matmul_panel", "a BIGINT, a_geom INT[], ta BOOLEAN, i INT, pi INT, "
         "b BIGINT, b_geom INT[], tb BOOLEAN, j INT, pj INT", "TABLE(tr INT, tc INT, data BYTEA)",
-        f"{_BOOT}\n{src}{PANEL_CALL}", language="plpython3u", volatility="STABLE", strict=True,
+        kernel_body(panel_kernel, "panel_kernel(plpy, GD, a, a_geom, ta, i, pi, b, b_geom, tb, j, pj)"),
+        language="plpython3u", volatility="STABLE", strict=True,
         note="""matmul panel kernel: output panel (i, j) of op(A) @ op(B) as (tr, tc, data) rows. It reads
         panel i (pi tiles along m) of tensor a and panel j (pj tiles along n) of tensor b itself (a durable
         operand's block from the backend's weight cache when its row versions are unchanged); geom =
-        [rows, cols, tile_rows, tile_cols] as stored. The numpy part is matmul_panel (unit-tested alone).""")
+        [rows, cols, tile_rows, tile_cols] as stored. numpy: pg_llm.kernels.matmul (unit-tested alone).""")
 
 
 def panel_tiles_kernel(name: str, note: str) -> str:
     """A PL/Python function (a_tiles BYTEA[], a_geom INT[], ta, b_tiles BYTEA[], b_geom INT[], tb) -> output tiles:
-    matmul_panel with its helpers, on tiles passed in (the bench's array_agg panel form)."""
-    src = "\n".join(textwrap.dedent(inspect.getsource(f)).strip() for f in (block_matrix, matmul_blocks, matmul_panel))
+    matmul_panel on tiles passed in (the bench's array_agg panel form)."""
     return function(name, "a_tiles BYTEA[], a_geom INT[], ta BOOLEAN, b_tiles BYTEA[], b_geom INT[], tb BOOLEAN",
                     "TABLE(tr INT, tc INT, data BYTEA)",
-                    f"{_BOOT}\n{src}\nreturn matmul_panel(np, a_tiles, a_geom, ta, b_tiles, b_geom, tb)",
+                    kernel_body(matmul_panel, "matmul_panel(a_tiles, a_geom, ta, b_tiles, b_geom, tb)"),
                     language="plpython3u", volatility="IMMUTABLE", strict=True, parallel="SAFE", note=note)
 
 
 def emit() -> str:
     panel = _panel_kernel()
     mk = microkernel("llm_mk_matmul", "a_tiles BYTEA[], b_tiles BYTEA[], m INT, n INT, ta BOOLEAN, tb BOOLEAN",
-                     "BYTEA", matmul_tile, "matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb)",
+                     "BYTEA", matmul_tile,
                      note="matmul microkernel: one (m, n) output tile from op(A)'s block row and op(B)'s block column "
                      "(not used by llm_matmul since the panel form; kept for other ops and the bench).")
     return "\n".join([comment(__doc__ or ""), panel, mk, forward_function("llm_matmul", FORWARD), _backward()])

@@ -9,31 +9,16 @@ what a sliding-window perplexity needs (only the last rows of a window are score
 
 Tiling: one llm_mk_nll call per tile-row block of logits that holds scored rows (array_agg(data ORDER BY tc)
 GROUP BY tr), given the local offset of the first scored row and that block's targets; float64, 32 rows at a
-time to bound the temporaries.
+time to bound the temporaries. The numpy microkernel: py/kernels/nll.py.
 """
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.nll import nll_rows
 from pg_llm.ops.common import KERNEL_SETTINGS
 
 SQL_FILE = "kernels/nll.sql"
 ORDER = 24
-
-
-def nll_rows(np, tiles, rows, cols, skip, targets):
-    """NLL of rows skip .. skip+len(targets)-1 of one tile-row block (rows x cols, tiles ordered by column)."""
-    x = np.hstack([np.frombuffer(t, dtype='<f4').reshape(rows, -1) for t in tiles])
-    if x.shape[1] != cols:
-        plpy.error('pg_llm: nll: a tile-row block has %d columns, expected %d (missing tiles?)'  # noqa: F821
-                   % (x.shape[1], cols))
-    t = np.asarray(targets, dtype=np.int64)
-    out = []
-    for r0 in range(0, len(t), 32):
-        z = x[skip + r0:skip + min(r0 + 32, len(t))].astype(np.float64)
-        m = z.max(axis=1)
-        lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
-        out.extend((lse - z[np.arange(z.shape[0]), t[r0:r0 + 32]]).tolist())
-    return out
 
 
 CHECKS = """
@@ -105,7 +90,6 @@ def _forward() -> str:
 def emit() -> str:
     mk = microkernel(
         "llm_mk_nll", "tiles BYTEA[], rows INT, cols INT, skip INT, targets INT[]", "FLOAT8[]", nll_rows,
-        "nll_rows(np, tiles, rows, cols, skip, targets)",
         note="""
         nll microkernel: one tile-row block of logits (rows x cols, tiles ordered by column) -> NLL (float64) of its
         rows skip .. skip + len(targets) - 1 against targets.""")

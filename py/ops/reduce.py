@@ -13,38 +13,17 @@ ordered array_agg of its tiles: array_agg copies every full tile once more, the 
 Backward: one microkernel call per output tile broadcasts the matching ds tile; `like` only gives the shape and
 tiling (its tiles are not read). Conventions as matmul: p_out/p_dx DEFAULT NULL allocates a scratch tensor,
 p_accumulate adds into it (forward default FALSE; backward default TRUE, gradients accumulate).
+The numpy microkernels: py/kernels/reduce.py.
 """
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.reduce import broadcast_tile, sum_tile
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 from pg_llm.ops.elementwise import check_written, eff_tile, lines, n_tiles, not_in_place
 
 SQL_FILE = "kernels/reduce.sql"
 ORDER = 11
-
-
-# ---- numpy microkernels -------------------------------------------------------------------------------------
-
-def sum_tile(np, data, n, axis):
-    """Partial sum of one tile along `axis`, accumulated in float64 -> n float32 values.
-    axis 0: a tile (h, n) summed over its rows; axis 1: a tile (n, w) summed over its columns."""
-    x = np.frombuffer(data, dtype='<f4')
-    if n <= 0 or x.size % n:
-        plpy.error('pg_llm: sum: a tile of %d floats is not whole %s of %d'  # noqa: F821
-                   % (x.size, 'rows' if axis == 0 else 'columns', n))
-    x = x.reshape(-1, n) if axis == 0 else x.reshape(n, -1)
-    return x.sum(axis=axis, dtype=np.float64).astype('<f4').tobytes()
-
-
-def broadcast_tile(np, v, h, w, axis):
-    """One (h, w) tile broadcast from a vector tile: axis 0 repeats a row of w floats over h rows, axis 1 repeats
-    a column of h floats over w columns."""
-    x = np.frombuffer(v, dtype='<f4')
-    want = w if axis == 0 else h
-    if x.size != want:
-        plpy.error('pg_llm: sum backward: a gradient tile of %d floats, expected %d' % (x.size, want))  # noqa: F821
-    return np.broadcast_to(x.reshape((1, w) if axis == 0 else (h, 1)), (h, w)).tobytes()
 
 
 # ---- SQL ----------------------------------------------------------------------------------------------------
@@ -153,11 +132,10 @@ def _backward(axis: str) -> str:
 
 def emit() -> str:
     mks = [
-        microkernel("llm_mk_sum", "data BYTEA, n INT, axis INT", "BYTEA", sum_tile, "sum_tile(np, data, n, axis)",
+        microkernel("llm_mk_sum", "data BYTEA, n INT, axis INT", "BYTEA", sum_tile,
                     note="sum microkernel: partial sum of one tile, axis 0 a (h, n) tile over rows -> (1, n), axis 1 "
                          "an (n, w) tile over columns -> (n, 1); float64 inside, float32 out (added by llm_tile_sum)."),
         microkernel("llm_mk_broadcast", "v BYTEA, h INT, w INT, axis INT", "BYTEA", broadcast_tile,
-                    "broadcast_tile(np, v, h, w, axis)",
                     note="broadcast microkernel: axis 0 repeats a (1, w) row tile over h rows, axis 1 a (h, 1) column "
                          "tile over w columns -> (h, w)."),
     ]

@@ -9,54 +9,16 @@ Backward: dS = llm_softmax_causal_backward(P, dP, scale) = P * (dP - rowsum(dP *
 
 Tiling: the output has S's tile. One microkernel call per tile-row block of S (array_agg(data ORDER BY tc)
 GROUP BY tr) returns the block's output tiles as bytea[], unnested WITH ORDINALITY into (tr, tc); the block's
-first row (tr * tile_rows) gives each row's query position.
+first row (tr * tile_rows) gives each row's query position. The numpy microkernels: py/kernels/softmax.py.
 """
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
+from pg_llm.kernels.softmax import softmax_backward_block, softmax_block
 from pg_llm.ops.common import KERNEL_SETTINGS, UPSERT
 
 SQL_FILE = "kernels/softmax.sql"
 ORDER = 21
-
-
-def softmax_block(np, s_tiles, rows, cols, first_row, seq_len, scale, causal):
-    """One tile-row block of S (rows x cols, tiles ordered by column) -> the tiles of softmax(scale * S)."""
-    f = '<f4'
-    z = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in s_tiles]) * np.float32(scale)
-    if z.shape[1] != cols:
-        plpy.error('pg_llm: softmax_causal: a tile-row block has %d columns, expected %d (missing tiles?)'  # noqa: F821
-                   % (z.shape[1], cols))
-    if causal:
-        q = (first_row + np.arange(rows)) % seq_len
-        z[np.arange(cols)[None, :] > q[:, None]] = -np.inf
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True, dtype=np.float64).astype(f)
-    out, c0 = [], 0
-    for t in s_tiles:
-        w = len(t) // (4 * rows)
-        out.append(z[:, c0:c0 + w].tobytes())
-        c0 += w
-    return out
-
-
-def softmax_backward_block(np, p_tiles, dp_tiles, rows, cols, scale):
-    """One tile-row block of P and dP -> the tiles of dS = P * (dP - rowsum(dP * P)) * scale."""
-    f = '<f4'
-    p = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in p_tiles])
-    dp = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in dp_tiles])
-    if p.shape[1] != cols or dp.shape[1] != cols:
-        plpy.error('pg_llm: softmax_causal_backward: a tile-row block of p or dp has %d/%d columns, expected %d'  # noqa: F821
-                   ' (missing tiles?)' % (p.shape[1], dp.shape[1], cols))
-    dot = (dp * p).sum(axis=1, keepdims=True, dtype=np.float64).astype(f)
-    ds = p * (dp - dot) * np.float32(scale)
-    out, c0 = [], 0
-    for t in p_tiles:
-        w = len(t) // (4 * rows)
-        out.append(ds[:, c0:c0 + w].tobytes())
-        c0 += w
-    return out
 
 
 FORWARD = """
@@ -155,13 +117,13 @@ def emit() -> str:
     mk = microkernel(
         "llm_mk_softmax",
         "s_tiles BYTEA[], rows INT, cols INT, first_row INT, seq_len INT, scale FLOAT8, causal BOOLEAN", "BYTEA[]",
-        softmax_block, "softmax_block(np, s_tiles, rows, cols, first_row, seq_len, scale, causal)",
+        softmax_block,
         note="""
         softmax microkernel: one tile-row block of S (rows x cols, tiles ordered by column, first global row
         first_row) -> the block's tiles of softmax(scale * S), row r masked to columns <= r mod seq_len if causal.""")
     mkb = microkernel(
         "llm_mk_softmax_backward", "p_tiles BYTEA[], dp_tiles BYTEA[], rows INT, cols INT, scale FLOAT8", "BYTEA[]",
-        softmax_backward_block, "softmax_backward_block(np, p_tiles, dp_tiles, rows, cols, scale)",
+        softmax_backward_block,
         note="""
         softmax backward microkernel: one tile-row block of P and dP (rows x cols) -> the block's tiles of
         dS = P * (dP - rowsum(dP * P)) * scale, in column order.""")

@@ -24,7 +24,8 @@
 -- likely; 1 disables): the semantics of transformers' TemperatureLogitsWarper, TopKLogitsWarper and
 -- TopPLogitsWarper applied in that order, as generate() does. The draw uses numpy's
 -- Generator(PCG64(SeedSequence([seed, step]))) with step = 0 for the first new token: the same seed gives the
--- same tokens in any session and on any server with the same numpy.
+-- same tokens in any session and on any server with the same numpy. The numpy microkernel:
+-- py/kernels/sampling.py.
 --
 -- Stopping: after max_new_tokens; at the tokenizer's <|endoftext|> (50256 when the tokenizer has none) when
 -- eos is true (the eos token is returned, as transformers does); and when the sequence fills the context: a
@@ -42,34 +43,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def sample_logits(np, logits, temperature, top_k, top_p, seed, step, keep):
-    """The token drawn from a logits row (float32 bytes), or (keep) the ids the filters keep, ascending."""
-    z = np.frombuffer(logits, dtype='<f4').astype(np.float64)
-    if temperature == 0:
-        best = int(np.argmax(z))
-        return [best] if keep else best
-    z = z / temperature
-    n = z.size
-    if 0 < top_k < n:
-        z[z < np.partition(z, n - top_k)[n - top_k]] = -np.inf
-    if top_p < 1.0:
-        order = np.argsort(z, kind='stable')
-        s = z[order]
-        p = np.exp(s - s[-1])
-        cum = np.cumsum(p / p.sum())
-        drop = cum <= 1.0 - top_p
-        drop[-1] = False
-        z[order[drop]] = -np.inf
-    kept = np.flatnonzero(z > -np.inf)
-    if keep:
-        return kept.tolist()
-    w = np.exp(z[kept] - z[kept].max())
-    cdf = np.cumsum(w)
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(step)])))
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side='right'))
-    return int(kept[min(i, kept.size - 1)])
-return sample_logits(np, logits, temperature, top_k, top_p, seed, step, False)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.sampling import sample_logits
+return sample_logits(logits, temperature, top_k, top_p, seed, step, False)
 $fn$;
 
 -- sampling microkernel: the ids kept by the temperature/top-k/top-p filters of one float32 logits row (see api/generate.sql).
@@ -81,34 +58,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def sample_logits(np, logits, temperature, top_k, top_p, seed, step, keep):
-    """The token drawn from a logits row (float32 bytes), or (keep) the ids the filters keep, ascending."""
-    z = np.frombuffer(logits, dtype='<f4').astype(np.float64)
-    if temperature == 0:
-        best = int(np.argmax(z))
-        return [best] if keep else best
-    z = z / temperature
-    n = z.size
-    if 0 < top_k < n:
-        z[z < np.partition(z, n - top_k)[n - top_k]] = -np.inf
-    if top_p < 1.0:
-        order = np.argsort(z, kind='stable')
-        s = z[order]
-        p = np.exp(s - s[-1])
-        cum = np.cumsum(p / p.sum())
-        drop = cum <= 1.0 - top_p
-        drop[-1] = False
-        z[order[drop]] = -np.inf
-    kept = np.flatnonzero(z > -np.inf)
-    if keep:
-        return kept.tolist()
-    w = np.exp(z[kept] - z[kept].max())
-    cdf = np.cumsum(w)
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(step)])))
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side='right'))
-    return int(kept[min(i, kept.size - 1)])
-return sample_logits(np, logits, temperature, top_k, top_p, seed, step, True)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.sampling import sample_logits
+return sample_logits(logits, temperature, top_k, top_p, seed, step, True)
 $fn$;
 
 -- Validate sampling parameters (clear errors naming the caller).

@@ -5,7 +5,8 @@
 -- GPT-2 / Hugging Face init: Linear and Embedding weights ~ N(0, initializer_range), with the residual
 -- projections (attn.c_proj.weight, mlp.c_proj.weight) scaled by 1/sqrt(2 * n_layer); biases 0; LayerNorm
 -- weight 1 and bias 0. Each tile draws from its own seeded generator (seed, tensor name, tile), so the same
--- seed gives the same model in any session and for any order of tile writes.
+-- seed gives the same model in any session and for any order of tile writes. The numpy microkernel:
+-- py/kernels/init.py.
 -- init microkernel: one tile of seeded N(mean, std) float32.
 CREATE OR REPLACE FUNCTION llm_mk_normal(rows INT, cols INT, mean FLOAT8, std FLOAT8, seed BIGINT)
 RETURNS BYTEA
@@ -15,14 +16,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def normal_tile(np, rows, cols, mean, std, seed):
-    """A rows x cols tile of N(mean, std) float32 from its own generator (std 0 gives the constant mean)."""
-    if std == 0:
-        return np.full((rows, cols), mean, dtype='<f4').tobytes()
-    g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
-    return (g.standard_normal((rows, cols)) * std + mean).astype('<f4').tobytes()
-return normal_tile(np, rows, cols, mean, std, seed)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.init import normal_tile
+return normal_tile(rows, cols, mean, std, seed)
 $fn$;
 
 -- Fill every tile of a tensor with N(mean, std) (std 0: the constant mean), seeded per tile.

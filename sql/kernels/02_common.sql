@@ -9,14 +9,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def add_tiles(np, a, b):
-    x = np.frombuffer(a, dtype='<f4')
-    y = np.frombuffer(b, dtype='<f4')
-    if x.size != y.size:
-        plpy.error('pg_llm: cannot add tiles of %d and %d floats (tile shapes differ)' % (x.size, y.size))  # noqa: F821
-    return (x + y).tobytes()
-return add_tiles(np, a, b)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.common import add_tiles
+return add_tiles(a, b)
 $fn$;
 
 -- Sum of tiles of one shape: reduces per-block partial results (e.g. bias gradients).

@@ -13,7 +13,8 @@
 -- that returns the new param, m and v payloads together; one UPDATE joined on (tr, tc) writes the three tensors'
 -- tiles, per chunk of whole tile rows holding at most 8M parameter floats (setting pg_llm.adamw_chunk_floats), so
 -- GPT-2's wte (154 MB) takes a few UPDATEs of bounded memory. Arithmetic is in float32 like torch's, in place
--- (float64 was 2.7x slower per tile and no closer to torch's float32 results).
+-- (float64 was 2.7x slower per tile and no closer to torch's float32 results). The numpy microkernel:
+-- py/kernels/adamw.py.
 --
 -- Optimizer state: llm_adamw_state(param) returns (m_id, v_id), the durable tensors of roles adam_m / adam_v with
 -- the parameter's model and name, creating them zero-filled when missing (the first step's state).
@@ -104,33 +105,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def adamw_tile(np, p, g, m, v, h):
-    """New (param, m, v) payloads of one tile. h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step]."""
-    f = '<f4'
-    lr, b1, b2, eps, wd, scale, t = h
-    bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t  # Python floats: beta^t underflows quietly to 0 at late steps
-    x = np.frombuffer(p, dtype=f).copy()
-    n = x.size
-    if not (len(g) == len(m) == len(v) == 4 * n):
-        plpy.error('pg_llm: adamw: param, grad, m and v tiles of %d, %d, %d and %d floats (tile shapes differ)'  # noqa: F821
-                   % (n, len(g) // 4, len(m) // 4, len(v) // 4))
-    c = np.float32  # float32 arithmetic, in place, as torch's: 2.7x faster than float64 per tile
-    grad = np.frombuffer(g, dtype=f) * c(scale)
-    m32 = np.frombuffer(m, dtype=f) * c(b1)
-    m32 += c(1.0 - b1) * grad
-    grad *= grad
-    v32 = np.frombuffer(v, dtype=f) * c(b2)
-    v32 += c(1.0 - b2) * grad
-    x *= c(1.0 - lr * wd)
-    step = np.sqrt(v32)
-    step *= c(1.0 / bc2 ** 0.5)
-    step += c(eps)
-    np.divide(m32, step, out=step)
-    step *= c(lr / bc1)
-    x -= step
-    return [x.tobytes(), m32.tobytes(), v32.tobytes()]
-return adamw_tile(np, p, g, m, v, h)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.adamw import adamw_tile
+return adamw_tile(p, g, m, v, h)
 $fn$;
 
 -- op: AdamW step (torch.optim.AdamW) on one parameter, in place: param, m and v are updated from

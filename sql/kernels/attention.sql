@@ -8,7 +8,8 @@
 --
 -- Tiling: attention mixes every row of a sequence and every column of a head, so one microkernel call
 -- receives all tiles of qkv (ordered by (tr, tc)), reassembles the matrix, and returns y's tiles (same tile
--- shape as qkv, capped by C). Rows of a batch are B sequences of T tokens each, stacked.
+-- shape as qkv, capped by C). Rows of a batch are B sequences of T tokens each, stacked. The numpy
+-- microkernels: py/kernels/attention.py.
 -- attention microkernel: causal multi-head attention of one qkv matrix given as tiles.
 CREATE OR REPLACE FUNCTION llm_mk_attention(tiles BYTEA[], rows INT, cols INT, th INT, tw INT, n_head INT, seq_len INT, rate FLOAT8, seed BIGINT)
 RETURNS BYTEA[]
@@ -18,31 +19,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len, rate, seed):
-    """y tiles (row-major tile order, tile th x min(tw, C)) of causal attention over qkv's tiles.
-    rate > 0 applies inverted dropout to the probabilities with a mask drawn from `seed` (backward redraws it)."""
-    f = '<f4'
-    ntc = -(-cols // tw)
-    qkv = np.vstack([np.hstack([np.frombuffer(tiles[r * ntc + c], dtype=f).reshape(min(th, rows - r * th), -1)
-                                for c in range(ntc)]) for r in range(-(-rows // th))])
-    C = cols // 3
-    hd = C // n_head
-    B = rows // seq_len
-    x = qkv.reshape(B, seq_len, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
-    q, k, v = x[0], x[1], x[2]
-    att = np.matmul(q, k.transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(hd))
-    att = np.where(np.tril(np.ones((seq_len, seq_len), dtype=bool)), att, np.float32(-np.inf))
-    att = np.exp(att - att.max(axis=-1, keepdims=True))
-    att /= att.sum(axis=-1, keepdims=True)
-    if rate > 0:
-        keep = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed))).random(att.shape) >= rate
-        att = att * keep * np.float32(1.0 / (1.0 - rate))
-    y = np.matmul(att, v).transpose(0, 2, 1, 3).reshape(rows, C)
-    otw = min(tw, C)
-    return [np.ascontiguousarray(y[r:r + th, c:c + otw], dtype=f).tobytes()
-            for r in range(0, rows, th) for c in range(0, C, otw)]
-return attention_forward(np, tiles, rows, cols, th, tw, n_head, seq_len, rate, seed)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.attention import attention_forward
+return attention_forward(tiles, rows, cols, th, tw, n_head, seq_len, rate, seed)
 $fn$;
 
 -- attention backward microkernel: dqkv tiles from qkv and dy tiles.
@@ -54,44 +34,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len, rate, seed):
-    """dqkv tiles (qkv's tiling) given qkv's tiles and dy's tiles (tile th x min(tw, C)); the dropout mask
-    of the forward is redrawn from the same seed."""
-    f = '<f4'
-    C = cols // 3
-    otw = min(tw, C)
-
-    def assemble(ts, ncols, w):
-        n = -(-ncols // w)
-        return np.vstack([np.hstack([np.frombuffer(ts[r * n + c], dtype=f).reshape(min(th, rows - r * th), -1)
-                                     for c in range(n)]) for r in range(-(-rows // th))])
-
-    qkv = assemble(tiles, cols, tw).astype(np.float64)
-    dy = assemble(dy_tiles, C, otw).astype(np.float64)
-    hd = C // n_head
-    B = rows // seq_len
-    x = qkv.reshape(B, seq_len, 3, n_head, hd).transpose(2, 0, 3, 1, 4)
-    q, k, v = x[0], x[1], x[2]
-    scale = 1.0 / np.sqrt(hd)
-    s = np.matmul(q, k.transpose(0, 1, 3, 2)) * scale
-    s = np.where(np.tril(np.ones((seq_len, seq_len), dtype=bool)), s, -np.inf)
-    p = np.exp(s - s.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    dyh = dy.reshape(B, seq_len, n_head, hd).transpose(0, 2, 1, 3)
-    drop = 1.0
-    if rate > 0:
-        keep = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed))).random(p.shape) >= rate
-        drop = keep / (1.0 - rate)
-    dv = np.matmul((p * drop).transpose(0, 1, 3, 2), dyh)
-    dp = np.matmul(dyh, v.transpose(0, 1, 3, 2)) * drop
-    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
-    dq = np.matmul(ds, k)
-    dk = np.matmul(ds.transpose(0, 1, 3, 2), q)
-    dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(rows, cols)
-    return [np.ascontiguousarray(dqkv[r:r + th, c:c + tw], dtype=f).tobytes()
-            for r in range(0, rows, th) for c in range(0, cols, tw)]
-return attention_backward(np, tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len, rate, seed)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.attention import attention_backward
+return attention_backward(tiles, dy_tiles, rows, cols, th, tw, n_head, seq_len, rate, seed)
 $fn$;
 
 -- op: attention forward (causal, multi-head). qkv (B*T, 3C) -> y (B*T, C).

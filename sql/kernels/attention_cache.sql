@@ -15,6 +15,7 @@
 -- rows once (one string_agg in position order, unpacked by np.frombuffer): 8 * C bytes per cached position and
 -- layer, against the 4 * 12 * C^2 bytes of weights every layer reads per token, so a step costs nearly the same
 -- at any prefix. One statement inserts y's tiles and the new cache rows (llm_mk_attention_cached yields both).
+-- numpy: py/kernels/attention_cache.py.
 -- cached attention microkernel: the new rows' qkv tiles and the cached [k | v] rows -> y tiles (t = 0) and
 -- the new cache rows (t = 1, tr = position).
 CREATE OR REPLACE FUNCTION llm_mk_attention_cached(tiles BYTEA[], kv BYTEA, rows INT, cols INT, th INT, tw INT, past INT, n_head INT)
@@ -25,40 +26,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def attention_cached(np, tiles, kv, rows, cols, th, tw, past, n_head):
-    """(t, tr, tc, data): t = 0 for y's tiles (n x C, tile th x min(tw, C)), t = 1 for the new cache rows
-    (tr = past + i, tc = 0, [k | v] of 2C floats). tiles: the new rows' qkv tiles in (tr, tc) order;
-    kv: the cached rows 0 .. past-1 concatenated (bytes), or as a float32 array (past, 2C)."""
-    f = '<f4'
-    ntc = -(-cols // tw)
-    qkv = np.vstack([np.hstack([np.frombuffer(tiles[r * ntc + c], dtype=f).reshape(min(th, rows - r * th), -1)
-                                for c in range(ntc)]) for r in range(-(-rows // th))])
-    C = cols // 3
-    hd = C // n_head
-    old = kv if isinstance(kv, np.ndarray) else np.frombuffer(kv, dtype=f)
-    if old.size != past * 2 * C:
-        plpy.error('pg_llm: attention_cached: the cache holds %d floats, expected %d positions of 2 x %d'  # noqa: F821
-                   % (old.size, past, C))
-    new_kv = np.ascontiguousarray(qkv[:, C:])
-    kvs = np.vstack([old.reshape(past, 2 * C), new_kv])  # (past + rows, 2C)
-    total = past + rows
-    q = qkv[:, :C].reshape(rows, n_head, hd).transpose(1, 0, 2)  # (H, n, hd)
-    k = kvs[:, :C].reshape(total, n_head, hd).transpose(1, 2, 0)  # (H, hd, total)
-    v = kvs[:, C:].reshape(total, n_head, hd).transpose(1, 0, 2)  # (H, total, hd)
-    att = np.matmul(q, k) * np.float32(1.0 / np.sqrt(hd))
-    mask = np.arange(total)[None, :] <= (past + np.arange(rows))[:, None]
-    att = np.where(mask, att, np.float32(-np.inf))
-    att = np.exp(att - att.max(axis=-1, keepdims=True))
-    att /= att.sum(axis=-1, keepdims=True)
-    y = np.matmul(att, v).transpose(1, 0, 2).reshape(rows, C)
-    otw = min(tw, C)
-    for r in range(0, rows, th):
-        for c in range(0, C, otw):
-            yield 0, r // th, c // otw, np.ascontiguousarray(y[r:r + th, c:c + otw], dtype=f).tobytes()
-    for i in range(rows):
-        yield 1, past + i, 0, new_kv[i].tobytes()
-return attention_cached(np, tiles, kv, rows, cols, th, tw, past, n_head)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.attention_cache import attention_cached
+return attention_cached(tiles, kv, rows, cols, th, tw, past, n_head)
 $fn$;
 
 -- op: cached causal attention. qkv (n, 3C) of positions p_past .. p_past+n-1, cache (n_ctx, 2C) holding

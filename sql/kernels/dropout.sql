@@ -15,7 +15,7 @@
 --
 -- Tiling: out tile (tr, tc) = one llm_mk_dropout call on x's tile (tr, tc); out is tiled like x. Conventions as
 -- gelu: p_out / p_dx NULL allocates a scratch tensor; p_accumulate adds into it (forward default FALSE, backward
--- default TRUE). Returns the output id.
+-- default TRUE). Returns the output id. The numpy microkernel: py/kernels/dropout.py.
 
 -- dropout microkernel: x * mask / (1 - rate) for tile (tr, tc) (h, w) -> (h, w), float32; the mask is drawn
 -- from PCG64(SeedSequence([seed mod 2^64, tr, tc])), so it depends only on the seed, the tile coordinates and
@@ -28,15 +28,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def dropout_tile(np, x, rate, seed, tr, tc):
-    """x * mask / (1 - rate) for tile (tr, tc), float32; the mask comes from PCG64(SeedSequence([seed, tr, tc]))."""
-    a = np.frombuffer(x, dtype='<f4')
-    bits = np.random.PCG64(np.random.SeedSequence([seed % 2**64, tr, tc])).random_raw(a.size)
-    u = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # [0, 1), 53 bits
-    scale = np.float32(1.0 / (1.0 - rate))
-    return np.where(u >= rate, a * scale, np.float32(0)).astype('<f4').tobytes()
-return dropout_tile(np, x, rate, seed, tr, tc)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.dropout import dropout_tile
+return dropout_tile(x, rate, seed, tr, tc)
 $fn$;
 
 -- op: dropout forward (inverted). out = x * mask / (1 - rate), x and out of one shape (R, C) or (n,); the
@@ -147,5 +142,21 @@ BEGIN
       USING HINT = 'Check the inputs with llm_tensor_validate(id).';
   END IF;
   RETURN v_out;
+END
+$fn$;
+
+-- Recording wrapper: inverted dropout (rate 0 is the identity and records nothing).
+CREATE OR REPLACE FUNCTION llm_t_dropout(p_tape BIGINT, p_x BIGINT, p_rate FLOAT8, p_seed BIGINT)
+RETURNS BIGINT
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
+SET extra_float_digits = 1
+AS $fn$
+BEGIN
+  IF p_rate = 0 THEN
+    RETURN p_x;  -- identity: nothing to record
+  END IF;
+  RETURN llm_tape_record(p_tape, 'dropout', llm_dropout(p_x, p_rate, p_seed), p_x, p_args => jsonb_build_object('rate', p_rate, 'seed', p_seed));
 END
 $fn$;

@@ -20,6 +20,7 @@
 -- output tile (tr, tc) = one microkernel call on the (tr, tc) tiles of both. The bias is joined on tc only and must
 -- cut its C columns like x. The output is tiled like the (first) input. Shape and tiling errors are raised before
 -- anything is written; an input with missing tiles makes the op fail instead of writing a partial output.
+-- The numpy microkernels: py/kernels/elementwise.py (llm_mk_add: py/kernels/common.py).
 -- mul microkernel: a * b for two tiles of one shape (h, w) -> (h, w), float32.
 CREATE OR REPLACE FUNCTION llm_mk_mul(a BYTEA, b BYTEA)
 RETURNS BYTEA
@@ -29,25 +30,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def ew_tile(np, op, a, b):
-    """One output tile of a (op) b, float32: 'add', 'mul', or 'add_bias' (b is one row of w floats added to every
-    row of the a tile)."""
-    x = np.frombuffer(a, dtype='<f4')
-    y = np.frombuffer(b, dtype='<f4')
-    if op == 'add_bias':
-        if y.size == 0 or x.size % y.size:
-            plpy.error('pg_llm: add_bias: a tile of %d floats is not whole rows of the %d-float bias tile'  # noqa: F821
-                       % (x.size, y.size))
-        return (x.reshape(-1, y.size) + y).tobytes()
-    if x.size != y.size:
-        plpy.error('pg_llm: %s: tiles of %d and %d floats (tile shapes differ)' % (op, x.size, y.size))  # noqa: F821
-    if op == 'add':
-        return (x + y).tobytes()
-    if op == 'mul':
-        return (x * y).tobytes()
-    plpy.error('pg_llm: unknown elementwise op %r' % op)  # noqa: F821
-return ew_tile(np, 'mul', a, b)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.elementwise import ew_tile
+return ew_tile('mul', a, b)
 $fn$;
 
 -- add_bias microkernel: x tile (h, w) + bias tile (1, w) broadcast over rows -> (h, w).
@@ -59,25 +45,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def ew_tile(np, op, a, b):
-    """One output tile of a (op) b, float32: 'add', 'mul', or 'add_bias' (b is one row of w floats added to every
-    row of the a tile)."""
-    x = np.frombuffer(a, dtype='<f4')
-    y = np.frombuffer(b, dtype='<f4')
-    if op == 'add_bias':
-        if y.size == 0 or x.size % y.size:
-            plpy.error('pg_llm: add_bias: a tile of %d floats is not whole rows of the %d-float bias tile'  # noqa: F821
-                       % (x.size, y.size))
-        return (x.reshape(-1, y.size) + y).tobytes()
-    if x.size != y.size:
-        plpy.error('pg_llm: %s: tiles of %d and %d floats (tile shapes differ)' % (op, x.size, y.size))  # noqa: F821
-    if op == 'add':
-        return (x + y).tobytes()
-    if op == 'mul':
-        return (x * y).tobytes()
-    plpy.error('pg_llm: unknown elementwise op %r' % op)  # noqa: F821
-return ew_tile(np, 'add_bias', x, b)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.elementwise import ew_tile
+return ew_tile('add_bias', x, b)
 $fn$;
 
 -- scale microkernel: alpha * x for one tile (h, w) -> (h, w), float32.
@@ -89,11 +60,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def scale_tile(np, x, alpha):
-    """alpha * x for one tile, in float32."""
-    return (np.frombuffer(x, dtype='<f4') * np.float32(alpha)).tobytes()
-return scale_tile(np, x, alpha)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.elementwise import scale_tile
+return scale_tile(x, alpha)
 $fn$;
 
 -- llm_add uses llm_mk_add (common.py), the tile sum that accumulation also uses.

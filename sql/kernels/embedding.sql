@@ -18,6 +18,7 @@
 -- they land in: one llm_mk_embedding_scatter call per touched weight tile, which scatter-adds the rows (np.add.at)
 -- into a zero tile. Accumulating (the default) adds those tiles into an existing, complete gradient (common.UPSERT)
 -- and touches nothing else; otherwise the untouched weight tiles are written as zeros so dw is complete.
+-- The numpy microkernel (the scatter-add): py/kernels/embedding.py.
 -- embedding backward microkernel: one (rows x cols) weight-gradient tile from the concatenated dy row slices
 -- (k x cols) and the local row each one lands in (scatter-add, repeated rows accumulate); empty -> zeros.
 CREATE OR REPLACE FUNCTION llm_mk_embedding_scatter(segs BYTEA, local_rows INT[], rows INT, cols INT)
@@ -28,19 +29,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def embedding_scatter_tile(np, segs, local_rows, rows, cols):
-    """A (rows x cols) weight-gradient tile: zeros, plus row k of segs (len(local_rows) x cols, float32) added
-    into row local_rows[k] (repeated rows accumulate), summed in float64."""
-    out = np.zeros((rows, cols), dtype=np.float64)
-    if local_rows:
-        d = np.frombuffer(segs, dtype='<f4')
-        if d.size != len(local_rows) * cols:
-            plpy.error('pg_llm: embedding_backward: got %d floats of dy for %d rows of %d columns'  # noqa: F821
-                       ' (missing dy tiles?)' % (d.size, len(local_rows), cols))
-        np.add.at(out, np.asarray(local_rows, dtype=np.int64), d.reshape(-1, cols))
-    return out.astype('<f4').tobytes()
-return embedding_scatter_tile(np, segs, local_rows, rows, cols)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.embedding import embedding_scatter_tile
+return embedding_scatter_tile(segs, local_rows, rows, cols)
 $fn$;
 
 -- op: embedding forward. weight (V, C), ids int[N] (0 <= id < V) -> out (N, C), out[t] = weight[ids[t]].

@@ -10,7 +10,7 @@
 -- Tiling: out tile (tr, tc) = one microkernel call on x's tile (tr, tc) (and dy's, joined on (tr, tc), for the
 -- backward: x and dy must have the same shape and tiling). Conventions as matmul: p_out / p_dx DEFAULT NULL
 -- allocates a scratch tensor, p_accumulate adds into it (forward default FALSE; backward default TRUE, gradients
--- accumulate). Returns the output id.
+-- accumulate). Returns the output id. The numpy microkernels: py/kernels/gelu.py.
 -- gelu microkernel: tanh-form GELU of one tile (h, w) -> (h, w), float32.
 CREATE OR REPLACE FUNCTION llm_mk_gelu(x BYTEA)
 RETURNS BYTEA
@@ -20,15 +20,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def gelu_tile(np, x):
-    """GELU (tanh form) of one tile, float32 throughout like torch's approximate='tanh'."""
-    a = np.frombuffer(x, dtype='<f4')
-    k = np.float32(0.7978845608028654)  # sqrt(2 / pi)
-    c = np.float32(0.044715)
-    half = np.float32(0.5)
-    return (half * a * (np.float32(1) + np.tanh(k * (a + c * a * a * a)))).astype('<f4').tobytes()
-return gelu_tile(np, x)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.gelu import gelu_tile
+return gelu_tile(x)
 $fn$;
 
 -- gelu backward microkernel: dy * gelu'(x) for x and dy tiles of one shape (h, w) -> (h, w).
@@ -40,21 +35,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def gelu_backward_tile(np, x, dy):
-    """dy * gelu'(x) for one tile (x and dy of one shape), float32."""
-    a = np.frombuffer(x, dtype='<f4')
-    g = np.frombuffer(dy, dtype='<f4')
-    if a.size != g.size:
-        plpy.error('pg_llm: gelu_backward: x and dy tiles of %d and %d floats' % (a.size, g.size))  # noqa: F821
-    k = np.float32(0.7978845608028654)
-    c = np.float32(0.044715)
-    half, one = np.float32(0.5), np.float32(1)
-    a2 = a * a
-    t = np.tanh(k * (a + c * a2 * a))
-    d = half * (one + t) + half * a * (one - t * t) * k * (one + np.float32(3) * c * a2)
-    return (g * d).astype('<f4').tobytes()
-return gelu_backward_tile(np, x, dy)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.gelu import gelu_backward_tile
+return gelu_backward_tile(x, dy)
 $fn$;
 
 -- op: gelu forward (tanh form, float32). out = gelu(x), x and out of one shape (R, C) or (n,).

@@ -10,7 +10,7 @@
 --
 -- Clipping is applied by the optimizer: llm_adamw_step(..., p_grad_scale => llm_clip_coef(norm, 1.0)) multiplies
 -- each gradient by the coefficient before using it, so the gradients themselves are never rewritten. Missing tiles
--- make llm_sq_norm fail instead of returning a partial norm.
+-- make llm_sq_norm fail instead of returning a partial norm. The numpy microkernel: py/kernels/grad_norm.py.
 
 -- sq_norm microkernel: sum of squares of one tile (h, w) -> float8, accumulated in float64.
 CREATE OR REPLACE FUNCTION llm_mk_sq_sum(x BYTEA)
@@ -21,12 +21,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def sq_sum_tile(np, x):
-    """Sum of squares of one tile's float32 values, accumulated in float64."""
-    a = np.frombuffer(x, dtype='<f4').astype(np.float64)
-    return float(np.dot(a, a))
-return sq_sum_tile(np, x)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.grad_norm import sq_sum_tile
+return sq_sum_tile(x)
 $fn$;
 
 -- op: squared L2 norm of a tensor, sum(x^2) accumulated in float64.

@@ -9,7 +9,7 @@
 -- call per tile-row block of x (array_agg(data ORDER BY tc) GROUP BY tr) normalizes whole rows and returns the
 -- block's output tiles as bytea[], unnested WITH ORDINALITY into (tr, tc). The backward kernel also returns
 -- per-block partials of dg and db, reduced over blocks with the llm_tile_sum aggregate. mean and rstd are
--- recomputed from x (cheaper than caching them as tensors), in float64.
+-- recomputed from x (cheaper than caching them as tensors), in float64. numpy: py/kernels/layernorm.py.
 -- layernorm microkernel: one tile-row block of x (rows x cols, tiles ordered by column) and the whole
 -- g, b rows -> the block's output tiles (same widths), in column order.
 CREATE OR REPLACE FUNCTION llm_mk_layernorm(x_tiles BYTEA[], g_row BYTEA, b_row BYTEA, rows INT, cols INT, eps FLOAT8)
@@ -20,24 +20,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def layernorm_block(np, x_tiles, g_row, b_row, rows, cols, eps):
-    """One tile-row block (rows x cols, tiles ordered by column) normalized row-wise; returns its tiles."""
-    f = '<f4'
-    x = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in x_tiles]).astype(np.float64)
-    if x.shape[1] != cols:
-        plpy.error('pg_llm: layernorm: a tile-row block has %d columns, expected %d (missing tiles?)'  # noqa: F821
-                   % (x.shape[1], cols))
-    xc = x - x.mean(axis=1, keepdims=True)
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
-    y = (xc * rstd * np.frombuffer(g_row, dtype=f) + np.frombuffer(b_row, dtype=f)).astype(f)
-    out, c0 = [], 0
-    for t in x_tiles:
-        w = len(t) // (4 * rows)
-        out.append(y[:, c0:c0 + w].tobytes())
-        c0 += w
-    return out
-return layernorm_block(np, x_tiles, g_row, b_row, rows, cols, eps)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.layernorm import layernorm_block
+return layernorm_block(x_tiles, g_row, b_row, rows, cols, eps)
 $fn$;
 
 -- layernorm backward microkernel: one tile-row block of x and dy (rows x cols) -> n dx tiles, then n
@@ -50,29 +36,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def layernorm_backward_block(np, x_tiles, dy_tiles, g_row, rows, cols, eps):
-    """dx tiles of one tile-row block, then this block's partial dg tiles (1 x w), then its partial db tiles."""
-    f = '<f4'
-    x = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in x_tiles]).astype(np.float64)
-    dy = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in dy_tiles]).astype(np.float64)
-    if x.shape[1] != cols or dy.shape[1] != cols:
-        plpy.error('pg_llm: layernorm_backward: a tile-row block of x or dy has %d/%d columns, expected %d'  # noqa: F821
-                   ' (missing tiles?)' % (x.shape[1], dy.shape[1], cols))
-    xc = x - x.mean(axis=1, keepdims=True)
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
-    xhat = xc * rstd
-    dxhat = dy * np.frombuffer(g_row, dtype=f)
-    dx = (rstd * (dxhat - dxhat.mean(axis=1, keepdims=True)
-                  - xhat * (dxhat * xhat).mean(axis=1, keepdims=True))).astype(f)
-    dg = (dy * xhat).sum(axis=0).astype(f)
-    db = dy.sum(axis=0).astype(f)
-    cuts, c0 = [], 0
-    for t in x_tiles:
-        cuts.append(slice(c0, c0 + len(t) // (4 * rows)))
-        c0 = cuts[-1].stop
-    return [dx[:, c].tobytes() for c in cuts] + [dg[c].tobytes() for c in cuts] + [db[c].tobytes() for c in cuts]
-return layernorm_backward_block(np, x_tiles, dy_tiles, g_row, rows, cols, eps)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.layernorm import layernorm_backward_block
+return layernorm_backward_block(x_tiles, dy_tiles, g_row, rows, cols, eps)
 $fn$;
 
 -- Check a 1-D layernorm gain/bias (C,) against x (R, C) (one row, x's column tiles) and

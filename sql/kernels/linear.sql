@@ -11,7 +11,7 @@
 --
 -- Same numbers as the unfused chain llm_gelu(llm_add_bias(llm_matmul(x, W), b)): the product of one panel is the
 -- same np.matmul over the same blocks as llm_matmul's panel kernel, the bias is added in float32 like
--- llm_mk_add_bias, the GELU is gelu.py's gelu_tile applied to each output tile and the residual is added to
+-- llm_mk_add_bias, the GELU is kernels/gelu.py's gelu_tile applied to each output tile and the residual is added to
 -- each tile like llm_mk_add. What it saves: the matmul output, the biased output and the branch before the
 -- residual add are never written to llm_tile nor read back (full activation writes, ~20 % of a forward at
 -- T=1024), and two or three kernel calls per layer.
@@ -20,257 +20,21 @@
 -- (1, tn); out (R, N) and r tiles (th, tn). Each output panel is ONE PL/Python call (llm_mk_linear_panel) that
 -- reads x's block rows, W's block columns and the bias (and residual) tiles of the panel itself, with at most
 -- PANEL_FLOATS floats of each operand and of the output (setting pg_llm.matmul_panel_floats, as llm_matmul).
+-- The numpy part: py/kernels/linear.py.
 -- linear panel kernel: output panel (i, j) of act(x @ W + b) as (k, tr, tc, data) rows (k = 1: the
 --         pre-activation, when pre). It reads panel i (pi tile rows) of x, panel j (pj tile cols) of W (a durable
 --         W's block from the backend's weight cache), of the bias b and of the residual res (NULL: none) itself;
---         geom = [rows, cols, tile_rows, tile_cols]. numpy part: linear_blocks.
+--         geom = [rows, cols, tile_rows, tile_cols]. numpy: pg_llm.kernels.linear.
 CREATE OR REPLACE FUNCTION llm_mk_linear_panel(x BIGINT, x_geom INT[], i INT, pi INT, wt_id BIGINT, w_geom INT[], j INT, pj INT, b BIGINT, gelu BOOLEAN, pre BOOLEAN, res BIGINT)
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-DEFAULT_MB = 1024
-FP_ROW = "t.tr || ':' || t.tc || ':' || t.tableoid::TEXT || ':' || pg_relation_filenode(t.tableoid)::TEXT || ':' || t.ctid::TEXT || ':' || t.xmin::TEXT"
-BOX = 't.tensor_id = $1 AND t.tr >= $2 AND t.tr < $3 AND t.tc >= $4 AND t.tc < $5'
-def weight_cache(GD):
-    """The backend's cache state in GD (created on first use)."""
-    c = GD.get('llm_weight_cache')
-    if c is None:
-        import collections
-        c = GD['llm_weight_cache'] = {'lru': collections.OrderedDict(), 'bytes': 0, 'hits': 0, 'misses': 0,
-                                      'evictions': 0}
-    return c
-def cache_budget(plpy, GD):
-    """pg_llm.weight_cache_mb in bytes (default DEFAULT_MB MiB; 0 disables). Shrinks the cache to it."""
-    plan = GD.get('llm_wc_budget_plan')
-    if plan is None:
-        plan = GD['llm_wc_budget_plan'] = plpy.prepare(
-            "SELECT current_setting('pg_llm.weight_cache_mb', TRUE) AS v", [])
-    v = plpy.execute(plan)[0]['v']
-    try:
-        mb = DEFAULT_MB if v is None or v.strip() == '' else float(v)
-    except ValueError:
-        mb = -1.0
-    if not 0 <= mb < float('inf'):
-        plpy.error('pg_llm: pg_llm.weight_cache_mb must be a number of megabytes >= 0, got %r' % v,
-                   hint='0 disables the weight cache; the default is %d.' % DEFAULT_MB)
-    budget = int(mb * 1048576)
-    if 'llm_weight_cache' in GD:
-        cache_evict(GD['llm_weight_cache'], budget)
-    return budget
-def cache_evict(c, budget):
-    """Drop least recently used entries until the cache holds at most budget bytes."""
-    lru = c['lru']
-    while c['bytes'] > budget and lru:
-        _, (_, m) = lru.popitem(last=False)
-        c['bytes'] -= m.nbytes
-        c['evictions'] += 1
-def cache_take(c, key, fp):
-    """The cached array of key if it was built from the row versions fp (a hit, now most recently used); else
-    None (a miss), the stale entry dropped."""
-    entry = c['lru'].get(key)
-    if entry is not None and entry[0] == fp:
-        c['lru'].move_to_end(key)
-        c['hits'] += 1
-        return entry[1]
-    c['misses'] += 1
-    if entry is not None:
-        del c['lru'][key]
-        c['bytes'] -= entry[1].nbytes
-    return None
-def cache_put(c, key, fp, m, budget):
-    """Keep m (read-only from now on) for key, built from the row versions fp, within budget bytes."""
-    if m.nbytes <= budget:
-        m.flags.writeable = False
-        c['lru'][key] = (fp, m)
-        c['bytes'] += m.nbytes
-        cache_evict(c, budget)
-    return m
-def tile_rows(plpy, GD, tensor_id, box):
-    """(fingerprint, payloads) of the tiles box = [r0, r1, c0, c1] of a tensor in (tr, tc) order, from ONE
-    query: the fingerprint describes exactly the row versions the payloads come from."""
-    plan = GD.get('llm_wc_load_plan')
-    if plan is None:
-        plan = GD['llm_wc_load_plan'] = plpy.prepare(
-            "SELECT %s AS fp, t.data FROM llm_tile AS t WHERE %s ORDER BY t.tr, t.tc" % (FP_ROW, BOX),
-            ['bigint', 'int', 'int', 'int', 'int'])
-    rows = plpy.execute(plan, [tensor_id] + list(box))
-    return ' '.join([r['fp'] for r in rows]), [r['data'] for r in rows]
-def cached_block(plpy, GD, tensor_id, geom, box, build, budget):
-    """The block of durable tensor tensor_id made of its tiles box = [r0, r1, c0, c1] (tile rows and columns,
-    half-open): from the cache when the visible row versions are those it was built from, else built by
-    build(payloads in (tr, tc) order) and kept under the byte budget. geom (whatever else build depends on:
-    shape, tiling) is part of the key."""
-    c = weight_cache(GD)
-    key = (tensor_id, tuple(geom), tuple(box))
-    fp = None
-    if key in c['lru']:
-        plan = GD.get('llm_wc_fp_plan')
-        if plan is None:
-            plan = GD['llm_wc_fp_plan'] = plpy.prepare(
-                "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE %s" % (FP_ROW, BOX),
-                ['bigint', 'int', 'int', 'int', 'int'])
-        fp = plpy.execute(plan, [tensor_id] + list(box))[0]['fp']
-    m = cache_take(c, key, fp)
-    if m is None:
-        fp, tiles = tile_rows(plpy, GD, tensor_id, box)
-        m = cache_put(c, key, fp, build(tiles), budget)
-    return m
-def cached_tensors(plpy, GD, ids, build, budget):
-    """Whole tensors by id, in the order of ids: build(payloads in (tr, tc) order, geom) with geom = [rows, cols,
-    tile_rows, tile_cols, 0, tile rows, 0, tile cols] on a miss. One query gives every geometry and
-    fingerprint; each miss is one more query. Durable tensors only (ids > 0); budget 0 reads them all."""
-    plan = GD.get('llm_wc_tensors_plan')
-    if plan is None:
-        plan = GD['llm_wc_tensors_plan'] = plpy.prepare(
-            "SELECT v.id, v.shape, v.tile, (SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) FROM llm_tile AS t "
-            "WHERE t.tensor_id = v.id) AS fp FROM llm_tensor AS v WHERE v.id = ANY($1) AND v.id > 0" % FP_ROW,
-            ['bigint[]'])
-    found = {r['id']: r for r in plpy.execute(plan, [list(ids)])}
-    c = weight_cache(GD)
-    out = []
-    for tid in ids:
-        r = found.get(tid)
-        if r is None:
-            plpy.error('pg_llm: durable tensor id %s does not exist' % tid)
-        shape, tile = r['shape'], r['tile']
-        rows, cols = (1, shape[0]) if len(shape) == 1 else shape
-        geom = [rows, cols, tile[0], tile[1]]
-        box = [0, -(-rows // tile[0]), 0, -(-cols // tile[1])]
-        key = (tid, tuple(geom), tuple(box))
-        m = cache_take(c, key, r['fp']) if budget else None
-        if m is None:
-            fp, tiles = tile_rows(plpy, GD, tid, box)
-            m = build(tiles, geom + box)
-            if budget:
-                cache_put(c, key, fp, m, budget)
-        out.append(m)
-    return out
-def cached_rows(plpy, GD, np, tensor_id, n, width, budget):
-    """Rows 0 .. n-1 of a tensor stored one row per tile (tiles (1, width), tc = 0: a KV cache) as a read-only
-    (n, width) view of the backend's mirror of it: the leading rows whose versions the mirror holds are reused,
-    the others read (a decoding step reads the one row appended since the last step; a hit = some rows reused).
-    Raises unless the tensor holds exactly those n rows."""
-    plan = GD.get('llm_wc_rows_fp_plan')
-    if plan is None:
-        plan = GD['llm_wc_rows_fp_plan'] = plpy.prepare(
-            "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE t.tensor_id = $1"
-            % FP_ROW, ['bigint'])
-    fp = plpy.execute(plan, [tensor_id])[0]['fp']
-    fps = fp.split(' ') if fp else []
-    if len(fps) != n:
-        plpy.error('pg_llm: attention_cached: cache (tensor id %s) holds %d positions, expected exactly 0 .. %d'
-                   % (tensor_id, len(fps), n - 1))
-    c = weight_cache(GD)
-    key = (tensor_id, 'rows', width)
-    old, arr, k = (), None, 0
-    entry = c['lru'].pop(key, None) if budget else None
-    if entry is not None:
-        old, arr = entry
-        c['bytes'] -= arr.nbytes
-        while k < min(len(old), n) and old[k] == fps[k]:
-            k += 1
-    if budget:
-        c['hits' if k else 'misses'] += 1
-    data = []
-    if k < n:
-        new_fp, data = tile_rows(plpy, GD, tensor_id, [k, 2 ** 31 - 1, 0, 2 ** 31 - 1])
-        if new_fp.split(' ') != fps[k:]:
-            plpy.error('pg_llm: attention_cached: cache (tensor id %s) changed while read' % tensor_id)
-        for i, d in enumerate(data):
-            if not fps[k + i].startswith('%d:0:' % (k + i)) or len(d) != 4 * width:
-                plpy.error('pg_llm: attention_cached: cache (tensor id %s) row %d is not tile (%d, 0) of %d floats'
-                           % (tensor_id, k + i, k + i, width), hint='A cache holds one tile (1, 2C) per position.')
-    if arr is None or arr.shape[0] < n:
-        grown = np.empty((max(n, 64, 0 if arr is None else 2 * arr.shape[0]), width), dtype=np.float32)
-        if k:
-            grown[:k] = arr[:k]
-        arr = grown
-    if data:
-        arr[k:n] = np.frombuffer(b''.join(data), dtype='<f4').reshape(-1, width)
-    if budget and arr.nbytes <= budget:
-        c['lru'][key] = (fps, arr)
-        c['bytes'] += arr.nbytes
-        cache_evict(c, budget)
-    view = arr[:n]
-    view.flags.writeable = False
-    return view
-def gelu_tile(np, x):
-    """GELU (tanh form) of one tile, float32 throughout like torch's approximate='tanh'."""
-    a = np.frombuffer(x, dtype='<f4')
-    k = np.float32(0.7978845608028654)  # sqrt(2 / pi)
-    c = np.float32(0.044715)
-    half = np.float32(0.5)
-    return (half * a * (np.float32(1) + np.tanh(k * (a + c * a * a * a)))).astype('<f4').tobytes()
-def block_matrix(np, tiles, g):
-    """The float32 block of tiles [r0, r1) x [c0, c1) of a tensor, geom g = [rows, cols, tile_rows, tile_cols,
-    r0, r1, c0, c1], from its payloads in (tr, tc) order (a read-only view of one buffer when one tile wide)."""
-    rows, cols, th, tw, r0, r1, c0, c1 = g
-    if len(tiles) != (r1 - r0) * (c1 - c0):
-        plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
-                   % (len(tiles), r1 - r0, c1 - c0))
-    h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
-    if c1 - c0 == 1:
-        return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
-    out = np.empty((h, w), dtype=np.float32)
-    it = iter(tiles)
-    for r in range(0, h, th):
-        for c in range(0, w, tw):
-            dst = out[r:r + th, c:c + tw]
-            dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
-    return out
-def linear_blocks(np, x, w, i0, j0, th, tn, bias_tiles, gelu, pre, res_tiles=()):
-    """Output tiles (k, tr, tc, bytes) of one panel of act(x @ w + b) [+ r], x and w the assembled blocks (x: the
-    panel's rows, every column; w: every row, the panel's columns), the panel's first output tile (i0, j0) and
-    output tiles (th, tn): k = 0 the output, k = 1 the pre-activation x @ w + b (only when pre). bias_tiles: the
-    bias tiles of the panel's columns (empty: no bias); res_tiles: the residual's tiles of the panel in (tr, tc)
-    order (empty: none)."""
-    if x.shape[1] != w.shape[0]:
-        plpy.error('pg_llm: linear: x block %s and W block %s' % (x.shape, w.shape))  # noqa: F821
-    y = np.matmul(x, w)
-    if bias_tiles:
-        b = np.frombuffer(b''.join(bias_tiles), dtype='<f4')
-        if b.size != y.shape[1]:
-            plpy.error('pg_llm: linear: %d bias values for %d output columns' % (b.size, y.shape[1]))  # noqa: F821
-        y += b
-    if res_tiles and len(res_tiles) != (-(-y.shape[0] // th)) * (-(-y.shape[1] // tn)):
-        plpy.error('pg_llm: linear: %d residual tiles for a %d x %d panel'  # noqa: F821
-                   % (len(res_tiles), y.shape[0], y.shape[1]))
-    res = iter(res_tiles)
-    for r in range(0, y.shape[0], th):
-        for c in range(0, y.shape[1], tn):
-            t = y[r:r + th, c:c + tn].tobytes()
-            if pre:
-                yield 1, i0 + r // th, j0 + c // tn, t
-            if gelu:
-                t = gelu_tile(np, t)
-            if res_tiles:
-                t = (np.frombuffer(next(res), dtype='<f4') + np.frombuffer(t, dtype='<f4')).tobytes()
-            yield 0, i0 + r // th, j0 + c // tn, t
-def read_tiles(plpy, GD, tensor_id, box):
-    """Payloads of the tiles box = [r0, r1, c0, c1] (half-open) of a tensor in (tr, tc) order (one cached plan)."""
-    plan = GD.get('llm_linear_plan')
-    if plan is None:
-        plan = GD['llm_linear_plan'] = plpy.prepare(
-            'SELECT data FROM llm_tile WHERE tensor_id = $1 AND tr >= $2 AND tr < $3 AND tc >= $4 AND tc < $5 '
-            'ORDER BY tr, tc', ['bigint', 'int', 'int', 'int', 'int'])
-    return [r['data'] for r in plpy.execute(plan, [tensor_id] + list(box))]
-rows, k, th, tk = x_geom
-n, tn = w_geom[1], w_geom[3]
-nk = -(-k // tk)
-xb = [i * pi, min((i + 1) * pi, -(-rows // th)), 0, nk]
-wb = [0, -(-k // w_geom[2]), j * pj, min((j + 1) * pj, -(-n // tn))]
-xm = block_matrix(np, read_tiles(plpy, GD, x, xb), list(x_geom) + xb)
-budget = cache_budget(plpy, GD) if wt_id > 0 else 0
-if budget:
-    wm = cached_block(plpy, GD, wt_id, w_geom, wb, lambda t: block_matrix(np, t, list(w_geom) + wb), budget)
-else:
-    wm = block_matrix(np, read_tiles(plpy, GD, wt_id, wb), list(w_geom) + wb)
-bt = read_tiles(plpy, GD, b, [0, 1, wb[2], wb[3]]) if b is not None else []
-rt = read_tiles(plpy, GD, res, [xb[0], xb[1], wb[2], wb[3]]) if res is not None else []
-return linear_blocks(np, xm, wm, xb[0], wb[2], th, tn, bt, gelu, pre, rt)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.linear import panel_kernel
+return panel_kernel(plpy, GD, x, x_geom, i, pi, wt_id, w_geom, j, pj, b, gelu, pre, res)
 $fn$;
 
 -- op: linear forward (fused). x (m, k) @ W (k, n) + b (n,) [then GELU, tanh form] [+ residual (m, n)]
@@ -374,5 +138,64 @@ BEGIN
   PERFORM llm_matmul(p_dy, p_w, p_dx, FALSE, TRUE, p_accumulate) WHERE p_dx IS NOT NULL;
   PERFORM llm_matmul(p_x, p_dy, p_dw, TRUE, FALSE, p_accumulate) WHERE p_dw IS NOT NULL;
   PERFORM llm_sum_rows(p_dy, p_db, p_accumulate) WHERE p_db IS NOT NULL;
+END
+$fn$;
+
+-- Recording wrapper: GPT-2 Conv1D [r +] dropout(act(x @ weight [in, out] + bias)) with
+--                     fused llm_linear calls. Recorded as 'linear' [+ 'gelu' from a saved pre-activation] [+ 'dropout']
+--                     [+ 'add']; with a residual and no dropout the add is fused too and 'linear' records an empty
+--                     stand-in for its output (backward only needs its gradient).
+CREATE OR REPLACE FUNCTION llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT, p_prefix TEXT, p_gelu BOOLEAN DEFAULT FALSE, p_residual BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0)
+RETURNS BIGINT
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
+SET jit = off
+AS $fn$
+DECLARE
+  v_w BIGINT; v_b BIGINT; v_pre BIGINT; v_lin BIGINT; v_out BIGINT;
+BEGIN
+  v_w := llm_param(p_model, p_prefix || '.weight');
+  v_b := llm_param(p_model, p_prefix || '.bias');
+  IF p_residual IS NOT NULL AND p_dropout = 0 AND NOT (p_gelu AND p_tape IS NOT NULL) THEN
+    -- r + act(x @ W + b) in one kernel, recorded as linear + add
+    v_lin := (
+      SELECT
+        llm_tensor_create(
+          'linear_out',
+          ARRAY[llm_rows(x.shape), llm_cols(w.shape)],
+          ARRAY[LEAST(x.tile[1], llm_rows(x.shape)), LEAST(w.tile[2], llm_cols(w.shape))]
+        )
+      FROM llm_tensor AS x, llm_tensor AS w
+      WHERE
+        x.id = p_x AND w.id = v_w
+    );
+    v_out := llm_linear(p_x, v_w, v_b, p_gelu, p_residual => p_residual);
+    PERFORM llm_tape_record(p_tape, 'linear', v_lin, p_x, v_w, v_b);
+    RETURN llm_tape_record(p_tape, 'add', v_out, p_residual, v_lin);
+  END IF;
+  IF p_gelu AND p_tape IS NOT NULL THEN  -- the GELU backward needs x @ W + b: written to v_pre as well
+    v_pre := (
+      SELECT
+        llm_tensor_create(
+          'linear_out',
+          ARRAY[llm_rows(x.shape), llm_cols(w.shape)],
+          ARRAY[LEAST(x.tile[1], llm_rows(x.shape)), LEAST(w.tile[2], llm_cols(w.shape))]
+        )
+      FROM llm_tensor AS x, llm_tensor AS w
+      WHERE
+        x.id = p_x AND w.id = v_w
+    );
+    v_out := llm_linear(p_x, v_w, v_b, TRUE, p_pre => v_pre);
+    PERFORM llm_tape_record(p_tape, 'linear', v_pre, p_x, v_w, v_b);
+    v_out := llm_tape_record(p_tape, 'gelu', v_out, v_pre);
+  ELSE
+    v_out := llm_tape_record(p_tape, 'linear', llm_linear(p_x, v_w, v_b, p_gelu), p_x, v_w, v_b);
+  END IF;
+  v_out := llm_t_dropout(p_tape, v_out, p_dropout, p_seed);
+  IF p_residual IS NOT NULL THEN
+    v_out := llm_t_add(p_tape, p_residual, v_out);
+  END IF;
+  RETURN v_out;
 END
 $fn$;

@@ -23,11 +23,11 @@
 -- relfilenode, ctid, xmin: no detoasting) is unchanged in the caller's snapshot, so an update, a rollback, a
 -- rewrite or another session's commit is always seen (weight_cache.py explains why it is exact). Decoding
 -- reads every weight per token, so this is what makes generation fast. pg_llm.weight_cache_mb bounds it (LRU;
--- 0 disables).
+-- 0 disables). The numpy part: py/kernels/matmul.py.
 -- matmul panel kernel: output panel (i, j) of op(A) @ op(B) as (tr, tc, data) rows. It reads
 --         panel i (pi tiles along m) of tensor a and panel j (pj tiles along n) of tensor b itself (a durable
 --         operand's block from the backend's weight cache when its row versions are unchanged); geom =
---         [rows, cols, tile_rows, tile_cols] as stored. The numpy part is matmul_panel (unit-tested alone).
+--         [rows, cols, tile_rows, tile_cols] as stored. numpy: pg_llm.kernels.matmul (unit-tested alone).
 CREATE OR REPLACE FUNCTION llm_mk_matmul_panel(a BIGINT, a_geom INT[], ta BOOLEAN, i INT, pi INT, b BIGINT, b_geom INT[], tb BOOLEAN, j INT, pj INT)
 RETURNS TABLE(tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
@@ -35,227 +35,10 @@ STABLE
 STRICT
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-DEFAULT_MB = 1024
-FP_ROW = "t.tr || ':' || t.tc || ':' || t.tableoid::TEXT || ':' || pg_relation_filenode(t.tableoid)::TEXT || ':' || t.ctid::TEXT || ':' || t.xmin::TEXT"
-BOX = 't.tensor_id = $1 AND t.tr >= $2 AND t.tr < $3 AND t.tc >= $4 AND t.tc < $5'
-def weight_cache(GD):
-    """The backend's cache state in GD (created on first use)."""
-    c = GD.get('llm_weight_cache')
-    if c is None:
-        import collections
-        c = GD['llm_weight_cache'] = {'lru': collections.OrderedDict(), 'bytes': 0, 'hits': 0, 'misses': 0,
-                                      'evictions': 0}
-    return c
-def cache_budget(plpy, GD):
-    """pg_llm.weight_cache_mb in bytes (default DEFAULT_MB MiB; 0 disables). Shrinks the cache to it."""
-    plan = GD.get('llm_wc_budget_plan')
-    if plan is None:
-        plan = GD['llm_wc_budget_plan'] = plpy.prepare(
-            "SELECT current_setting('pg_llm.weight_cache_mb', TRUE) AS v", [])
-    v = plpy.execute(plan)[0]['v']
-    try:
-        mb = DEFAULT_MB if v is None or v.strip() == '' else float(v)
-    except ValueError:
-        mb = -1.0
-    if not 0 <= mb < float('inf'):
-        plpy.error('pg_llm: pg_llm.weight_cache_mb must be a number of megabytes >= 0, got %r' % v,
-                   hint='0 disables the weight cache; the default is %d.' % DEFAULT_MB)
-    budget = int(mb * 1048576)
-    if 'llm_weight_cache' in GD:
-        cache_evict(GD['llm_weight_cache'], budget)
-    return budget
-def cache_evict(c, budget):
-    """Drop least recently used entries until the cache holds at most budget bytes."""
-    lru = c['lru']
-    while c['bytes'] > budget and lru:
-        _, (_, m) = lru.popitem(last=False)
-        c['bytes'] -= m.nbytes
-        c['evictions'] += 1
-def cache_take(c, key, fp):
-    """The cached array of key if it was built from the row versions fp (a hit, now most recently used); else
-    None (a miss), the stale entry dropped."""
-    entry = c['lru'].get(key)
-    if entry is not None and entry[0] == fp:
-        c['lru'].move_to_end(key)
-        c['hits'] += 1
-        return entry[1]
-    c['misses'] += 1
-    if entry is not None:
-        del c['lru'][key]
-        c['bytes'] -= entry[1].nbytes
-    return None
-def cache_put(c, key, fp, m, budget):
-    """Keep m (read-only from now on) for key, built from the row versions fp, within budget bytes."""
-    if m.nbytes <= budget:
-        m.flags.writeable = False
-        c['lru'][key] = (fp, m)
-        c['bytes'] += m.nbytes
-        cache_evict(c, budget)
-    return m
-def tile_rows(plpy, GD, tensor_id, box):
-    """(fingerprint, payloads) of the tiles box = [r0, r1, c0, c1] of a tensor in (tr, tc) order, from ONE
-    query: the fingerprint describes exactly the row versions the payloads come from."""
-    plan = GD.get('llm_wc_load_plan')
-    if plan is None:
-        plan = GD['llm_wc_load_plan'] = plpy.prepare(
-            "SELECT %s AS fp, t.data FROM llm_tile AS t WHERE %s ORDER BY t.tr, t.tc" % (FP_ROW, BOX),
-            ['bigint', 'int', 'int', 'int', 'int'])
-    rows = plpy.execute(plan, [tensor_id] + list(box))
-    return ' '.join([r['fp'] for r in rows]), [r['data'] for r in rows]
-def cached_block(plpy, GD, tensor_id, geom, box, build, budget):
-    """The block of durable tensor tensor_id made of its tiles box = [r0, r1, c0, c1] (tile rows and columns,
-    half-open): from the cache when the visible row versions are those it was built from, else built by
-    build(payloads in (tr, tc) order) and kept under the byte budget. geom (whatever else build depends on:
-    shape, tiling) is part of the key."""
-    c = weight_cache(GD)
-    key = (tensor_id, tuple(geom), tuple(box))
-    fp = None
-    if key in c['lru']:
-        plan = GD.get('llm_wc_fp_plan')
-        if plan is None:
-            plan = GD['llm_wc_fp_plan'] = plpy.prepare(
-                "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE %s" % (FP_ROW, BOX),
-                ['bigint', 'int', 'int', 'int', 'int'])
-        fp = plpy.execute(plan, [tensor_id] + list(box))[0]['fp']
-    m = cache_take(c, key, fp)
-    if m is None:
-        fp, tiles = tile_rows(plpy, GD, tensor_id, box)
-        m = cache_put(c, key, fp, build(tiles), budget)
-    return m
-def cached_tensors(plpy, GD, ids, build, budget):
-    """Whole tensors by id, in the order of ids: build(payloads in (tr, tc) order, geom) with geom = [rows, cols,
-    tile_rows, tile_cols, 0, tile rows, 0, tile cols] on a miss. One query gives every geometry and
-    fingerprint; each miss is one more query. Durable tensors only (ids > 0); budget 0 reads them all."""
-    plan = GD.get('llm_wc_tensors_plan')
-    if plan is None:
-        plan = GD['llm_wc_tensors_plan'] = plpy.prepare(
-            "SELECT v.id, v.shape, v.tile, (SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) FROM llm_tile AS t "
-            "WHERE t.tensor_id = v.id) AS fp FROM llm_tensor AS v WHERE v.id = ANY($1) AND v.id > 0" % FP_ROW,
-            ['bigint[]'])
-    found = {r['id']: r for r in plpy.execute(plan, [list(ids)])}
-    c = weight_cache(GD)
-    out = []
-    for tid in ids:
-        r = found.get(tid)
-        if r is None:
-            plpy.error('pg_llm: durable tensor id %s does not exist' % tid)
-        shape, tile = r['shape'], r['tile']
-        rows, cols = (1, shape[0]) if len(shape) == 1 else shape
-        geom = [rows, cols, tile[0], tile[1]]
-        box = [0, -(-rows // tile[0]), 0, -(-cols // tile[1])]
-        key = (tid, tuple(geom), tuple(box))
-        m = cache_take(c, key, r['fp']) if budget else None
-        if m is None:
-            fp, tiles = tile_rows(plpy, GD, tid, box)
-            m = build(tiles, geom + box)
-            if budget:
-                cache_put(c, key, fp, m, budget)
-        out.append(m)
-    return out
-def cached_rows(plpy, GD, np, tensor_id, n, width, budget):
-    """Rows 0 .. n-1 of a tensor stored one row per tile (tiles (1, width), tc = 0: a KV cache) as a read-only
-    (n, width) view of the backend's mirror of it: the leading rows whose versions the mirror holds are reused,
-    the others read (a decoding step reads the one row appended since the last step; a hit = some rows reused).
-    Raises unless the tensor holds exactly those n rows."""
-    plan = GD.get('llm_wc_rows_fp_plan')
-    if plan is None:
-        plan = GD['llm_wc_rows_fp_plan'] = plpy.prepare(
-            "SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) AS fp FROM llm_tile AS t WHERE t.tensor_id = $1"
-            % FP_ROW, ['bigint'])
-    fp = plpy.execute(plan, [tensor_id])[0]['fp']
-    fps = fp.split(' ') if fp else []
-    if len(fps) != n:
-        plpy.error('pg_llm: attention_cached: cache (tensor id %s) holds %d positions, expected exactly 0 .. %d'
-                   % (tensor_id, len(fps), n - 1))
-    c = weight_cache(GD)
-    key = (tensor_id, 'rows', width)
-    old, arr, k = (), None, 0
-    entry = c['lru'].pop(key, None) if budget else None
-    if entry is not None:
-        old, arr = entry
-        c['bytes'] -= arr.nbytes
-        while k < min(len(old), n) and old[k] == fps[k]:
-            k += 1
-    if budget:
-        c['hits' if k else 'misses'] += 1
-    data = []
-    if k < n:
-        new_fp, data = tile_rows(plpy, GD, tensor_id, [k, 2 ** 31 - 1, 0, 2 ** 31 - 1])
-        if new_fp.split(' ') != fps[k:]:
-            plpy.error('pg_llm: attention_cached: cache (tensor id %s) changed while read' % tensor_id)
-        for i, d in enumerate(data):
-            if not fps[k + i].startswith('%d:0:' % (k + i)) or len(d) != 4 * width:
-                plpy.error('pg_llm: attention_cached: cache (tensor id %s) row %d is not tile (%d, 0) of %d floats'
-                           % (tensor_id, k + i, k + i, width), hint='A cache holds one tile (1, 2C) per position.')
-    if arr is None or arr.shape[0] < n:
-        grown = np.empty((max(n, 64, 0 if arr is None else 2 * arr.shape[0]), width), dtype=np.float32)
-        if k:
-            grown[:k] = arr[:k]
-        arr = grown
-    if data:
-        arr[k:n] = np.frombuffer(b''.join(data), dtype='<f4').reshape(-1, width)
-    if budget and arr.nbytes <= budget:
-        c['lru'][key] = (fps, arr)
-        c['bytes'] += arr.nbytes
-        cache_evict(c, budget)
-    view = arr[:n]
-    view.flags.writeable = False
-    return view
-def block_matrix(np, tiles, g):
-    """The float32 block of tiles [r0, r1) x [c0, c1) of a tensor, geom g = [rows, cols, tile_rows, tile_cols,
-    r0, r1, c0, c1], from its payloads in (tr, tc) order (a read-only view of one buffer when one tile wide)."""
-    rows, cols, th, tw, r0, r1, c0, c1 = g
-    if len(tiles) != (r1 - r0) * (c1 - c0):
-        plpy.error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'  # noqa: F821
-                   % (len(tiles), r1 - r0, c1 - c0))
-    h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
-    if c1 - c0 == 1:
-        return np.frombuffer(b''.join(tiles), dtype='<f4').reshape(h, w)
-    out = np.empty((h, w), dtype=np.float32)
-    it = iter(tiles)
-    for r in range(0, h, th):
-        for c in range(0, w, tw):
-            dst = out[r:r + th, c:c + tw]
-            dst[...] = np.frombuffer(next(it), dtype='<f4').reshape(dst.shape)
-    return out
-def matmul_blocks(np, a, a_geom, ta, b, b_geom, tb):
-    """Output tiles (tr, tc, bytes) of op(a) @ op(b) for one panel, a and b the assembled blocks of geometry
-    a_geom and b_geom (see block_matrix)."""
-    y = np.matmul(a.T if ta else a, b.T if tb else b)
-    tm, i0 = (a_geom[3], a_geom[6]) if ta else (a_geom[2], a_geom[4])
-    tn, j0 = (b_geom[2], b_geom[4]) if tb else (b_geom[3], b_geom[6])
-    for r in range(0, y.shape[0], tm):
-        for c in range(0, y.shape[1], tn):
-            yield i0 + r // tm, j0 + c // tn, y[r:r + tm, c:c + tn].tobytes()
-def panel_box(geom, along_cols, p, size):
-    """Tile box [r0, r1, c0, c1] of panel p (size tiles along stored columns when along_cols, else rows) of a
-    tensor of geometry [rows, cols, tile_rows, tile_cols]."""
-    rows, cols, th, tw = geom
-    nr, nc = -(-rows // th), -(-cols // tw)
-    return [0, nr, p * size, min((p + 1) * size, nc)] if along_cols else [p * size, min((p + 1) * size, nr), 0, nc]
-def panel_block(plpy, GD, tensor_id, geom, along_cols, p, size):
-    """Tiles of panel p of a tensor (see panel_box) in (tr, tc) order, and the geometry extended with the box."""
-    box = panel_box(geom, along_cols, p, size)
-    plan = GD.get('llm_panel_plan')
-    if plan is None:
-        plan = GD['llm_panel_plan'] = plpy.prepare(
-            'SELECT data FROM llm_tile WHERE tensor_id = $1 AND tr >= $2 AND tr < $3 AND tc >= $4 AND tc < $5 '
-            'ORDER BY tr, tc', ['bigint', 'int', 'int', 'int', 'int'])
-    return [r['data'] for r in plpy.execute(plan, [tensor_id] + box)], list(geom) + box
-def panel_operand(plpy, GD, np, tensor_id, geom, along_cols, p, size, budget):
-    """The assembled block of panel p of a tensor and its geometry: from the weight cache (weight_cache.py)
-    when the tensor is durable (id > 0) and budget > 0 bytes, else read from llm_tile."""
-    if tensor_id > 0 and budget:
-        box = panel_box(geom, along_cols, p, size)
-        g = list(geom) + box
-        return cached_block(plpy, GD, tensor_id, geom, box, lambda tiles: block_matrix(np, tiles, g), budget), g
-    tiles, g = panel_block(plpy, GD, tensor_id, geom, along_cols, p, size)
-    return block_matrix(np, tiles, g), g
-budget = cache_budget(plpy, GD) if a > 0 or b > 0 else 0
-am, a_box = panel_operand(plpy, GD, np, a, a_geom, ta, i, pi, budget)
-bm, b_box = panel_operand(plpy, GD, np, b, b_geom, not tb, j, pj, budget)
-return matmul_blocks(np, am, a_box, ta, bm, b_box, tb)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.matmul import panel_kernel
+return panel_kernel(plpy, GD, a, a_geom, ta, i, pi, b, b_geom, tb, j, pj)
 $fn$;
 
 -- matmul microkernel: one (m, n) output tile from op(A)'s block row and op(B)'s block column (not used by llm_matmul since the panel form; kept for other ops and the bench).
@@ -267,20 +50,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb):
-    """One output tile (m x n) of op(A) @ op(B) from A's and B's tiles ordered along K."""
-    f = '<f4'
-    if ta:
-        a = np.vstack([np.frombuffer(t, dtype=f).reshape(-1, m) for t in a_tiles]).T
-    else:
-        a = np.hstack([np.frombuffer(t, dtype=f).reshape(m, -1) for t in a_tiles])
-    if tb:
-        b = np.hstack([np.frombuffer(t, dtype=f).reshape(n, -1) for t in b_tiles]).T
-    else:
-        b = np.vstack([np.frombuffer(t, dtype=f).reshape(-1, n) for t in b_tiles])
-    return np.matmul(a, b, dtype=np.float32).tobytes()
-return matmul_tile(np, a_tiles, b_tiles, m, n, ta, tb)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.matmul import matmul_tile
+return matmul_tile(a_tiles, b_tiles, m, n, ta, tb)
 $fn$;
 
 -- op: matmul forward. op(A) (m, k) @ op(B) (k, n) -> out (m, n), op = transpose when p_ta/p_tb.
@@ -344,9 +117,10 @@ BEGIN
 END
 $fn$;
 
--- op: matmul backward for y = a @ b. da = dy @ b^T (m, k), db = a^T @ dy (k, n), each written
---         (or accumulated) into an existing tensor; pass NULL to skip one.
-CREATE OR REPLACE FUNCTION llm_matmul_backward(p_a BIGINT, p_b BIGINT, p_dy BIGINT, p_da BIGINT, p_db BIGINT, p_accumulate BOOLEAN DEFAULT TRUE)
+-- op: matmul backward for y = a @ b: da = dy @ b^T (m, k), db = a^T @ dy (k, n); for y = a @ b^T
+--         (p_tb, the tied logits x @ wte^T): da = dy @ b, db = dy^T @ a (n, k). Each is written (or accumulated)
+--         into an existing tensor; pass NULL to skip one.
+CREATE OR REPLACE FUNCTION llm_matmul_backward(p_a BIGINT, p_b BIGINT, p_dy BIGINT, p_da BIGINT, p_db BIGINT, p_accumulate BOOLEAN DEFAULT TRUE, p_tb BOOLEAN DEFAULT FALSE)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
@@ -354,7 +128,11 @@ SET search_path = pg_catalog, @extschema@, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
-  PERFORM llm_matmul(p_dy, p_b, p_da, FALSE, TRUE, p_accumulate) WHERE p_da IS NOT NULL;
-  PERFORM llm_matmul(p_a, p_dy, p_db, TRUE, FALSE, p_accumulate) WHERE p_db IS NOT NULL;
+  PERFORM llm_matmul(p_dy, p_b, p_da, FALSE, NOT p_tb, p_accumulate) WHERE p_da IS NOT NULL;
+  IF p_tb THEN
+    PERFORM llm_matmul(p_dy, p_a, p_db, TRUE, FALSE, p_accumulate) WHERE p_db IS NOT NULL;
+  ELSE
+    PERFORM llm_matmul(p_a, p_dy, p_db, TRUE, FALSE, p_accumulate) WHERE p_db IS NOT NULL;
+  END IF;
 END
 $fn$;

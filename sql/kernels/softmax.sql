@@ -11,7 +11,7 @@
 --
 -- Tiling: the output has S's tile. One microkernel call per tile-row block of S (array_agg(data ORDER BY tc)
 -- GROUP BY tr) returns the block's output tiles as bytea[], unnested WITH ORDINALITY into (tr, tc); the block's
--- first row (tr * tile_rows) gives each row's query position.
+-- first row (tr * tile_rows) gives each row's query position. The numpy microkernels: py/kernels/softmax.py.
 -- softmax microkernel: one tile-row block of S (rows x cols, tiles ordered by column, first global row
 -- first_row) -> the block's tiles of softmax(scale * S), row r masked to columns <= r mod seq_len if causal.
 CREATE OR REPLACE FUNCTION llm_mk_softmax(s_tiles BYTEA[], rows INT, cols INT, first_row INT, seq_len INT, scale FLOAT8, causal BOOLEAN)
@@ -22,27 +22,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def softmax_block(np, s_tiles, rows, cols, first_row, seq_len, scale, causal):
-    """One tile-row block of S (rows x cols, tiles ordered by column) -> the tiles of softmax(scale * S)."""
-    f = '<f4'
-    z = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in s_tiles]) * np.float32(scale)
-    if z.shape[1] != cols:
-        plpy.error('pg_llm: softmax_causal: a tile-row block has %d columns, expected %d (missing tiles?)'  # noqa: F821
-                   % (z.shape[1], cols))
-    if causal:
-        q = (first_row + np.arange(rows)) % seq_len
-        z[np.arange(cols)[None, :] > q[:, None]] = -np.inf
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True, dtype=np.float64).astype(f)
-    out, c0 = [], 0
-    for t in s_tiles:
-        w = len(t) // (4 * rows)
-        out.append(z[:, c0:c0 + w].tobytes())
-        c0 += w
-    return out
-return softmax_block(np, s_tiles, rows, cols, first_row, seq_len, scale, causal)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.softmax import softmax_block
+return softmax_block(s_tiles, rows, cols, first_row, seq_len, scale, causal)
 $fn$;
 
 -- softmax backward microkernel: one tile-row block of P and dP (rows x cols) -> the block's tiles of
@@ -55,24 +38,10 @@ STRICT
 PARALLEL SAFE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']
-def softmax_backward_block(np, p_tiles, dp_tiles, rows, cols, scale):
-    """One tile-row block of P and dP -> the tiles of dS = P * (dP - rowsum(dP * P)) * scale."""
-    f = '<f4'
-    p = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in p_tiles])
-    dp = np.hstack([np.frombuffer(t, dtype=f).reshape(rows, -1) for t in dp_tiles])
-    if p.shape[1] != cols or dp.shape[1] != cols:
-        plpy.error('pg_llm: softmax_causal_backward: a tile-row block of p or dp has %d/%d columns, expected %d'  # noqa: F821
-                   ' (missing tiles?)' % (p.shape[1], dp.shape[1], cols))
-    dot = (dp * p).sum(axis=1, keepdims=True, dtype=np.float64).astype(f)
-    ds = p * (dp - dot) * np.float32(scale)
-    out, c0 = [], 0
-    for t in p_tiles:
-        w = len(t) // (4 * rows)
-        out.append(ds[:, c0:c0 + w].tobytes())
-        c0 += w
-    return out
-return softmax_backward_block(np, p_tiles, dp_tiles, rows, cols, scale)
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.softmax import softmax_backward_block
+return softmax_backward_block(p_tiles, dp_tiles, rows, cols, scale)
 $fn$;
 
 -- op: softmax_causal forward. S (H*T, T) -> P (H*T, T) = softmax(scale * S) per row, row r (query r mod T)

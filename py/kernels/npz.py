@@ -1,9 +1,6 @@
 """The .npz rules shared by the client loader (pg-llm model/checkpoint import) and the server functions
-pg_llm_import_npz / pg_llm_export_npz (pg_llm.api.npz).
-
-Every function below is self-contained (its imports inside, numpy passed in as `np`, no module globals, no
-annotations) because pg_llm.api.npz embeds their exact source in PL/Python bodies, like a microkernel: the
-server applies the client's rules, and the client's tests cover the server's code.
+pg_llm_import_npz / pg_llm_export_npz (py/kernels/npz_server.py): one module, imported on both sides, so the
+server applies the client's rules and the client's tests cover the server's code.
 
 An .npz is a zip archive of .npy members (np.savez: stored; np.savez_compressed: deflated); a gzip-wrapped
 .npz (`gzip w.npz`) is accepted too. Members are named like Hugging Face GPT-2 state-dict keys, with or
@@ -12,6 +9,13 @@ checkpoint files add optimizer state as "adam_m/<name>", "adam_v/<name>" and a J
 "__pg_llm__" (uint8 bytes: format, config, config_name, step, ...).
 """
 from __future__ import annotations
+
+import gzip
+import io
+import json
+import zipfile
+
+import numpy as np
 
 META_KEY = "__pg_llm__"
 STATE_ROLES = ("adam_m", "adam_v")
@@ -27,11 +31,8 @@ def normalize_name(name):
     return name
 
 
-def npz_open(np, path):
+def npz_open(path):
     """np.load of an .npz (zip, stored or deflated; or gzip-wrapped), or ValueError saying why not."""
-    import gzip
-    import io
-    import zipfile
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -50,7 +51,7 @@ def npz_open(np, path):
     return z
 
 
-def npz_header(np, z, key):
+def npz_header(z, key):
     """(shape, dtype string) of one member from its .npy header, without reading the data."""
     fmt = np.lib.format
     with z.zip.open(key + ".npy") as f:
@@ -88,9 +89,8 @@ def npz_classify(keys):
     return params, state, meta
 
 
-def npz_meta(np, z, key):
+def npz_meta(z, key):
     """The JSON metadata member of a pg_llm checkpoint file, as a dict."""
-    import json
     try:
         d = json.loads(bytes(np.asarray(z[key], dtype=np.uint8)).decode("utf-8"))
     except (ValueError, TypeError, UnicodeDecodeError) as e:
@@ -100,7 +100,7 @@ def npz_meta(np, z, key):
     return d
 
 
-def npz_array(np, z, key):
+def npz_array(z, key):
     """A member as C-contiguous float32; ValueError for non-float data."""
     a = z[key]
     if a.dtype.kind != "f":
@@ -146,13 +146,12 @@ def shape_problems(expected, found, tied):
     return problems
 
 
-def npz_write(np, zf, key, arr):
+def npz_write(zf, key, arr):
     """Write one array as member key.npy of an open zipfile.ZipFile (what np.savez does, one at a time)."""
     with zf.open(key + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
 
 
-def meta_array(np, meta):
+def meta_array(meta):
     """The metadata dict as the uint8 array stored under META_KEY."""
-    import json
     return np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)

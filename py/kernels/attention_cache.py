@@ -1,0 +1,44 @@
+"""attention_cached microkernel (the SQL side: py/ops/attention_cache.py): causal multi-head attention of new
+positions against a key/value cache, for incremental decoding (and the fused block step)."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from pg_llm.kernels.runtime import error
+from pg_llm.kernels.tiles import F32, floats, hstack
+
+
+def attention_cached(tiles: Sequence[bytes], kv: bytes | np.ndarray, rows: int, cols: int, th: int, tw: int,
+                     past: int, n_head: int) -> Iterator[tuple[int, int, int, bytes]]:
+    """(t, tr, tc, data): t = 0 for y's tiles (n x C, tile th x min(tw, C)), t = 1 for the new cache rows
+    (tr = past + i, tc = 0, [k | v] of 2C floats). tiles: the new rows' qkv tiles in (tr, tc) order;
+    kv: the cached rows 0 .. past-1 concatenated (bytes), or as a float32 array (past, 2C)."""
+    f = F32
+    ntc = -(-cols // tw)
+    qkv = np.vstack([hstack(tiles[r * ntc:(r + 1) * ntc], min(th, rows - r * th)) for r in range(-(-rows // th))])
+    C = cols // 3
+    hd = C // n_head
+    old = kv if isinstance(kv, np.ndarray) else floats(kv)
+    if old.size != past * 2 * C:
+        error('pg_llm: attention_cached: the cache holds %d floats, expected %d positions of 2 x %d'
+              % (old.size, past, C))
+    new_kv = np.ascontiguousarray(qkv[:, C:])
+    kvs = np.vstack([old.reshape(past, 2 * C), new_kv])  # (past + rows, 2C)
+    total = past + rows
+    q = qkv[:, :C].reshape(rows, n_head, hd).transpose(1, 0, 2)  # (H, n, hd)
+    k = kvs[:, :C].reshape(total, n_head, hd).transpose(1, 2, 0)  # (H, hd, total)
+    v = kvs[:, C:].reshape(total, n_head, hd).transpose(1, 0, 2)  # (H, total, hd)
+    att = np.matmul(q, k) * np.float32(1.0 / np.sqrt(hd))
+    mask = np.arange(total)[None, :] <= (past + np.arange(rows))[:, None]
+    att = np.where(mask, att, np.float32(-np.inf))
+    att = np.exp(att - att.max(axis=-1, keepdims=True))
+    att /= att.sum(axis=-1, keepdims=True)
+    y = np.matmul(att, v).transpose(1, 0, 2).reshape(rows, C)
+    otw = min(tw, C)
+    for r in range(0, rows, th):
+        for c in range(0, C, otw):
+            yield 0, r // th, c // otw, np.ascontiguousarray(y[r:r + th, c:c + otw], dtype=f).tobytes()
+    for i in range(rows):
+        yield 1, past + i, 0, new_kv[i].tobytes()

@@ -1,0 +1,91 @@
+"""llm_doctor() and the bench's BLAS probe: what numpy and BLAS the server's Python runs on, and how fast."""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def blas_name() -> str:
+    """numpy's BLAS as its build config names it (e.g. 'scipy-openblas 0.3.27')."""
+    try:
+        b = np.show_config(mode='dicts').get('Build Dependencies', {}).get('blas', {})
+        return ('%s %s' % (b.get('name', '?'), b.get('version', ''))).strip()
+    except Exception as e:  # older numpy: no mode='dicts'
+        return 'unknown (%s)' % e
+
+
+def sgemm_gflops(n: int = 512, seconds: float = 0.05) -> float:
+    """float32 matmul speed of n x n matrices over about `seconds` (after one warm-up product)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    t, k = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        a @ a
+        k += 1
+    return k * 2 * n ** 3 / (time.perf_counter() - t) / 1e9
+
+
+def doctor(plpy: Any) -> list[tuple[str, str, str]]:
+    """(check, value, status) rows: server, plpython3u, numpy, BLAS, cores, sgemm speed, jit."""
+    rows: list[tuple[str, str, str]] = []
+
+    def add(check: str, value: object, status: str = 'ok') -> None:
+        rows.append((check, str(value), status))
+    add('server', plpy.execute('SELECT version() AS v')[0]['v'])
+    add('plpython3u', 'installed, Python %s' % sys.version.split()[0])
+    add('numpy', '%s from %s' % (np.__version__, os.path.dirname(np.__file__)))
+    blas = blas_name()
+    add('blas', blas)
+    add('cores', os.cpu_count())
+    gflops = sgemm_gflops()
+    if gflops >= 20:
+        add('sgemm', '%.1f GFLOP/s' % gflops)
+    elif any(k in blas.lower() for k in ('openblas', 'mkl', 'accelerate', 'blis')):
+        add('sgemm', '%.1f GFLOP/s' % gflops, 'warning: slow for %s: the machine looks busy (or BLAS threads spin '
+            'against each other: try OPENBLAS_NUM_THREADS=1)' % blas)
+    else:
+        add('sgemm', '%.1f GFLOP/s' % gflops, 'warning: numpy looks like it runs on the reference BLAS; '
+            'install pg_llm numpy (make setup) and put it on the postmaster PYTHONPATH')
+    add('jit', plpy.execute("SELECT current_setting('jit') AS v")[0]['v'],
+        'ok (pg_llm kernels set jit = off per function)')
+    return rows
+
+
+def blas_probe(threads: int = 0) -> dict:
+    """numpy's bundled OpenBLAS through ctypes (client side, and the server's llm_bench.blas): set its thread
+    count when threads > 0; return threads, core type, build config and the OPENBLAS_* environment."""
+    info: dict[str, Any] = {'numpy': np.__version__, 'env': {
+        k: v for k, v in os.environ.items() if k.startswith('OPENBLAS') or k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}}
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, 'numpy.libs', '*openblas*')))
+    if not libs:
+        info['error'] = 'no OpenBLAS bundled with numpy at %s' % np.__file__
+        return info
+    lib = ctypes.CDLL(libs[0])  # already loaded by numpy: the same handle
+
+    def sym(name: str) -> Any:
+        for s in ('scipy_openblas_%s64_' % name, 'openblas_%s64_' % name, 'openblas_%s' % name):
+            if hasattr(lib, s):
+                return getattr(lib, s)
+        return None
+    if threads > 0 and sym('set_num_threads'):
+        sym('set_num_threads')(int(threads))
+    for key, fn, res in (('threads', 'get_num_threads', ctypes.c_int), ('core', 'get_corename', ctypes.c_char_p),
+                         ('config', 'get_config', ctypes.c_char_p)):
+        f = sym(fn)
+        if f is not None:
+            f.restype = res
+            v = f()
+            info[key] = v.decode().strip() if isinstance(v, bytes) else v
+    return info
+
+
+def blas_probe_json(threads: int = 0) -> str:
+    import json
+
+    return json.dumps(blas_probe(threads))

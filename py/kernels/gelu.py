@@ -1,0 +1,34 @@
+"""gelu microkernels: GPT-2's tanh approximation of one tile, forward and backward, float32 like torch's
+gelu(approximate='tanh'). The SQL side (tiling, joins, the backward formula) is py/ops/gelu.py."""
+from __future__ import annotations
+
+import numpy as np
+
+from pg_llm.kernels.runtime import error
+from pg_llm.kernels.tiles import floats
+
+K = np.float32(0.7978845608028654)  # sqrt(2 / pi)
+C = np.float32(0.044715)
+
+
+def gelu(a: np.ndarray) -> np.ndarray:
+    """GELU (tanh form) of a float32 array (also the fused linear and block kernels' activation)."""
+    half = np.float32(0.5)
+    return (half * a * (np.float32(1) + np.tanh(K * (a + C * a * a * a)))).astype(np.float32)
+
+
+def gelu_tile(x: bytes) -> bytes:
+    """GELU of one tile."""
+    return gelu(floats(x)).astype('<f4').tobytes()
+
+
+def gelu_backward_tile(x: bytes, dy: bytes) -> bytes:
+    """dy * gelu'(x) for one tile (x and dy of one shape), float32."""
+    a, g = floats(x), floats(dy)
+    if a.size != g.size:
+        error('pg_llm: gelu_backward: x and dy tiles of %d and %d floats' % (a.size, g.size))
+    half, one = np.float32(0.5), np.float32(1)
+    a2 = a * a
+    t = np.tanh(K * (a + C * a2 * a))
+    d = half * (one + t) + half * a * (one - t * t) * K * (one + np.float32(3) * C * a2)
+    return (g * d).astype('<f4').tobytes()

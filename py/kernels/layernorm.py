@@ -1,0 +1,50 @@
+"""layernorm microkernels (the SQL side: py/ops/layernorm.py): whole rows of one tile-row block, normalized in
+float64 (mean and rstd recomputed from x in the backward)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pg_llm.kernels.runtime import error
+from pg_llm.kernels.tiles import F32, floats, hstack
+
+
+def layernorm_block(x_tiles: Sequence[bytes], g_row: bytes, b_row: bytes, rows: int, cols: int,
+                    eps: float) -> list[bytes]:
+    """One tile-row block (rows x cols, tiles ordered by column) normalized row-wise; returns its tiles."""
+    x = hstack(x_tiles, rows).astype(np.float64)
+    if x.shape[1] != cols:
+        error('pg_llm: layernorm: a tile-row block has %d columns, expected %d (missing tiles?)' % (x.shape[1], cols))
+    xc = x - x.mean(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
+    y = (xc * rstd * floats(g_row) + floats(b_row)).astype(F32)
+    out, c0 = [], 0
+    for t in x_tiles:
+        w = len(t) // (4 * rows)
+        out.append(y[:, c0:c0 + w].tobytes())
+        c0 += w
+    return out
+
+
+def layernorm_backward_block(x_tiles: Sequence[bytes], dy_tiles: Sequence[bytes], g_row: bytes, rows: int,
+                             cols: int, eps: float) -> list[bytes]:
+    """dx tiles of one tile-row block, then this block's partial dg tiles (1 x w), then its partial db tiles."""
+    x = hstack(x_tiles, rows).astype(np.float64)
+    dy = hstack(dy_tiles, rows).astype(np.float64)
+    if x.shape[1] != cols or dy.shape[1] != cols:
+        error('pg_llm: layernorm_backward: a tile-row block of x or dy has %d/%d columns, expected %d'
+              ' (missing tiles?)' % (x.shape[1], dy.shape[1], cols))
+    xc = x - x.mean(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
+    xhat = xc * rstd
+    dxhat = dy * floats(g_row)
+    dx = (rstd * (dxhat - dxhat.mean(axis=1, keepdims=True)
+                  - xhat * (dxhat * xhat).mean(axis=1, keepdims=True))).astype(F32)
+    dg = (dy * xhat).sum(axis=0).astype(F32)
+    db = dy.sum(axis=0).astype(F32)
+    cuts, c0 = [], 0
+    for t in x_tiles:
+        cuts.append(slice(c0, c0 + len(t) // (4 * rows)))
+        c0 = cuts[-1].stop
+    return [dx[:, c].tobytes() for c in cuts] + [dg[c].tobytes() for c in cuts] + [db[c].tobytes() for c in cuts]
