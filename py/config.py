@@ -1,4 +1,5 @@
-"""GPT-2 model configurations and the parameter tensors they imply (one source of truth for Python and SQL).
+"""GPT-2 model configurations, the block they repeat and the parameter tensors they imply, and the training
+hyperparameters (one source of truth for Python and SQL).
 
 Parameter names are Hugging Face GPT-2 names without the "transformer." prefix. Linear weights keep the
 HF Conv1D orientation [in, out], so a layer is exactly `x @ W + b`. The LM head is tied to wte.weight and not
@@ -13,17 +14,39 @@ from typing import Any
 # A shape is a tuple of symbolic sizes: "V" vocab_size, "T" n_ctx, "C" n_embd, "3C", "4C".
 Shape = tuple[str, ...]
 
-EMBEDDINGS: tuple[tuple[str, Shape], ...] = (("wte.weight", ("V", "C")), ("wpe.weight", ("T", "C")))
-# Per layer, in the order of a Hugging Face state dict: h.{i}.<suffix>.
-LAYER: tuple[tuple[str, Shape], ...] = (
-    ("ln_1.weight", ("C",)), ("ln_1.bias", ("C",)),
-    ("attn.c_attn.weight", ("C", "3C")), ("attn.c_attn.bias", ("3C",)),
-    ("attn.c_proj.weight", ("C", "C")), ("attn.c_proj.bias", ("C",)),
-    ("ln_2.weight", ("C",)), ("ln_2.bias", ("C",)),
-    ("mlp.c_fc.weight", ("C", "4C")), ("mlp.c_fc.bias", ("4C",)),
-    ("mlp.c_proj.weight", ("4C", "C")), ("mlp.c_proj.bias", ("C",)),
+@dataclass(frozen=True)
+class Step:
+    """One step of the GPT-2 block (nanoGPT's `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`): a LayerNorm or a
+    Conv1D layer named like its parameters (prefix within a layer, e.g. 'attn.c_attn'), or the attention."""
+    op: str  # 'layernorm', 'linear' or 'attention'
+    name: str = ""  # parameter prefix: h.{i}.<name>.weight / .bias
+    shapes: tuple[Shape, ...] = ()  # (weight, bias)
+    gelu: bool = False  # linear: GELU after it
+    residual: bool = False  # linear: closes a residual branch, x = x + dropout(out)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}.{p}" for p in ("weight", "bias")[:len(self.shapes)])
+
+
+# The block, once: the training/inference forward (api/gpt2.py), the cached decoding chain (api/generate.py)
+# and the fused decoding step's parameter order (ops/block_step.py) are generated from it.
+BLOCK: tuple[Step, ...] = (
+    Step("layernorm", "ln_1", (("C",), ("C",))),
+    Step("linear", "attn.c_attn", (("C", "3C"), ("3C",))),
+    Step("attention"),
+    Step("linear", "attn.c_proj", (("C", "C"), ("C",)), residual=True),
+    Step("layernorm", "ln_2", (("C",), ("C",))),
+    Step("linear", "mlp.c_fc", (("C", "4C"), ("4C",)), gelu=True),
+    Step("linear", "mlp.c_proj", (("4C", "C"), ("C",)), residual=True),
 )
-FINAL: tuple[tuple[str, Shape], ...] = (("ln_f.weight", ("C",)), ("ln_f.bias", ("C",)))
+LN_F = Step("layernorm", "ln_f", (("C",), ("C",)))
+
+WTE, WPE = "wte.weight", "wpe.weight"
+EMBEDDINGS: tuple[tuple[str, Shape], ...] = ((WTE, ("V", "C")), (WPE, ("T", "C")))
+# Per layer, in the order of a Hugging Face state dict (the block's): h.{i}.<suffix>.
+LAYER: tuple[tuple[str, Shape], ...] = tuple(kv for s in BLOCK for kv in zip(s.params, s.shapes, strict=True))
+FINAL: tuple[tuple[str, Shape], ...] = tuple(zip(LN_F.params, LN_F.shapes, strict=True))
 UNTIED_HEAD: tuple[str, Shape] = ("lm_head.weight", ("V", "C"))
 ACTIVATIONS = ("gelu_new",)  # tanh-approximated GELU; HF's "gelu_pytorch_tanh" is the same function
 
@@ -144,3 +167,40 @@ STANDARD: dict[str, GPT2Config] = {
     "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
 }
 DEFAULT_CONFIG = "gpt2-small"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The GPT-2 training recipe's hyperparameters and defaults: the SQL arguments of llm_train_step, SELECT
+    llm_train and CALL llm_train_run (max_steps NULL: the run's own steps; min_lr NULL: 0.1 x lr)."""
+    lr: float = 2.5e-4
+    warmup_steps: int = 2000
+    max_steps: int | None = None
+    min_lr: float | None = None
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dropout: float = 0.1
+    grad_accum: int = 1
+    seed: int = 1337
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def sql_args(cls) -> str:
+        """'lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, ...' for a function's argument list."""
+        d = cls()
+
+        def default(n: str) -> str:
+            v = getattr(d, n)
+            return "NULL" if v is None else repr(v)
+        return ", ".join(f"{n} {TRAIN_SQL_TYPES[n]} DEFAULT {default(n)}" for n in cls.names())
+
+
+TRAIN_SQL_TYPES = {"lr": "FLOAT8", "warmup_steps": "INT", "max_steps": "INT", "min_lr": "FLOAT8",
+                   "weight_decay": "FLOAT8", "beta1": "FLOAT8", "beta2": "FLOAT8", "eps": "FLOAT8",
+                   "grad_clip": "FLOAT8", "dropout": "FLOAT8", "grad_accum": "INT", "seed": "BIGINT"}

@@ -25,6 +25,8 @@ from pg_llm.loader.checkpoint import CheckpointError
 from pg_llm.loader.model import export_model, import_model
 from pg_llm.loader.tensors import read_tensor, tensor_id
 
+from conftest import close
+
 TINY = dict(n_layer=2, n_head=3, n_embd=48, n_positions=37, vocab_size=301)
 PG_CLI = [sys.executable, "-c", "import sys; from pg_llm.cli import main; sys.exit(main())"]
 
@@ -330,6 +332,18 @@ def test_untied_model_round_trip(conn: psycopg.Connection, tmp_path: Path) -> No
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
     assert not torch.equal(m2.lm_head.weight, m2.transformer.wte.weight)
+    ids = [5, 17, 3, 42]  # the logits come from lm_head, in every forward (the training one and the cached one)
+    with torch.no_grad():
+        want = m(torch.tensor([ids])).logits[0].numpy()
+    got = np.array([r[0] for r in conn.execute("SELECT logits FROM llm_logits_all('untied', %s) ORDER BY pos",
+                                               (ids,)).fetchall()])
+    close(got, want)
+    close(np.array(conn.execute("SELECT llm_logits('untied', %s)", (ids,)).fetchone()[0]), want[-1])
+    loss = conn.execute("SELECT llm_loss('untied', %s, %s)", (ids[:-1], ids[1:])).fetchone()[0]
+    with torch.no_grad():
+        want_loss = float(torch.nn.functional.cross_entropy(m(torch.tensor([ids[:-1]])).logits[0],
+                                                            torch.tensor(ids[1:])))
+    assert abs(loss - want_loss) < 1e-5
 
 
 def test_cli(dsn: str, tiny: tuple[Path, GPT2LMHeadModel], tmp_path: Path) -> None:

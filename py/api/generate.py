@@ -35,7 +35,10 @@ leaks; llm_scratch_clear() drops those of backends that died.
 """
 from __future__ import annotations
 
-from pg_llm.api.gpt2 import TILE_ROWS
+import textwrap
+
+from pg_llm.api.gpt2 import HEAD, TILE_ROWS
+from pg_llm.config import BLOCK, LN_F, WPE, WTE, Step
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
 from pg_llm.gen.sqlfmt import sql
 from pg_llm.kernels.sampling import sample_logits
@@ -95,10 +98,28 @@ def _sampling() -> str:
     return "\n".join(out)
 
 
-def _lin(x: str, name: str) -> str:
+def _lin(x: str, step: Step) -> str:
     """GPT-2 Conv1D x @ weight [in, out] + bias of layer `pre` (a PL/pgSQL expression)."""
-    return (f"llm_add_bias(llm_matmul({x}, llm_param(p_model, pre || '{name}.weight')), "
-            f"llm_param(p_model, pre || '{name}.bias'))")
+    w, b = step.params
+    return f"llm_add_bias(llm_matmul({x}, llm_param(p_model, pre || '{w}')), llm_param(p_model, pre || '{b}'))"
+
+
+def _layer() -> str:
+    """config.BLOCK for layer `pre` as the chain of kernels (PL/pgSQL), attending to the KV caches when given."""
+    out = []
+    for s in BLOCK:
+        if s.op == "layernorm":
+            w, b = s.params
+            out.append(f"h := llm_layernorm(x, llm_param(p_model, pre || '{w}'), llm_param(p_model, pre || '{b}'),\n"
+                       "                   NULL, c.layer_norm_epsilon);")
+        elif s.op == "attention":
+            out.append("IF p_caches IS NULL THEN\n  h := llm_attention(h, c.n_head, n);\nELSE\n"
+                       "  h := llm_attention_cached(h, p_caches[layer + 1], p_past, c.n_head);\nEND IF;")
+        elif s.residual:
+            out.append(f"x := llm_add(x, {_lin('h', s)});")
+        else:
+            out.append(f"h := {'llm_gelu(' + _lin('h', s) + ')' if s.gelu else _lin('h', s)};")
+    return textwrap.indent("\n".join(out), " " * 10)
 
 
 BAD_CACHE = """
@@ -115,21 +136,7 @@ X_WRITE = """
 
 
 def _forward() -> str:
-    layer = f"""
-          pre := 'h.' || layer || '.';
-          h := llm_layernorm(x, llm_param(p_model, pre || 'ln_1.weight'), llm_param(p_model, pre || 'ln_1.bias'),
-                             NULL, c.layer_norm_epsilon);
-          h := {_lin('h', 'attn.c_attn')};
-          IF p_caches IS NULL THEN
-            h := llm_attention(h, c.n_head, n);
-          ELSE
-            h := llm_attention_cached(h, p_caches[layer + 1], p_past, c.n_head);
-          END IF;
-          x := llm_add(x, {_lin('h', 'attn.c_proj')});
-          h := llm_layernorm(x, llm_param(p_model, pre || 'ln_2.weight'), llm_param(p_model, pre || 'ln_2.bias'),
-                             NULL, c.layer_norm_epsilon);
-          h := llm_gelu({_lin('h', 'mlp.c_fc')});
-          x := llm_add(x, {_lin('h', 'mlp.c_proj')});"""
+    layer = "\n          pre := 'h.' || layer || '.';\n" + _layer()
     body = plpgsql("""
         c llm_model_config; n INT := cardinality(p_tokens); v_from INT; x BIGINT; h BIGINT; pre TEXT;
         rx llm_tensor; v_ids BIGINT[]; v_row BYTEA; v_out BYTEA[]; v_bad BIGINT;
@@ -147,8 +154,8 @@ def _forward() -> str:
         IF v_from < 0 OR v_from >= n THEN
           RAISE EXCEPTION 'pg_llm: model "%": logits from row % of % rows', p_model, v_from, n;
         END IF;
-        x := llm_add(llm_embedding(llm_param(p_model, 'wte.weight'), p_tokens, NULL, least({TILE_ROWS}, n)),
-                     llm_embedding(llm_param(p_model, 'wpe.weight'),
+        x := llm_add(llm_embedding(llm_param(p_model, '{WTE}'), p_tokens, NULL, least({TILE_ROWS}, n)),
+                     llm_embedding(llm_param(p_model, '{WPE}'),
                                    ARRAY(SELECT p_past + i FROM generate_series(0, n - 1) AS i), NULL,
                                    least({TILE_ROWS}, n)));
         IF p_caches IS NOT NULL AND n = 1 AND coalesce(current_setting('pg_llm.fused_decode', TRUE), '') <> 'off' THEN
@@ -181,10 +188,9 @@ def _forward() -> str:
         IF v_from > 0 THEN
           x := llm_embedding(x, ARRAY(SELECT generate_series(v_from, n - 1)), NULL, least({TILE_ROWS}, n - v_from));
         END IF;
-        x := llm_layernorm(x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'), NULL,
+        x := llm_layernorm(x, llm_param(p_model, '{LN_F.params[0]}'), llm_param(p_model, '{LN_F.params[1]}'), NULL,
                            c.layer_norm_epsilon);
-        RETURN llm_matmul(x, llm_param(p_model, CASE WHEN c.tied_embeddings THEN 'wte.weight'
-                                                     ELSE 'lm_head.weight' END), NULL, FALSE, TRUE);
+        RETURN llm_matmul(x, {HEAD}, NULL, FALSE, TRUE);
     """, bad_cache=BAD_CACHE, x_row=X_ROW, append=APPEND, x_write=X_WRITE)
     return function(
         "llm_gpt2_forward_cached",

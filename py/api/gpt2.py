@@ -11,6 +11,9 @@ A batch is B sequences of T tokens flattened to B*T rows; positions restart at 0
 """
 from __future__ import annotations
 
+import textwrap
+
+from pg_llm.config import BLOCK, LN_F, UNTIED_HEAD, WPE, WTE
 from pg_llm.gen.emit import comment, function, plpgsql
 from pg_llm.ops.common import KERNEL_SETTINGS
 
@@ -48,6 +51,31 @@ def _checks() -> str:
                     note="Validate a model's input: known model, non-empty, within the context, ids in range.")
 
 
+# The output projection: tied to wte, or an untied config's lm_head (both forwards; logits = x @ head^T).
+HEAD = f"llm_param(p_model, CASE WHEN c.tied_embeddings THEN '{WTE}' ELSE '{UNTIED_HEAD[0]}' END)"
+
+
+def _layer() -> str:
+    """config.BLOCK for layer `pre` as PL/pgSQL: each op recorded on the tape when p_tape is set; dropout on the
+    attention probabilities and the residual branches, each site with its own seed."""
+    out = []
+    for s in BLOCK:
+        if s.op == "layernorm":
+            w, b = s.params
+            out.append(f"h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || '{w}'),\n"
+                       f"                     llm_param(p_model, pre || '{b}'), c.layer_norm_epsilon);")
+        elif s.op == "attention":
+            out.append("h := llm_t_attention(p_tape, h, c.n_head, t, p_dropout, llm_site_seed(p_seed, pre || 'attn'));")
+        elif s.residual:
+            site = s.name.split(".")[0] + ".resid"
+            out.append(f"x := llm_t_linear(p_tape, h, p_model, pre || '{s.name}', p_residual => x, "
+                       f"p_dropout => p_dropout,\n"
+                       f"                  p_seed => llm_site_seed(p_seed, pre || '{site}'));")
+        else:
+            out.append(f"h := llm_t_linear(p_tape, h, p_model, pre || '{s.name}'{', TRUE' if s.gelu else ''});")
+    return textwrap.indent("\n".join(out), " " * 10)
+
+
 def _forward() -> str:
     body = plpgsql("""
         c llm_model_config;
@@ -58,31 +86,21 @@ def _forward() -> str:
         c := llm_gpt2_check_input(p_model, p_tokens, t);
         PERFORM llm_tables_analyze();  -- a fresh database has no statistics yet: see llm_tables_analyze
         x := llm_t_add(p_tape,
-                       llm_t_embedding(p_tape, llm_param(p_model, 'wte.weight'), p_tokens, least({TILE_ROWS}, n)),
-                       llm_t_embedding(p_tape, llm_param(p_model, 'wpe.weight'),
+                       llm_t_embedding(p_tape, llm_param(p_model, '{WTE}'), p_tokens, least({TILE_ROWS}, n)),
+                       llm_t_embedding(p_tape, llm_param(p_model, '{WPE}'),
                                        ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i),
                                        least({TILE_ROWS}, n)));
         x := llm_t_dropout(p_tape, x, p_dropout, llm_site_seed(p_seed, 'embd'));
         FOR layer IN 0 .. c.n_layer - 1 LOOP
           pre := 'h.' || layer || '.';
-          h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || 'ln_1.weight'),
-                               llm_param(p_model, pre || 'ln_1.bias'), c.layer_norm_epsilon);
-          h := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_attn');
-          h := llm_t_attention(p_tape, h, c.n_head, t, p_dropout, llm_site_seed(p_seed, pre || 'attn'));
-          x := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_proj', p_residual => x, p_dropout => p_dropout,
-                            p_seed => llm_site_seed(p_seed, pre || 'attn.resid'));
-          h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || 'ln_2.weight'),
-                               llm_param(p_model, pre || 'ln_2.bias'), c.layer_norm_epsilon);
-          h := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_fc', TRUE);
-          x := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_proj', p_residual => x, p_dropout => p_dropout,
-                            p_seed => llm_site_seed(p_seed, pre || 'mlp.resid'));
+{_layer()}
         END LOOP;
-        x := llm_t_layernorm(p_tape, x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'),
+        x := llm_t_layernorm(p_tape, x, llm_param(p_model, '{LN_F.params[0]}'), llm_param(p_model, '{LN_F.params[1]}'),
                              c.layer_norm_epsilon);
         IF p_rows IS NOT NULL THEN  -- only these rows' logits: gather them before the (costly) tied projection
           x := llm_t_embedding(p_tape, x, p_rows, least({TILE_ROWS}, cardinality(p_rows)));
         END IF;
-        RETURN llm_t_matmul(p_tape, x, llm_param(p_model, 'wte.weight'), FALSE, TRUE);
+        RETURN llm_t_matmul(p_tape, x, {HEAD}, FALSE, TRUE);
     """)
     return function("llm_gpt2_forward",
                     "p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, "

@@ -8,6 +8,7 @@ the tape are scratch and dropped when the step ends.
 """
 from __future__ import annotations
 
+from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
 from pg_llm.ops.common import KERNEL_SETTINGS
 
@@ -15,10 +16,7 @@ SQL_FILE = "api/train.sql"
 ORDER = 86
 
 # The GPT-2 recipe (the user's playbook): every value is overridable per call.
-HYPER = """lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL,
-min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9,
-beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1,
-grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337""".replace("\n", " ")
+HYPER = TrainConfig.sql_args()  # the hyperparameters, as arguments (config.TrainConfig)
 
 
 def _tables() -> str:

@@ -6,13 +6,13 @@ commits in its own transaction even though a SELECT cannot COMMIT). Both resume 
 from __future__ import annotations
 
 from pg_llm.api.train import HYPER
+from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, procedure
 
 SQL_FILE = "api/train_loop.sql"
 ORDER = 87
 
-HYPER_NAMES = ("lr", "warmup_steps", "max_steps", "min_lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
-               "dropout", "grad_accum", "seed")
+HYPER_NAMES = TrainConfig.names()
 LOOP_ARGS = ("model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, " + HYPER
              + ", eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', "
                "grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL")

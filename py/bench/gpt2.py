@@ -30,6 +30,7 @@ import numpy as np
 from pg_llm.assets import ROOT
 from pg_llm.bench import Context, Stats, Table, Timed, random_dataset, server_setup_sql
 from pg_llm.config import GPT2Config as PgConfig
+from pg_llm.config import TrainConfig
 from pg_llm.kernels.doctor import blas_probe
 
 CACHE = ROOT / ".pg_llm" / "bench-models"
@@ -37,7 +38,7 @@ SEED = 0
 T_FORWARD = (128, 1024)
 T_TRAIN = 128
 TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=1000, bos_token_id=999, eos_token_id=999)
-HP = dict(lr=2.5e-4, weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=1.0)
+HP = {k: getattr(TrainConfig(), k) for k in ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip")}
 
 
 def checkpoint(name: str, **overrides: Any) -> Path:

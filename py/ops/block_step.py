@@ -18,15 +18,14 @@ part is py/kernels/block_step.py.
 """
 from __future__ import annotations
 
+from pg_llm.config import LAYER
 from pg_llm.gen.emit import comment, function, kernel_body, plpgsql
 from pg_llm.kernels.block_step import step_kernel
 
 SQL_FILE = "kernels/block_step.sql"
 ORDER = 32
 
-BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                "mlp.c_proj.weight", "mlp.c_proj.bias")
+BLOCK_PARAMS = tuple(name for name, _ in LAYER)  # the block's 12 parameters in config.BLOCK order
 
 
 IDS = """

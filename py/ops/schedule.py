@@ -13,6 +13,7 @@ optimizer step (LambdaLR counts from 0, before the first step).
 """
 from __future__ import annotations
 
+from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function
 
 SQL_FILE = "kernels/schedule.sql"
@@ -22,7 +23,8 @@ ORDER = 42
 def _lr_at() -> str:
     return function(
         "llm_lr_at",
-        "p_step INT, p_peak FLOAT8 DEFAULT 2.5e-4, p_warmup INT DEFAULT 2000, p_max_steps INT DEFAULT 500000, "
+        f"p_step INT, p_peak FLOAT8 DEFAULT {TrainConfig.lr!r}, p_warmup INT DEFAULT {TrainConfig.warmup_steps}, "
+        "p_max_steps INT DEFAULT 500000, "
         "p_min_lr FLOAT8 DEFAULT NULL", "FLOAT8", """
         SELECT CASE
           WHEN p_step <= 0 THEN 0::FLOAT8

@@ -257,8 +257,7 @@ BEGIN
   END IF;
   x := llm_layernorm(x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'), NULL,
                      c.layer_norm_epsilon);
-  RETURN llm_matmul(x, llm_param(p_model, CASE WHEN c.tied_embeddings THEN 'wte.weight'
-                                               ELSE 'lm_head.weight' END), NULL, FALSE, TRUE);
+  RETURN llm_matmul(x, llm_param(p_model, CASE WHEN c.tied_embeddings THEN 'wte.weight' ELSE 'lm_head.weight' END), NULL, FALSE, TRUE);
 END
 $fn$;
 

@@ -94,7 +94,7 @@ BEGIN
   IF p_rows IS NOT NULL THEN  -- only these rows' logits: gather them before the (costly) tied projection
     x := llm_t_embedding(p_tape, x, p_rows, least(256, cardinality(p_rows)));
   END IF;
-  RETURN llm_t_matmul(p_tape, x, llm_param(p_model, 'wte.weight'), FALSE, TRUE);
+  RETURN llm_t_matmul(p_tape, x, llm_param(p_model, CASE WHEN c.tied_embeddings THEN 'wte.weight' ELSE 'lm_head.weight' END), FALSE, TRUE);
 END
 $fn$;
 

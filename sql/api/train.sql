@@ -186,7 +186,7 @@ $fn$;
 -- One optimizer step (AdamW, clip, warmup+cosine lr, dropout) on a seeded mini-batch
 --                     of llm_dataset; returns and logs its llm_train_log row. max_steps NULL = this step.
 --                     on_behalf_of: the pid of the llm_train loop driving this step (internal).
-CREATE OR REPLACE FUNCTION llm_train_step(model TEXT, dataset TEXT, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, split TEXT DEFAULT 'train', on_behalf_of INT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_train_step(model TEXT, dataset TEXT, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, split TEXT DEFAULT 'train', on_behalf_of INT DEFAULT NULL)
 RETURNS llm_train_log
 LANGUAGE plpgsql
 VOLATILE

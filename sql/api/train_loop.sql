@@ -94,7 +94,7 @@ $fn$;
 --                      loses at most the step in progress); resumes at llm_model.step up to `steps`. After
 --                      each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
 --                      procedure), so disk use stays flat; it stops with a WARNING before the disk fills.
-CREATE OR REPLACE PROCEDURE llm_train_run(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
+CREATE OR REPLACE PROCEDURE llm_train_run(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
@@ -163,7 +163,7 @@ $fn$;
 --                     if the server needs it). Resumes at llm_model.step up to `steps`; returns the last loss.
 --                     Its snapshot keeps what the steps rewrite on disk until it returns (see train_space): it stops
 --                     with a WARNING before the disk fills; CALL llm_train_run reclaims after every step.
-CREATE OR REPLACE FUNCTION llm_train(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 2.5e-4, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-8, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_train(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE

@@ -16,7 +16,7 @@
 -- Learning rate at optimizer step p_step (1 = first step): linear warmup 0 -> p_peak over p_warmup steps
 -- (p_peak * step / warmup), cosine decay to p_min_lr (NULL: 0.1 * p_peak) at p_max_steps, p_min_lr after.
 -- 0 for step <= 0; NULL when p_step is NULL.
-CREATE OR REPLACE FUNCTION llm_lr_at(p_step INT, p_peak FLOAT8 DEFAULT 2.5e-4, p_warmup INT DEFAULT 2000, p_max_steps INT DEFAULT 500000, p_min_lr FLOAT8 DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_lr_at(p_step INT, p_peak FLOAT8 DEFAULT 0.00025, p_warmup INT DEFAULT 2000, p_max_steps INT DEFAULT 500000, p_min_lr FLOAT8 DEFAULT NULL)
 RETURNS FLOAT8
 LANGUAGE sql
 IMMUTABLE
