@@ -34,6 +34,23 @@ def test_session_cluster_settings(server: Server) -> None:
     assert owner == (int(subprocess.check_output(["id", "-u", "postgres"])) if os.geteuid() == 0 else os.geteuid())
 
 
+def test_dev_cluster_settings_are_durable() -> None:
+    """pg-llm db start's cluster: fsync, full_page_writes and synchronous_commit on (make_durable turns them on
+    in a dev cluster made with the fast settings); the test clusters keep the fast ones."""
+    from pg_llm.harness import devdb
+
+    assert devdb._cluster().durable
+    c = start_ephemeral(prefix="pg_llm_durable_")
+    try:
+        assert sorted(c.make_durable()) == ["fsync", "full_page_writes", "synchronous_commit"]
+        assert c.make_durable() == []
+        with psycopg.connect(c.dsn()) as conn:
+            assert conn.execute("SELECT array_agg(setting ORDER BY name) FROM pg_settings WHERE name IN "
+                                "('fsync', 'full_page_writes', 'synchronous_commit')").fetchone()[0] == ["on"] * 3
+    finally:
+        c.destroy()
+
+
 def test_ephemeral_cluster_is_removed() -> None:
     c = start_ephemeral(prefix="pg_llm_rm_")
     base = c.datadir.parent

@@ -1,5 +1,6 @@
 """A real PostgreSQL 15 cluster started by pg_llm itself: initdb in a directory, a free port, the socket in
-the cluster directory, test-speed settings, pg_llm's numpy on the postmaster's PYTHONPATH.
+the cluster directory, test-speed settings (or durable ones: the dev cluster), pg_llm's numpy on the
+postmaster's PYTHONPATH.
 
 initdb refuses to run as root, so when euid is 0 every server command runs as the `postgres` user through
 `runuser -u postgres --`, and the directories it needs are made traversable/owned for that user."""
@@ -34,6 +35,11 @@ FAST_SETTINGS = {
     "log_min_messages": "warning",
 }
 
+
+# What the fast settings give up: a committed transaction may be lost, or the cluster corrupted, by an OS crash
+# or power loss. The dev cluster people train in (pg-llm db start) keeps PostgreSQL's durable defaults.
+NOT_DURABLE = ("fsync", "synchronous_commit", "full_page_writes")
+DURABLE = {k: "on" for k in NOT_DURABLE}
 
 REQUIRED_EXTENSIONS = ("plpython3u", "dblink")  # pg_llm.control: requires = 'plpython3u, dblink'
 
@@ -95,6 +101,7 @@ class Cluster:
     port: int
     user: str = field(default_factory=_server_user)
     ephemeral: bool = True
+    durable: bool = False  # PostgreSQL's crash safety (fsync, full_page_writes, synchronous_commit on)
 
     @property
     def socket_dir(self) -> Path:
@@ -114,8 +121,9 @@ class Cluster:
             shutil.chown(self.datadir, "postgres", "postgres")
         os.chmod(self.datadir, 0o700)
         _run([str(PG_BIN / "initdb"), "-D", str(self.datadir), "-U", self.user, "--auth=trust",
-              "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
-        conf = "\n".join(f"{k} = '{v}'" for k, v in FAST_SETTINGS.items())
+              "-E", "UTF8", "--locale=C.UTF-8", *([] if self.durable else ["--no-sync"])])
+        settings = {**FAST_SETTINGS, **DURABLE} if self.durable else FAST_SETTINGS
+        conf = "\n".join(f"{k} = '{v}'" for k, v in settings.items())
         with open(self.datadir / "postgresql.auto.conf", "a") as f:
             f.write(f"\n# pg_llm harness\n{conf}\nlisten_addresses = '127.0.0.1'\n"
                     f"unix_socket_directories = '{self.socket_dir}'\n")
@@ -136,6 +144,18 @@ class Cluster:
         _run([str(PG_BIN / "pg_ctl"), "-D", str(self.datadir), "-o", f"-p {self.port}",
               "-l", str(self.datadir / "server.log"), "-w", "-t", str(int(wait)), "start"], env=env)
         self.wait_ready(wait)
+
+    def make_durable(self) -> list[str]:
+        """Turn the durability settings on in a running cluster (one made with the fast ones, say); returns the
+        names it changed (all three reload without a restart)."""
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            off = [n for n, v in conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                                              (list(NOT_DURABLE),)).fetchall() if v != "on"]
+            for name in off:
+                conn.execute(f"ALTER SYSTEM SET {name} = on")
+            if off:
+                conn.execute("SELECT pg_reload_conf()")
+        return off
 
     def wait_ready(self, wait: float = 30.0) -> None:
         deadline = time.time() + wait
@@ -191,11 +211,12 @@ def install_pg_llm(dsn: str, script: Path | None = None) -> None:
         conn.execute(text)  # no parameters: psycopg sends it as one simple-protocol query
 
 
-def start_ephemeral(prefix: str = "pg_llm_test_") -> Cluster:
-    """initdb + start a throwaway cluster in a temp dir; call destroy() at the end."""
+def start_ephemeral(prefix: str = "pg_llm_test_", durable: bool = False) -> Cluster:
+    """initdb + start a throwaway cluster in a temp dir (fast, not crash-safe settings unless durable); call
+    destroy() at the end."""
     base = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(base, 0o755)
-    cluster = Cluster(datadir=base / "data", port=free_port())
+    cluster = Cluster(datadir=base / "data", port=free_port(), durable=durable)
     cluster.initdb()
     cluster.start()
     cluster.prepare_template()

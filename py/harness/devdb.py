@@ -44,7 +44,7 @@ def _cluster() -> Cluster:
     port = int(port_file.read_text()) if port_file.exists() else free_port()
     port_file.parent.mkdir(parents=True, exist_ok=True)
     port_file.write_text(f"{port}\n")
-    return Cluster(datadir=_datadir(), port=port, ephemeral=False)
+    return Cluster(datadir=_datadir(), port=port, ephemeral=False, durable=True)
 
 
 def url() -> str:
@@ -66,6 +66,10 @@ def start(recreate: bool = False) -> str:
         c.initdb()
     if not c.is_running():
         c.start()
+    changed = c.make_durable()  # a dev cluster made before pg_llm's dev clusters were durable by default
+    if changed and not fresh:
+        print(f"pg-llm db: turned {', '.join(changed)} on: committed training steps now survive an OS crash "
+              "or power loss", file=sys.stderr)
     if fresh:
         c.prepare_template()
     with psycopg.connect(c.dsn(), autocommit=True) as conn:
