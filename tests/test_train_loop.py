@@ -2,8 +2,6 @@
 by pg_terminate_backend and by an immediate shutdown, one trainer per model, progress, clear errors."""
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import psycopg
@@ -12,7 +10,7 @@ import pytest
 from pg_llm.harness.cluster import start_ephemeral
 
 from gpt2_fixtures import import_tiny
-from train_fixtures import same, snapshot, synthetic_dataset
+from train_fixtures import run_async, same, snapshot, synthetic_dataset, wait_for_step
 
 ARGS = "dataset => 'ds', batch_size => 2, lr => 1e-3, warmup_steps => 2, max_steps => 6, dropout => 0.1, seed => 3"
 
@@ -24,31 +22,6 @@ def models(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory) -
     for name in ("ref", "a", "b", "c"):
         import_tiny(conn, tmp, name)
     return tmp
-
-
-def run_async(dsn: str, sql: str) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def target() -> None:
-        try:
-            with psycopg.connect(dsn, autocommit=True) as c:
-                out["pid"] = c.info.backend_pid
-                c.add_notice_handler(lambda d: out.setdefault("notices", []).append(d.message_primary))
-                out["result"] = c.execute(sql).fetchall() if sql.startswith("SELECT") else c.execute(sql)
-        except psycopg.Error as e:
-            out["error"] = e
-
-    t = threading.Thread(target=target)
-    t.start()
-    return t, out
-
-
-def wait_for_step(conn: psycopg.Connection, model: str, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while conn.execute("SELECT coalesce(max(step), 0) FROM llm_train_log WHERE model = %s",
-                       (model,)).fetchone()[0] < step:
-        assert time.time() < deadline, "training did not progress"
-        time.sleep(0.05)
 
 
 def test_call_and_select_forms_resume_to_the_same_parameters(conn: psycopg.Connection, dsn: str, models) -> None:

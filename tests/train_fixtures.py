@@ -1,5 +1,9 @@
-"""Training-test helpers: a synthetic dataset (train + val rows) and parameter snapshots."""
+"""Training-test helpers: a synthetic dataset (train + val rows), parameter snapshots, a loop run from another
+thread and waiting for its steps."""
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import psycopg
@@ -32,3 +36,28 @@ def snapshot(conn: psycopg.Connection, model: str, roles: tuple[str, ...] = ("pa
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def run_async(dsn: str, sql: str) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                out["pid"] = c.info.backend_pid
+                c.add_notice_handler(lambda d: out.setdefault("notices", []).append(d.message_primary))
+                out["result"] = c.execute(sql).fetchall() if sql.startswith("SELECT") else c.execute(sql)
+        except psycopg.Error as e:
+            out["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    return t, out
+
+
+def wait_for_step(conn: psycopg.Connection, model: str, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while conn.execute("SELECT coalesce(max(step), 0) FROM llm_train_log WHERE model = %s",
+                       (model,)).fetchone()[0] < step:
+        assert time.time() < deadline, "training did not progress"
+        time.sleep(0.05)

@@ -177,7 +177,7 @@ def _function() -> str:
               'which reclaims them after every step.';
             EXIT;
           END IF;
-          PERFORM * FROM dblink(v_conn, {remote_step}) AS x(step INT);
+          PERFORM llm_loopback_run(v_conn, {remote_step});
           v_now := llm_disk_free();
           v_growth := greatest(v_growth, v_free - v_now);  -- the largest step's: nothing is reclaimed meanwhile
           v_free := v_now;
@@ -185,8 +185,8 @@ def _function() -> str:
           v_first := coalesce(v_first, v_log.step - 1);
           v_val := NULL;
           IF eval_every > 0 AND (v_log.step % eval_every = 0 OR v_log.step = steps) THEN
-            v_val := (SELECT x.v FROM dblink(v_conn, format('SELECT llm_eval_loss(%L, %L, %L, %s)', model, dataset,
-                      'val', eval_rows)) AS x(v FLOAT8));
+            v_val := llm_loopback_run(v_conn, format('SELECT llm_eval_loss(%L, %L, %L, %s)', model, dataset, 'val',
+                                                      eval_rows))::FLOAT8;
             PERFORM dblink_exec(v_conn, format('UPDATE llm_train_log SET val_loss = %s WHERE model = %L AND step = %s',
                                                v_val, model, v_log.step));
           END IF;

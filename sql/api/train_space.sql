@@ -79,6 +79,36 @@ BEGIN
                                                                  ',', 1), '')), ''));
   -- the loopback session resolves names as pg_llm's functions do, whatever the role's default path
   PERFORM dblink_exec(p_conn, 'SET search_path = ' || current_setting('search_path'));  -- ours, pinned
+  -- and stops its statement within a second of its caller's end (pg_terminate_backend, a crash)
+  PERFORM dblink_exec(p_conn, 'SET client_connection_check_interval = 1000');
+END
+$fn$;
+
+-- Run one statement on the loopback connection p_conn and return the first column of
+--                         its first row as text (a command: its status). Interruptible: the caller's cancel or
+--                         statement_timeout cancels the loopback statement as well (a plain dblink call waits
+--                         for it). p_fail FALSE: a failed statement returns NULL (with a WARNING).
+CREATE OR REPLACE FUNCTION llm_loopback_run(p_conn TEXT, p_sql TEXT, p_fail BOOLEAN DEFAULT TRUE)
+RETURNS TEXT
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $fn$
+DECLARE
+  v TEXT;
+BEGIN
+  PERFORM dblink_send_query(p_conn, p_sql);
+  BEGIN
+    WHILE dblink_is_busy(p_conn) = 1 LOOP
+      PERFORM pg_sleep(0.005);  -- where a cancel or statement_timeout of the caller lands
+    END LOOP;
+  EXCEPTION WHEN query_canceled THEN
+    PERFORM dblink_cancel_query(p_conn);  -- the loopback statement stops too, at its next interrupt check
+    RAISE;
+  END;
+  v := (SELECT x.v FROM dblink_get_result(p_conn, p_fail) AS x(v TEXT) LIMIT 1);
+  PERFORM * FROM dblink_get_result(p_conn, FALSE) AS x(v TEXT);  -- the end of its results
+  RETURN v;
 END
 $fn$;
 
@@ -91,7 +121,7 @@ SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
 BEGIN
   IF p_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
-    PERFORM dblink_exec(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
+    PERFORM llm_loopback_run(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
   END IF;
 END
 $fn$;
