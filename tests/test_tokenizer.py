@@ -10,19 +10,12 @@ from hypothesis import strategies as st
 
 from pg_llm.api import tokenizer_classes as tc
 from pg_llm.assets import gpt2_dir
-from pg_llm.loader.tokenizer import ensure_gpt2
 
 from helpers import tiktoken_gpt2
 from test_tokenizer_text import EDGE, build_documents, samples
 
 EOT = 50256
 HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def db(conn: psycopg.Connection) -> psycopg.Connection:
-    ensure_gpt2(conn)
-    return conn
 
 
 @pytest.fixture(scope="module")
