@@ -204,3 +204,16 @@ class TrainConfig:
 TRAIN_SQL_TYPES = {"lr": "FLOAT8", "warmup_steps": "INT", "max_steps": "INT", "min_lr": "FLOAT8",
                    "weight_decay": "FLOAT8", "beta1": "FLOAT8", "beta2": "FLOAT8", "eps": "FLOAT8",
                    "grad_clip": "FLOAT8", "dropout": "FLOAT8", "grad_accum": "INT", "seed": "BIGINT"}
+# What each hyperparameter must be (a SQL condition on {v}, {lr} for lr, and how it reads); floats must also
+# be finite.
+# NULL is refused except where it means something: max_steps (the run's steps), min_lr (0.1 x lr), grad_clip
+# (no clipping).
+TRAIN_BOUNDS = {"lr": ("{v} > 0", "> 0"), "warmup_steps": ("{v} >= 0", ">= 0"),
+                "max_steps": ("{v} >= 1", ">= 1 (or NULL: the run's own number of steps)"),
+                "min_lr": ("{v} >= 0 AND {v} <= {lr}", "between 0 and lr (or NULL: 0.1 x lr)"),
+                "weight_decay": ("{v} >= 0", ">= 0"), "beta1": ("{v} >= 0 AND {v} < 1", "in [0, 1)"),
+                "beta2": ("{v} >= 0 AND {v} < 1", "in [0, 1)"), "eps": ("{v} > 0", "> 0"),
+                "grad_clip": ("{v} >= 0", ">= 0 (0 or NULL: no clipping)"),
+                "dropout": ("{v} >= 0 AND {v} < 1", "in [0, 1)"), "grad_accum": ("{v} >= 1", ">= 1"),
+                "seed": ("{v} >= 0", ">= 0")}
+TRAIN_NULLABLE = ("max_steps", "min_lr", "grad_clip")

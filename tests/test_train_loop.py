@@ -104,7 +104,7 @@ def test_immediate_shutdown_mid_run_then_resume(tmp_path: Path) -> None:
     ("CALL llm_train_run('ref', 1, dataset => 'nope')", 'dataset "nope" has no rows in split "train"'),
     ("SELECT llm_train('ref', 1, dataset => 'ds', split => 'test')", 'dataset "ds" has no rows in split "test"'),
     ("SELECT llm_train('ghost', 1, dataset => 'ds')", 'unknown model "ghost"'),
-    ("SELECT llm_train_step('ref', 'ds', batch_size => 0)", "need batch_size >= 1"),
+    ("SELECT llm_train_step('ref', 'ds', batch_size => 0)", "batch_size must be between 1 and the 8 rows"),
 ])
 def test_bad_input_changes_nothing(conn: psycopg.Connection, models, sql: str, match: str) -> None:
     before = conn.execute("SELECT (SELECT count(*) FROM llm_train_log), (SELECT sum(step) FROM llm_model)").fetchone()

@@ -105,18 +105,27 @@ def _grads() -> str:
                     Parameter gradients accumulate on p_tape across calls (grad accumulation).""")
 
 
-STEP = """
+def check_call(caller: str, max_steps: str = "max_steps") -> str:
+    """llm_train_check over a training call's own arguments (named like TrainConfig's fields)."""
+    args = [max_steps if n == "max_steps" else n for n in TrainConfig.names()]
+    return f"llm_train_check('{caller}', dataset, split, batch_size, {', '.join(args)})"
+
+
+STEP = f"""
     v_t0 := clock_timestamp();
     PERFORM llm_model_get(model);
     PERFORM llm_train_guard(model, on_behalf_of);
-    IF batch_size < 1 OR grad_accum < 1 OR lr <= 0 OR dropout < 0 OR dropout >= 1 OR grad_clip < 0 THEN
-      RAISE EXCEPTION 'pg_llm: llm_train_step: need batch_size >= 1, grad_accum >= 1, lr > 0, 0 <= dropout < 1, '
-        'grad_clip >= 0 (got %, %, %, %, %)', batch_size, grad_accum, lr, dropout, grad_clip;
+    PERFORM {check_call("llm_train_step")};
+    IF on_behalf_of IS NOT NULL AND NOT EXISTS (SELECT 1 FROM llm_train_job AS j
+                                                WHERE j.model = llm_train_step.model AND j.pid = on_behalf_of) THEN
+      RAISE EXCEPTION 'pg_llm: llm_train_step: on_behalf_of % is not the pid of this model''s training loop',
+        on_behalf_of USING
+        HINT = 'on_behalf_of is internal (SELECT llm_train passes it to its loopback steps): leave it out.';
     END IF;
     v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model FOR UPDATE) + 1;
     v_tape := llm_scratch_mark();
     FOR micro IN 1 .. grad_accum LOOP
-      v_tokens := '{}'; v_targets := '{}'; v_t := NULL;
+      v_tokens := '{{}}'; v_targets := '{{}}'; v_t := NULL;
       FOR r IN SELECT * FROM llm_train_batch(dataset, split, batch_size, seed, v_step, micro) LOOP
         IF v_t IS NULL THEN v_t := cardinality(r.tokens); END IF;
         IF cardinality(r.tokens) <> v_t OR cardinality(r.targets) <> v_t THEN

@@ -5,7 +5,7 @@ commits in its own transaction even though a SELECT cannot COMMIT). Both resume 
 """
 from __future__ import annotations
 
-from pg_llm.api.train import HYPER
+from pg_llm.api.train import HYPER, check_call
 from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, procedure
 
@@ -96,6 +96,22 @@ STEP_CALL = ("llm_train_step(model, dataset, batch_size, "
              + ", max_steps => coalesce(max_steps, steps), split => split")
 
 
+def loop_check(caller: str) -> str:
+    """A loop's own arguments, then every argument of its steps (llm_train_check), before it claims the model."""
+    return f"""
+        IF steps IS NULL OR steps < 1 THEN
+          RAISE EXCEPTION 'pg_llm: {caller}: steps must be >= 1, got %', coalesce(steps::TEXT, 'NULL')
+            USING HINT = 'steps is how many steps the model should have made '
+              'in all (it resumes from llm_model.step).';
+        END IF;
+        IF eval_every IS NULL OR eval_every < 0 OR eval_rows IS NULL OR eval_rows < 1 THEN
+          RAISE EXCEPTION 'pg_llm: {caller}: need eval_every >= 0 and eval_rows >= 1, got % and %',
+            coalesce(eval_every::TEXT, 'NULL'), coalesce(eval_rows::TEXT, 'NULL')
+            USING HINT = 'eval_every => 0 (the default) never evaluates.';
+        END IF;
+        PERFORM {check_call(caller, "coalesce(max_steps, steps)")};"""
+
+
 def _procedure() -> str:
     declare = """
         v_first INT; v_t0 TIMESTAMPTZ; v_log @extschema@.llm_train_log; v_val FLOAT8; v_stop TEXT; v_conn TEXT;
@@ -106,7 +122,7 @@ def _procedure() -> str:
         v_conn := 'pg_llm_vacuum_' || pg_backend_pid();
         v_free := llm_disk_free();
         v_growth := 0;
-        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train_run")}
         v_first := llm_train_claim(model, steps, pg_backend_pid());
         BEGIN
           PERFORM llm_loopback_connect(v_conn);
@@ -160,7 +176,7 @@ def _function() -> str:
         v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
         v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_now INT8; v_growth INT8 := 0;
     """, f"""
-        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train")}
         v_conn := 'pg_llm_train_' || pg_backend_pid();
         PERFORM llm_loopback_connect(v_conn);
         v_step := (SELECT x.step FROM dblink(v_conn, format('SELECT llm_train_claim(%L, %s, %s)', model, steps,

@@ -83,13 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
 
     s = csub.add_parser("save", help="snapshot a model's params, Adam moments and step inside the database")
-    s.add_argument("--model", required=True, help="model name")
+    s.add_argument("--model", "--name", dest="model", required=True, help="model name")
     s.add_argument("--note", default=None, help="free text stored with the checkpoint")
     dsn_argument(s)
     s.set_defaults(func=_save)
 
     ld = csub.add_parser("load", help="restore a model from one of its checkpoints (bit-exact, step included)")
-    ld.add_argument("--model", required=True, help="model name (the checkpoint must be of this model)")
+    ld.add_argument("--model", "--name", dest="model", required=True,
+                    help="model name (the checkpoint must be of this model)")
     ld.add_argument("--id", required=True, type=int, help="checkpoint id (pg-llm checkpoint list)")
     dsn_argument(ld)
     ld.set_defaults(func=_load)
@@ -109,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "checkpoints) to a local file: OUT.npz (params by pg_llm name, adam_m/NAME, adam_v/NAME, "
                         "metadata __pg_llm__) or OUT_DIR (config.json + model.safetensors as Hugging Face, plus "
                         "optimizer.safetensors and pg_llm.json). Bit-exact float32; one consistent snapshot.")
-    e.add_argument("--model", required=True, help="model name")
+    e.add_argument("--model", "--name", dest="model", required=True, help="model name")
     e.add_argument("--id", type=int, default=None, help="export this in-database checkpoint of the model "
                    "(default: the model's current state)")
     e.add_argument("out", metavar="OUT.npz|OUT_DIR", help="output .npz file or directory (client side)")

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Import GPT-2 weights: a Hugging Face directory (config.json + model.safetensors "
                         "or pytorch_model.bin), a .safetensors file, or an .npz with the same tensor names. Names, "
                         "shapes and finiteness are checked before anything is written; all tensors or none.")
-    s.add_argument("--name", required=True, help="model name (llm_model.name)")
+    s.add_argument("--name", "--model", dest="name", required=True, help="model name (llm_model.name)")
     s.add_argument("path", metavar="PATH", help="Hugging Face directory, .safetensors, .bin or .npz (client side)")
     s.add_argument("--config", default=None, help="llm_model_config row to use (needed for an .npz whose sizes "
                    "match no standard config; default: from config.json)")
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = msub.add_parser("export", help="write a model as a Hugging Face directory (config.json + model.safetensors)",
                         description="Export a model to OUT_DIR as config.json + model.safetensors (float32) that "
                         "transformers' GPT2LMHeadModel.from_pretrained loads.")
-    e.add_argument("--name", required=True, help="model name")
+    e.add_argument("--name", "--model", dest="name", required=True, help="model name")
     e.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created; client side)")
     e.add_argument("--checkpoint", type=int, default=None, metavar="ID", help="export this in-database checkpoint "
                    "of the model (llm_checkpoints) instead of its current parameters")
@@ -89,6 +89,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=_list)
 
     d = msub.add_parser("drop", help="drop a model and all its tensors")
-    d.add_argument("--name", required=True, help="model name")
+    d.add_argument("--name", "--model", dest="name", required=True, help="model name")
     dsn_argument(d)
     d.set_defaults(func=_drop)

@@ -202,9 +202,12 @@ BEGIN
   v_t0 := clock_timestamp();
   PERFORM llm_model_get(model);
   PERFORM llm_train_guard(model, on_behalf_of);
-  IF batch_size < 1 OR grad_accum < 1 OR lr <= 0 OR dropout < 0 OR dropout >= 1 OR grad_clip < 0 THEN
-    RAISE EXCEPTION 'pg_llm: llm_train_step: need batch_size >= 1, grad_accum >= 1, lr > 0, 0 <= dropout < 1, '
-      'grad_clip >= 0 (got %, %, %, %, %)', batch_size, grad_accum, lr, dropout, grad_clip;
+  PERFORM llm_train_check('llm_train_step', dataset, split, batch_size, lr, warmup_steps, max_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
+  IF on_behalf_of IS NOT NULL AND NOT EXISTS (SELECT 1 FROM llm_train_job AS j
+                                              WHERE j.model = llm_train_step.model AND j.pid = on_behalf_of) THEN
+    RAISE EXCEPTION 'pg_llm: llm_train_step: on_behalf_of % is not the pid of this model''s training loop',
+      on_behalf_of USING
+      HINT = 'on_behalf_of is internal (SELECT llm_train passes it to its loopback steps): leave it out.';
   END IF;
   v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model FOR UPDATE) + 1;
   v_tape := llm_scratch_mark();

@@ -109,6 +109,17 @@ BEGIN
   v_free := llm_disk_free();
   v_growth := 0;
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+  IF steps IS NULL OR steps < 1 THEN
+    RAISE EXCEPTION 'pg_llm: llm_train_run: steps must be >= 1, got %', coalesce(steps::TEXT, 'NULL')
+      USING HINT = 'steps is how many steps the model should have made '
+        'in all (it resumes from llm_model.step).';
+  END IF;
+  IF eval_every IS NULL OR eval_every < 0 OR eval_rows IS NULL OR eval_rows < 1 THEN
+    RAISE EXCEPTION 'pg_llm: llm_train_run: need eval_every >= 0 and eval_rows >= 1, got % and %',
+      coalesce(eval_every::TEXT, 'NULL'), coalesce(eval_rows::TEXT, 'NULL')
+      USING HINT = 'eval_every => 0 (the default) never evaluates.';
+  END IF;
+  PERFORM llm_train_check('llm_train_run', dataset, split, batch_size, lr, warmup_steps, coalesce(max_steps, steps), min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
   v_first := llm_train_claim(model, steps, pg_backend_pid());
   BEGIN
     PERFORM llm_loopback_connect(v_conn);
@@ -174,6 +185,17 @@ DECLARE
   v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_now INT8; v_growth INT8 := 0;
 BEGIN
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+  IF steps IS NULL OR steps < 1 THEN
+    RAISE EXCEPTION 'pg_llm: llm_train: steps must be >= 1, got %', coalesce(steps::TEXT, 'NULL')
+      USING HINT = 'steps is how many steps the model should have made '
+        'in all (it resumes from llm_model.step).';
+  END IF;
+  IF eval_every IS NULL OR eval_every < 0 OR eval_rows IS NULL OR eval_rows < 1 THEN
+    RAISE EXCEPTION 'pg_llm: llm_train: need eval_every >= 0 and eval_rows >= 1, got % and %',
+      coalesce(eval_every::TEXT, 'NULL'), coalesce(eval_rows::TEXT, 'NULL')
+      USING HINT = 'eval_every => 0 (the default) never evaluates.';
+  END IF;
+  PERFORM llm_train_check('llm_train', dataset, split, batch_size, lr, warmup_steps, coalesce(max_steps, steps), min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
   v_conn := 'pg_llm_train_' || pg_backend_pid();
   PERFORM llm_loopback_connect(v_conn);
   v_step := (SELECT x.step FROM dblink(v_conn, format('SELECT llm_train_claim(%L, %s, %s)', model, steps,

@@ -19,4 +19,15 @@ SELECT llm_encode('x', tokenizer => 'nope');
 SELECT llm_loss('e', '{1,2,3}', '{1,2}');
 -- training without data
 SELECT llm_train_step('e', 'no-such-dataset');
+-- training arguments: checked before anything is written
+INSERT INTO llm_dataset_source (dataset, source_hash, tokenizer, block_size, stride, val_fraction, documents, tokens,
+                                train_rows, val_rows, encoder, sources)
+VALUES ('d', 'regress', 'gpt2', 4, 4, 0, 1, 8, 2, 0, 'regress', '{}');
+INSERT INTO llm_dataset (dataset, split, tokens, targets, source_hash, pos)
+VALUES ('d', 'train', '{1,2,3,4}', '{2,3,4,5}', 'regress', 0), ('d', 'train', '{5,6,7,8}', '{6,7,8,9}', 'regress', 1);
+SELECT llm_train_step('e', 'd', batch_size => 2, lr => 'NaN');
+SELECT llm_train_step('e', 'd', batch_size => 3);
+SELECT llm_train_step('e', 'd', batch_size => 2, min_lr => 1.0, lr => 1e-4);
+SELECT llm_train('e', 0, dataset => 'd');
+SELECT count(*) AS steps_logged FROM llm_train_log;
 SELECT count(*) AS tensors_after FROM llm_tensor;
