@@ -120,3 +120,11 @@ def test_playbook_worker_hints_are_reported(conn: psycopg.Connection, models) ->
     step = conn.execute("SELECT step FROM llm_model WHERE name = 'ref'").fetchone()[0]
     conn.execute(f"SELECT llm_train('ref', {step}, dataset => 'ds', grad_workers => 4, prune_workers => 4)")
     assert any("grad_workers => 4 and prune_workers => 4 are accepted" in n for n in notices)
+
+
+def test_progress_reads_well(conn: psycopg.Connection, models) -> None:
+    """tokens/s with one decimal, the ETA in whole seconds (it showed 10119:10:57.033189)."""
+    conn.execute(f"SELECT llm_train('c', 2, {ARGS})")  # this module's own cluster never trains 'c' otherwise
+    tok, eta, pct = conn.execute("SELECT tokens_per_s, eta, pct FROM llm_train_progress WHERE model = 'c'").fetchone()
+    assert tok > 0 and tok.as_tuple().exponent == -1
+    assert eta is not None and eta.microseconds == 0 and pct == 100

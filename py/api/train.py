@@ -54,10 +54,10 @@ def _tables() -> str:
             SELECT j.model, j.pid, EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = j.pid
                                            AND a.state = 'active') AS running,
                    j.step, j.target_step, round(100.0 * (j.step - j.first_step)
-                   / greatest(j.target_step - j.first_step, 1), 1) AS pct, j.loss, j.tokens_per_s,
-                   j.started_at, j.updated_at,
-                   CASE WHEN j.step > j.first_step THEN (j.updated_at - j.started_at)
-                        * ((j.target_step - j.step)::FLOAT8 / (j.step - j.first_step)) END AS eta
+                   / greatest(j.target_step - j.first_step, 1), 1) AS pct, j.loss,
+                   round(j.tokens_per_s::NUMERIC, 1) AS tokens_per_s, j.started_at, j.updated_at,
+                   CASE WHEN j.step > j.first_step THEN justify_interval(date_trunc('second', (j.updated_at
+                        - j.started_at) * ((j.target_step - j.step)::FLOAT8 / (j.step - j.first_step)))) END AS eta
             FROM llm_train_job AS j""", "Progress of training loops: step, loss, tokens/s, ETA."),
     ]) + "\n"
 

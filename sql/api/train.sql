@@ -59,18 +59,23 @@ SELECT
     j.step - j.first_step
   ) / GREATEST(j.target_step - j.first_step, 1), 1) AS pct,
   j.loss,
-  j.tokens_per_s,
+  ROUND(CAST(j.tokens_per_s AS DECIMAL), 1) AS tokens_per_s,
   j.started_at,
   j.updated_at,
   CASE
     WHEN j.step > j.first_step
-    THEN (
-      j.updated_at - j.started_at
-    ) * (
-      CAST((
-        j.target_step - j.step
-      ) AS DOUBLE PRECISION) / (
-        j.step - j.first_step
+    THEN JUSTIFY_INTERVAL(
+      DATE_TRUNC(
+        'SECOND',
+        (
+          j.updated_at - j.started_at
+        ) * (
+          CAST((
+            j.target_step - j.step
+          ) AS DOUBLE PRECISION) / (
+            j.step - j.first_step
+          )
+        )
       )
     )
   END AS eta
