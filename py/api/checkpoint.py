@@ -130,15 +130,20 @@ def _save() -> str:
 
 
 def _load() -> str:
+    # the first few differences and how many more: a whole different config used to list every tensor (~12 KB)
     misfit = """
-        SELECT string_agg(coalesce(p.name, s.name) || ': ' || coalesce(llm_shape_text(s.shape), 'missing')
-                          || ' in the checkpoint, ' || coalesce(llm_shape_text(p.shape), 'not a parameter')
-                          || ' in the model', '; ' ORDER BY coalesce(p.name, s.name))
-        FROM llm_param_names(c.name) AS p
-        FULL JOIN (
-          SELECT v.name, v.shape FROM llm_tensor AS v WHERE v.model = r.store AND v.role = 'param' AND v.id > 0
-        ) AS s ON s.name = p.name
-        WHERE s.shape IS DISTINCT FROM p.shape"""
+        SELECT string_agg(x.msg, '; ' ORDER BY x.k) FILTER (WHERE x.k <= 4)
+               || CASE WHEN count(*) > 4 THEN '; and ' || (count(*) - 4) || ' more' ELSE '' END
+        FROM (
+          SELECT coalesce(p.name, s.name) || ': ' || coalesce(llm_shape_text(s.shape), 'missing')
+                 || ' in the checkpoint, ' || coalesce(llm_shape_text(p.shape), 'not a parameter')
+                 || ' in the model' AS msg, row_number() OVER (ORDER BY coalesce(p.name, s.name)) AS k
+          FROM llm_param_names(c.name) AS p
+          FULL JOIN (
+            SELECT v.name, v.shape FROM llm_tensor AS v WHERE v.model = r.store AND v.role = 'param' AND v.id > 0
+          ) AS s ON s.name = p.name
+          WHERE s.shape IS DISTINCT FROM p.shape
+        ) AS x"""
     drop_extra = f"""
         DELETE FROM llm_tensor AS d
         WHERE d.model = v_model AND d.role IN {STATE} AND d.id > 0

@@ -201,26 +201,29 @@ BEGIN
   c := llm_model_get(v_model);
   v_problem := (
     SELECT
-      STRING_AGG(
-
-          COALESCE(p.name, s.name) || ': ' || COALESCE(llm_shape_text(s.shape), 'missing') || ' in the checkpoint, ' || COALESCE(llm_shape_text(p.shape), 'not a parameter') || ' in the model',
-          '; '
-
-        ORDER BY
-          COALESCE(p.name, s.name)
-      )
-    FROM llm_param_names(c.name) AS p
-    FULL JOIN (
+      STRING_AGG(x.msg, '; '
+      ORDER BY
+        x.k) FILTER(WHERE
+        x.k <= 4) || CASE WHEN COUNT(*) > 4 THEN '; and ' || (
+        COUNT(*) - 4
+      ) || ' more' ELSE '' END
+    FROM (
       SELECT
-        v.name,
-        v.shape
-      FROM llm_tensor AS v
+        COALESCE(p.name, s.name) || ': ' || COALESCE(llm_shape_text(s.shape), 'missing') || ' in the checkpoint, ' || COALESCE(llm_shape_text(p.shape), 'not a parameter') || ' in the model' AS msg,
+        ROW_NUMBER() OVER (ORDER BY COALESCE(p.name, s.name)) AS k
+      FROM llm_param_names(c.name) AS p
+      FULL JOIN (
+        SELECT
+          v.name,
+          v.shape
+        FROM llm_tensor AS v
+        WHERE
+          v.model = r.store AND v.role = 'param' AND v.id > 0
+      ) AS s
+        ON s.name = p.name
       WHERE
-        v.model = r.store AND v.role = 'param' AND v.id > 0
-    ) AS s
-      ON s.name = p.name
-    WHERE
-      s.shape IS DISTINCT FROM p.shape
+        s.shape IS DISTINCT FROM p.shape
+    ) AS x
   );
   IF v_problem IS NOT NULL THEN
     RAISE EXCEPTION 'pg_llm: checkpoint % (config %) does not fit model "%" (config %): %', r.id, r.config,
