@@ -52,6 +52,26 @@ def test_tensor_rows_slice(conn: psycopg.Connection) -> None:
     assert [r for r, _ in rows] == [3, 4, 5, 6]
     assert [v for _, v in rows] == a[3:7].tolist()
     assert len(conn.execute("SELECT * FROM llm_tensor_rows(%s)", (tid,)).fetchall()) == 9
+    for first, n in ((-1, 5), (0, -1), (None, 2)):  # used to return rows 0-4 for (-1, 5)
+        with pytest.raises(psycopg.errors.RaiseException, match="must be >= 0") as e:
+            conn.execute("SELECT * FROM llm_tensor_rows(%s, %s, %s)", (tid, first, n))
+        assert "rows 0 to 8" in e.value.diag.message_hint
+
+
+def test_tensor_drop_refuses_what_it_would_break(conn: psycopg.Connection, tmp_path) -> None:
+    from gpt2_fixtures import import_tiny
+
+    with pytest.raises(psycopg.errors.RaiseException, match="tensor id 999999 does not exist"):
+        conn.execute("SELECT llm_tensor_drop(999999)")  # used to return nothing, silently
+    import_tiny(conn, tmp_path, "dropme")
+    wte = conn.execute("SELECT llm_tensor('dropme', 'wte.weight')").fetchone()[0]
+    with pytest.raises(psycopg.errors.RaiseException, match='is a parameter of model "dropme"') as e:
+        conn.execute("SELECT llm_tensor_drop(%s)", (wte,))
+    assert "llm_model_drop('dropme')" in e.value.diag.message_hint
+    assert conn.execute("SELECT count(*) FROM llm_tensor WHERE id = %s", (wte,)).fetchone()[0] == 1
+    free = put(conn, np.ones((2, 3)), name="free")
+    conn.execute("SELECT llm_tensor_drop(%s)", (free,))
+    assert conn.execute("SELECT count(*) FROM llm_tensor WHERE id = %s", (free,)).fetchone()[0] == 0
 
 
 def test_tensors_view_stats(conn: psycopg.Connection, rng: np.random.Generator) -> None:

@@ -135,9 +135,14 @@ def _create() -> str:
     """)
     out.append(function("llm_tensor_get", "p_id BIGINT", "llm_tensor", body, volatility="STABLE",
                         note="Catalog row of a tensor, or a clear error when it does not exist."))
-    out.append(function("llm_tensor_drop", "p_id BIGINT", "VOID", """
-        DELETE FROM llm_tensor WHERE id = p_id""", language="sql",
-        note="Drop a tensor and its tiles (ON DELETE CASCADE)."))
+    out.append(function("llm_tensor_drop", "p_id BIGINT", "VOID", plpgsql("r llm_tensor;", """
+        r := llm_tensor_get(p_id);  -- an unknown id is an error, not a silent no-op
+        IF r.role = 'param' AND EXISTS (SELECT 1 FROM llm_model AS m WHERE m.name = r.model) THEN
+          RAISE EXCEPTION 'pg_llm: tensor "%" (id %) is a parameter of model "%": dropping it would break the model',
+            r.name, p_id, r.model USING HINT = format('Drop the whole model with SELECT llm_model_drop(%L).', r.model);
+        END IF;
+        DELETE FROM llm_tensor WHERE id = p_id;
+    """), note="Drop a tensor and its tiles (ON DELETE CASCADE); not a parameter of an existing model."))
     out.append(function("llm_scratch_mark", "", "BIGINT", """
         SELECT nextval('llm_tensor_scratch_id')""", language="sql",
         note="A mark: every scratch tensor created after it has a smaller id (see llm_scratch_release)."))

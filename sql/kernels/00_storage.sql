@@ -212,16 +212,23 @@ BEGIN
 END
 $fn$;
 
--- Drop a tensor and its tiles (ON DELETE CASCADE).
+-- Drop a tensor and its tiles (ON DELETE CASCADE); not a parameter of an existing model.
 CREATE OR REPLACE FUNCTION llm_tensor_drop(p_id BIGINT)
 RETURNS VOID
-LANGUAGE sql
+LANGUAGE plpgsql
 VOLATILE
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $fn$
-DELETE FROM llm_tensor
-WHERE
-  id = p_id
+DECLARE
+  r llm_tensor;
+BEGIN
+  r := llm_tensor_get(p_id);  -- an unknown id is an error, not a silent no-op
+  IF r.role = 'param' AND EXISTS (SELECT 1 FROM llm_model AS m WHERE m.name = r.model) THEN
+    RAISE EXCEPTION 'pg_llm: tensor "%" (id %) is a parameter of model "%": dropping it would break the model',
+      r.name, p_id, r.model USING HINT = format('Drop the whole model with SELECT llm_model_drop(%L).', r.model);
+  END IF;
+  DELETE FROM llm_tensor WHERE id = p_id;
+END
 $fn$;
 
 -- A mark: every scratch tensor created after it has a smaller id (see llm_scratch_release).

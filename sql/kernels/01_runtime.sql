@@ -188,7 +188,13 @@ DECLARE
   r llm_tensor; v_first INT; v_last INT;
 BEGIN
   r := llm_tensor_get(p_tensor);
-  v_first := greatest(p_first_row, 0);
+  IF p_first_row IS NULL OR p_first_row < 0 OR p_n_rows < 0 THEN
+    RAISE EXCEPTION 'pg_llm: llm_tensor_rows: the first row and the number of rows must be >= 0, got % and %',
+      coalesce(p_first_row::TEXT, 'NULL'), p_n_rows
+      USING HINT = format('Tensor "%s" has rows 0 to %s; p_n_rows NULL reads to the end.', r.name,
+                          llm_rows(r.shape) - 1);
+  END IF;
+  v_first := p_first_row;
   v_last := least(llm_rows(r.shape), v_first + coalesce(p_n_rows, llm_rows(r.shape))) - 1;
   RETURN QUERY
   SELECT
