@@ -7,7 +7,7 @@ import psycopg
 import pytest
 import torch
 
-from pg_llm.kernels.matmul import matmul_panel, matmul_tile, panel_block
+from pg_llm.kernels.matmul import matmul_panel, matmul_tile, panel_box, read_tiles
 
 from conftest import close
 from helpers import call, get, put
@@ -51,7 +51,7 @@ def test_panel_microkernel_in_numpy(rng: np.random.Generator, ta: bool, tb: bool
 
 
 def test_panel_block_boxes() -> None:
-    """panel_block asks for the right tile box (fake plpy: no server) and returns the geometry with it."""
+    """A panel's tile box, and the read of its tiles asks for exactly that box (fake plpy: no server)."""
     class FakePlpy:
         def prepare(self, sql: str, types: list[str]) -> str:
             assert "ORDER BY tr, tc" in sql
@@ -61,9 +61,11 @@ def test_panel_block_boxes() -> None:
             self.args = args
             return [{"data": b"x"}]
     plpy, gd = FakePlpy(), {}
-    _, geom = panel_block(plpy, gd, 7, [10, 9, 4, 3], False, 1, 2)  # rows in 3 tiles, cols in 3 tiles
+    box = panel_box([10, 9, 4, 3], False, 1, 2)  # rows in 3 tiles, cols in 3 tiles
+    read_tiles(plpy, gd, 7, box)
+    geom = [10, 9, 4, 3] + box
     assert plpy.args == [7, 2, 3, 0, 3] and geom == [10, 9, 4, 3, 2, 3, 0, 3] and gd["llm_panel_plan"] == "plan"
-    panel_block(plpy, gd, 7, [10, 9, 4, 3], True, 0, 2)
+    read_tiles(plpy, gd, 7, panel_box([10, 9, 4, 3], True, 0, 2))
     assert plpy.args == [7, 0, 3, 0, 2]
 
 

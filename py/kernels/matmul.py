@@ -63,13 +63,6 @@ def read_tiles(plpy: Any, GD: dict, tensor_id: int, box: Sequence[int]) -> list[
     return [r['data'] for r in plpy.execute(plan, [tensor_id] + list(box))]
 
 
-def panel_block(plpy: Any, GD: dict, tensor_id: int, geom: Sequence[int], along_cols: bool, p: int,
-                size: int) -> tuple[list[bytes], list[int]]:
-    """Tiles of panel p of a tensor (see panel_box) in (tr, tc) order, and the geometry extended with the box."""
-    box = panel_box(geom, along_cols, p, size)
-    return read_tiles(plpy, GD, tensor_id, box), list(geom) + box
-
-
 def operand(plpy: Any, GD: dict, tensor_id: int, geom: Sequence[int], box: Sequence[int],
             budget: int) -> np.ndarray:
     """The assembled block box of a tensor: from the weight cache when it is durable (id > 0) and budget > 0
@@ -85,13 +78,6 @@ def panel_kernel(plpy: Any, GD: dict, a: int, a_geom: Sequence[int], ta: bool, i
     """llm_mk_matmul_panel: output panel (i, j) of op(A) @ op(B), reading panel i (pi tiles along m) of a and
     panel j (pj tiles along n) of b itself (a durable operand's block from the weight cache)."""
     budget = cache_budget(plpy, GD) if a > 0 or b > 0 else 0
-    blocks = []
-    for t, geom, along_cols, p, size in ((a, a_geom, ta, i, pi), (b, b_geom, not tb, j, pj)):
-        if t > 0 and budget:
-            box = panel_box(geom, along_cols, p, size)
-            blocks.append((operand(plpy, GD, t, geom, box, budget), list(geom) + box))
-        else:
-            tiles, g = panel_block(plpy, GD, t, geom, along_cols, p, size)
-            blocks.append((block(tiles, g), g))
-    (am, ag), (bm, bg) = blocks
-    return matmul_blocks(am, ag, ta, bm, bg, tb)
+    a_box, b_box = panel_box(a_geom, ta, i, pi), panel_box(b_geom, not tb, j, pj)
+    return matmul_blocks(operand(plpy, GD, a, a_geom, a_box, budget), list(a_geom) + a_box, ta,
+                         operand(plpy, GD, b, b_geom, b_box, budget), list(b_geom) + b_box, tb)
