@@ -8,7 +8,7 @@ logits = x @ lm_head.weight.T like nn.Linear.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 # A shape is a tuple of symbolic sizes: "V" vocab_size, "T" n_ctx, "C" n_embd, "3C", "4C".
@@ -169,22 +169,29 @@ STANDARD: dict[str, GPT2Config] = {
 DEFAULT_CONFIG = "gpt2-small"
 
 
+def hyper(default: Any, sql: str, cond: str, what: str, nullable: bool = False) -> Any:
+    """A TrainConfig field: its default, SQL type, the SQL condition it must meet ({v} the value, {lr} lr), how
+    that reads in an error, and whether NULL means something (else it is refused). Floats must also be finite."""
+    return field(default=default, metadata={"sql": sql, "cond": cond, "what": what, "nullable": nullable})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The GPT-2 training recipe's hyperparameters and defaults: the SQL arguments of llm_train_step, SELECT
-    llm_train and CALL llm_train_run (max_steps NULL: the run's own steps; min_lr NULL: 0.1 x lr)."""
-    lr: float = 2.5e-4
-    warmup_steps: int = 2000
-    max_steps: int | None = None
-    min_lr: float | None = None
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    dropout: float = 0.1
-    grad_accum: int = 1
-    seed: int = 1337
+    """The GPT-2 training recipe's hyperparameters, each once with its default and its bound: the SQL arguments
+    of llm_train_step, SELECT llm_train and CALL llm_train_run, and what llm_train_check enforces."""
+    lr: float = hyper(2.5e-4, "FLOAT8", "{v} > 0", "> 0")
+    warmup_steps: int = hyper(2000, "INT", "{v} >= 0", ">= 0")
+    max_steps: int | None = hyper(None, "INT", "{v} >= 1", ">= 1 (or NULL: the run's own number of steps)", True)
+    min_lr: float | None = hyper(None, "FLOAT8", "{v} >= 0 AND {v} <= {lr}", "between 0 and lr (or NULL: 0.1 x lr)",
+                                 True)
+    weight_decay: float = hyper(0.01, "FLOAT8", "{v} >= 0", ">= 0")
+    beta1: float = hyper(0.9, "FLOAT8", "{v} >= 0 AND {v} < 1", "in [0, 1)")
+    beta2: float = hyper(0.999, "FLOAT8", "{v} >= 0 AND {v} < 1", "in [0, 1)")
+    eps: float = hyper(1e-8, "FLOAT8", "{v} > 0", "> 0")
+    grad_clip: float | None = hyper(1.0, "FLOAT8", "{v} >= 0", ">= 0 (0 or NULL: no clipping)", True)
+    dropout: float = hyper(0.1, "FLOAT8", "{v} >= 0 AND {v} < 1", "in [0, 1)")
+    grad_accum: int = hyper(1, "INT", "{v} >= 1", ">= 1")
+    seed: int = hyper(1337, "BIGINT", "{v} >= 0", ">= 0")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -193,27 +200,5 @@ class TrainConfig:
     @classmethod
     def sql_args(cls) -> str:
         """'lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, ...' for a function's argument list."""
-        d = cls()
-
-        def default(n: str) -> str:
-            v = getattr(d, n)
-            return "NULL" if v is None else repr(v)
-        return ", ".join(f"{n} {TRAIN_SQL_TYPES[n]} DEFAULT {default(n)}" for n in cls.names())
-
-
-TRAIN_SQL_TYPES = {"lr": "FLOAT8", "warmup_steps": "INT", "max_steps": "INT", "min_lr": "FLOAT8",
-                   "weight_decay": "FLOAT8", "beta1": "FLOAT8", "beta2": "FLOAT8", "eps": "FLOAT8",
-                   "grad_clip": "FLOAT8", "dropout": "FLOAT8", "grad_accum": "INT", "seed": "BIGINT"}
-# What each hyperparameter must be (a SQL condition on {v}, {lr} for lr, and how it reads); floats must also
-# be finite.
-# NULL is refused except where it means something: max_steps (the run's steps), min_lr (0.1 x lr), grad_clip
-# (no clipping).
-TRAIN_BOUNDS = {"lr": ("{v} > 0", "> 0"), "warmup_steps": ("{v} >= 0", ">= 0"),
-                "max_steps": ("{v} >= 1", ">= 1 (or NULL: the run's own number of steps)"),
-                "min_lr": ("{v} >= 0 AND {v} <= {lr}", "between 0 and lr (or NULL: 0.1 x lr)"),
-                "weight_decay": ("{v} >= 0", ">= 0"), "beta1": ("{v} >= 0 AND {v} < 1", "in [0, 1)"),
-                "beta2": ("{v} >= 0 AND {v} < 1", "in [0, 1)"), "eps": ("{v} > 0", "> 0"),
-                "grad_clip": ("{v} >= 0", ">= 0 (0 or NULL: no clipping)"),
-                "dropout": ("{v} >= 0 AND {v} < 1", "in [0, 1)"), "grad_accum": ("{v} >= 1", ">= 1"),
-                "seed": ("{v} >= 0", ">= 0")}
-TRAIN_NULLABLE = ("max_steps", "min_lr", "grad_clip")
+        return ", ".join(f"{f.name} {f.metadata['sql']} DEFAULT {'NULL' if f.default is None else repr(f.default)}"
+                         for f in fields(cls))

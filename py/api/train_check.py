@@ -3,33 +3,32 @@ the loops before they claim the model), from config.TrainConfig's bounds: NULL, 
 of range get a pg_llm error naming the argument, what it must be and the recipe's default."""
 from __future__ import annotations
 
-from pg_llm.config import TRAIN_BOUNDS, TRAIN_NULLABLE, TRAIN_SQL_TYPES, TrainConfig
+from dataclasses import Field, fields
+
+from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql
 
 SQL_FILE = "api/train_check.sql"
 ORDER = 85
 
 
-def _check(name: str) -> str:
-    cond, what = TRAIN_BOUNDS[name]
-    v = f"p_{name}"
-    ok = cond.format(v=v, lr="p_lr")
-    what = what.replace("'", "''")
-    if TRAIN_SQL_TYPES[name] == "FLOAT8":
+def _check(f: Field) -> str:
+    v, m = f"p_{f.name}", f.metadata
+    ok = m["cond"].format(v=v, lr="p_lr")
+    what = m["what"].replace("'", "''")
+    if m["sql"] == "FLOAT8":
         ok = f"{v} NOT IN ('NaN'::FLOAT8, 'Infinity'::FLOAT8, '-Infinity'::FLOAT8) AND {ok}"
-    bad = f"{v} IS NOT NULL AND NOT ({ok})" if name in TRAIN_NULLABLE else f"{v} IS NULL OR NOT ({ok})"
-    default = getattr(TrainConfig(), name)
+    bad = f"{v} IS NOT NULL AND NOT ({ok})" if m["nullable"] else f"{v} IS NULL OR NOT ({ok})"
     return f"""
         IF {bad} THEN
-          RAISE EXCEPTION 'pg_llm: %: {name} must be {what}, got %', p_caller, coalesce({v}::TEXT, 'NULL')
-            USING HINT = 'The GPT-2 recipe''s default is {name} => {
-                'NULL' if default is None else repr(default)} (leave it out to use it).';
+          RAISE EXCEPTION 'pg_llm: %: {f.name} must be {what}, got %', p_caller, coalesce({v}::TEXT, 'NULL')
+            USING HINT = 'The GPT-2 recipe''s default is {f.name} => {
+                'NULL' if f.default is None else repr(f.default)} (leave it out to use it).';
         END IF;"""
 
 
 def emit() -> str:
-    names = TrainConfig.names()
-    args = ", ".join(f"p_{n} {TRAIN_SQL_TYPES[n]}" for n in names)
+    args = ", ".join(f"p_{f.name} {f.metadata['sql']}" for f in fields(TrainConfig))
     body = plpgsql("v_rows BIGINT;", """
         IF p_dataset IS NULL THEN
           RAISE EXCEPTION 'pg_llm: %: dataset must be named', p_caller USING
@@ -51,7 +50,7 @@ def emit() -> str:
             p_caller, v_rows, p_split, p_dataset, coalesce(p_batch_size::TEXT, 'NULL')
             USING HINT = 'A step draws batch_size distinct rows (default 8); '
               'gradient accumulation (grad_accum => N) makes bigger batches from several draws.';
-        END IF;""" + "".join(_check(n) for n in names))
+        END IF;""" + "".join(_check(f) for f in fields(TrainConfig)))
     check = function("llm_train_check", f"p_caller TEXT, p_dataset TEXT, p_split TEXT, p_batch_size INT, {args}",
                      "VOID", body, volatility="STABLE",
                      note="Refuse a training call's bad arguments (NULL, NaN, out of range) before it writes.")
