@@ -67,10 +67,6 @@ def _hints() -> str:
             RAISE EXCEPTION 'pg_llm: llm_train: several datasets are loaded; name one with dataset => ...';
           END IF;
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM llm_dataset AS d WHERE d.dataset = p_dataset AND d.split = p_split) THEN
-          RAISE EXCEPTION 'pg_llm: dataset "%" has no rows in split "%"', p_dataset, p_split
-            USING HINT = 'Load a corpus with: pg-llm corpus load --name ' || p_dataset || ' FILES...';
-        END IF;
         IF p_grad_workers IS NOT NULL OR p_prune_workers IS NOT NULL THEN
           RAISE NOTICE 'pg_llm: grad_workers => % and prune_workers => % are accepted for playbook compatibility '
             'and ignored: pg_llm runs each kernel in one backend (parallel workers would re-import numpy, '
@@ -80,7 +76,8 @@ def _hints() -> str:
     """)
     return function("llm_train_prepare", "p_model TEXT, p_dataset TEXT, p_split TEXT, p_grad_workers INT, "
                     "p_prune_workers INT", "TEXT", body,
-                    note="Check a training call before it starts: dataset (default: the only one), split, hints.")
+                    note="Resolve a training call's dataset (default: the only one) and report ignored playbook "
+                         "arguments; the rest is llm_train_check's, right after.")
 
 
 NOTICE = """
