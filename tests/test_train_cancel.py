@@ -49,6 +49,12 @@ def loopback_steps(conn: psycopg.Connection) -> int:
                         "AND query LIKE '%llm_train_step(%'").fetchone()[0]
 
 
+def wait_for_loopback(conn: psycopg.Connection) -> None:
+    """Until the loop's step is running (held by step_blocked) in its loopback backend."""
+    while not loopback_steps(conn):
+        time.sleep(0.05)
+
+
 def stopped(conn: psycopg.Connection, model: str, within: float) -> None:
     """No loopback step runs (within `within` seconds), nothing was half-written, and the progress view agrees."""
     t0 = time.monotonic()
@@ -74,8 +80,7 @@ def test_statement_timeout_stops_the_select_loop(conn: psycopg.Connection, dsn: 
 def test_cancel_stops_the_select_loop(conn: psycopg.Connection, dsn: str, models: Path) -> None:
     with step_blocked(dsn, "cancel"):
         t, out = run_async(dsn, f"SELECT llm_train('cancel', {STEPS}, {ARGS})")
-        while not loopback_steps(conn):
-            time.sleep(0.05)
+        wait_for_loopback(conn)
         conn.execute("SELECT pg_cancel_backend(%s)", (out["pid"],))
         t.join(5)
         assert not t.is_alive() and isinstance(out.get("error"), psycopg.errors.QueryCanceled), out
@@ -85,8 +90,7 @@ def test_cancel_stops_the_select_loop(conn: psycopg.Connection, dsn: str, models
 def test_terminating_the_caller_stops_its_loopback(conn: psycopg.Connection, dsn: str, models: Path) -> None:
     with step_blocked(dsn, "terminate"):
         t, out = run_async(dsn, f"SELECT llm_train('terminate', {STEPS}, {ARGS})")
-        while not loopback_steps(conn):
-            time.sleep(0.05)
+        wait_for_loopback(conn)
         conn.execute("SELECT pg_terminate_backend(%s)", (out["pid"],))
         t.join(5)
         assert not t.is_alive() and "error" in out
