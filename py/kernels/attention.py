@@ -7,21 +7,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pg_llm.kernels.tiles import hstack, payload
-
-
-def _assemble(ts: Sequence[bytes], rows: int, ncols: int, th: int, w: int) -> np.ndarray:
-    """The float32 (rows, ncols) matrix of tiles th x w given in (tr, tc) order."""
-    n = -(-ncols // w)
-    return np.vstack([hstack([ts[r * n + c] for c in range(n)], min(th, rows - r * th))
-                      for r in range(-(-rows // th))])
+from pg_llm.kernels.tiles import payload, whole
 
 
 def attention_forward(tiles: Sequence[bytes], rows: int, cols: int, th: int, tw: int, n_head: int, seq_len: int,
                       rate: float, seed: int) -> list[bytes]:
     """y tiles (row-major tile order, tile th x min(tw, C)) of causal attention over qkv's tiles.
     rate > 0 applies inverted dropout to the probabilities with a mask drawn from `seed` (backward redraws it)."""
-    qkv = _assemble(tiles, rows, cols, th, tw)
+    qkv = whole(tiles, rows, cols, th, tw, 'attention')
     C = cols // 3
     hd = C // n_head
     B = rows // seq_len
@@ -45,8 +38,8 @@ def attention_backward(tiles: Sequence[bytes], dy_tiles: Sequence[bytes], rows: 
     of the forward is redrawn from the same seed."""
     C = cols // 3
     otw = min(tw, C)
-    qkv = _assemble(tiles, rows, cols, th, tw).astype(np.float64)
-    dy = _assemble(dy_tiles, rows, C, th, otw).astype(np.float64)
+    qkv = whole(tiles, rows, cols, th, tw, 'attention_backward').astype(np.float64)
+    dy = whole(dy_tiles, rows, C, th, otw, 'attention_backward').astype(np.float64)
     hd = C // n_head
     B = rows // seq_len
     x = qkv.reshape(B, seq_len, 3, n_head, hd).transpose(2, 0, 3, 1, 4)

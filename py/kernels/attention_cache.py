@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from pg_llm.kernels.runtime import error
-from pg_llm.kernels.tiles import F32, floats, hstack
+from pg_llm.kernels.tiles import F32, floats, whole
 
 
 def attention_cached(tiles: Sequence[bytes], kv: bytes | np.ndarray, rows: int, cols: int, th: int, tw: int,
@@ -16,8 +16,7 @@ def attention_cached(tiles: Sequence[bytes], kv: bytes | np.ndarray, rows: int, 
     (tr = past + i, tc = 0, [k | v] of 2C floats). tiles: the new rows' qkv tiles in (tr, tc) order;
     kv: the cached rows 0 .. past-1 concatenated (bytes), or as a float32 array (past, 2C)."""
     f = F32
-    ntc = -(-cols // tw)
-    qkv = np.vstack([hstack(tiles[r * ntc:(r + 1) * ntc], min(th, rows - r * th)) for r in range(-(-rows // th))])
+    qkv = whole(tiles, rows, cols, th, tw, 'attention_cached')
     C = cols // 3
     hd = C // n_head
     old = kv if isinstance(kv, np.ndarray) else floats(kv)

@@ -35,13 +35,13 @@ def hstack(tiles: Sequence[bytes], rows: int) -> np.ndarray:
     return np.hstack([floats(t).reshape(rows, -1) for t in tiles])
 
 
-def block(tiles: Sequence[bytes], g: Sequence[int]) -> np.ndarray:
+def block(tiles: Sequence[bytes], g: Sequence[int], op: str = 'matmul') -> np.ndarray:
     """The float32 block of tiles [r0, r1) x [c0, c1) of a tensor, geom g = [rows, cols, tile_rows, tile_cols,
     r0, r1, c0, c1], from its payloads in (tr, tc) order (a read-only view of one buffer when one tile wide)."""
     rows, cols, th, tw, r0, r1, c0, c1 = g
     if len(tiles) != (r1 - r0) * (c1 - c0):
-        error('pg_llm: matmul: %d tiles for a block of %d x %d tiles (missing tiles?)'
-              % (len(tiles), r1 - r0, c1 - c0))
+        error('pg_llm: %s: %d tiles for a block of %d x %d tiles (missing tiles?)'
+              % (op, len(tiles), r1 - r0, c1 - c0))
     h, w = min(r1 * th, rows) - r0 * th, min(c1 * tw, cols) - c0 * tw
     if c1 - c0 == 1:
         return np.frombuffer(b''.join(tiles), dtype=F32).reshape(h, w)
@@ -52,6 +52,11 @@ def block(tiles: Sequence[bytes], g: Sequence[int]) -> np.ndarray:
             dst = out[r:r + th, c:c + tw]
             dst[...] = floats(next(it)).reshape(dst.shape)
     return out
+
+
+def whole(tiles: Sequence[bytes], rows: int, cols: int, th: int, tw: int, op: str) -> np.ndarray:
+    """A whole (rows, cols) tensor from all its tiles (th x tw, ragged at the edges) in (tr, tc) order."""
+    return block(tiles, [rows, cols, th, tw, 0, -(-rows // th), 0, -(-cols // tw)], op)
 
 
 # ---- the SQL codecs (gen/runtime.py): llm_tile_to_float4, llm_tile_to_float4_2d, llm_float4_to_tile, ... ----
