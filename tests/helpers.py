@@ -13,6 +13,15 @@ def put(conn: psycopg.Connection, arr: np.ndarray, tile: tuple[int, int] | None 
     return write_tensor(conn, np.asarray(arr, np.float32), name, tile=tile)
 
 
+def param(conn: psycopg.Connection, arr: np.ndarray, name: str, model: str, tile: tuple[int, int] | None = None,
+          replace: bool = False) -> int:
+    """A param tensor of `model`, whose llm_model row (config gpt2-small) is made first if missing: parameters
+    belong to a model (llm_tensor_create refuses orphans)."""
+    conn.execute("INSERT INTO llm_model (name, config) VALUES (%s, 'gpt2-small') ON CONFLICT DO NOTHING", (model,))
+    return write_tensor(conn, np.asarray(arr, np.float32), name, model=model, role="param", tile=tile,
+                        replace=replace)
+
+
 def get(conn: psycopg.Connection, tid: int) -> np.ndarray:
     return read_tensor(conn, tid)
 

@@ -12,7 +12,7 @@ from pg_llm.kernels.adamw import adamw_tile
 from pg_llm.loader.tensors import write_tensor
 
 from conftest import close
-from helpers import FakePlpy, call, get, put
+from helpers import FakePlpy, call, get, param, put
 
 PARAMS = [  # (shape, tile): ragged edges, a 1-D tensor, a tile larger than the tensor
     ((37, 50), (16, 16)),
@@ -37,12 +37,8 @@ def refused(conn: psycopg.Connection, match: str, sql: str, *args: object) -> No
     assert snapshot(conn) == before, "a refused op wrote something"
 
 
-def param(conn: psycopg.Connection, arr: np.ndarray, name: str, model: str, tile: tuple[int, int]) -> int:
-    return write_tensor(conn, arr, name, model=model, role="param", tile=tile)
-
-
 def state(conn: psycopg.Connection, pid: int) -> tuple[int, int]:
-    return conn.execute("SELECT m_id, v_id FROM llm_adamw_state(%s)", (pid,)).fetchone()
+    return conn.execute("SELECT m_id, v_id FROM llm_internal.llm_adamw_state(%s)", (pid,)).fetchone()
 
 
 def grads_like(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -161,41 +157,42 @@ def test_adamw_state(conn: psycopg.Connection, rng: np.random.Generator) -> None
 def test_adamw_state_errors(conn: psycopg.Connection) -> None:
     scratch = put(conn, np.ones((5, 7)), (4, 4), name="act")
     refused(conn, r'pg_llm: adamw_state: tensor "act" \(id -?\d+\) has role activation, expected a durable param',
-            "SELECT * FROM llm_adamw_state(%s)", scratch)
+            "SELECT * FROM llm_internal.llm_adamw_state(%s)", scratch)
     g = write_tensor(conn, np.ones((5, 7)), "w", model="errs", role="grad", tile=(4, 4))
-    refused(conn, "pg_llm: adamw_state: .* has role grad", "SELECT * FROM llm_adamw_state(%s)", g)
+    refused(conn, "pg_llm: adamw_state: .* has role grad", "SELECT * FROM llm_internal.llm_adamw_state(%s)", g)
     refused(conn, r"pg_llm: adamw_state: input param \(tensor id 999999\) does not exist",
-            "SELECT * FROM llm_adamw_state(999999)")
+            "SELECT * FROM llm_internal.llm_adamw_state(999999)")
     pid = param(conn, np.ones((5, 7)), "w", "errs", (4, 4))
     call(conn, "SELECT llm_tensor_create('w', ARRAY[7, 5], ARRAY[4, 4], 'adam_v', 'errs')")
     refused(conn, r'pg_llm: adamw_state: adam_v tensor "w" \(id \d+\) has shape \(7, 5\) tile \{4,4\}, expected shape '
-            r'\(5, 7\) tile \{4,4\} \(those of param "w"\)', "SELECT * FROM llm_adamw_state(%s)", pid)
+            r'\(5, 7\) tile \{4,4\} \(those of param "w"\)', "SELECT * FROM llm_internal.llm_adamw_state(%s)", pid)
 
 
 def test_tensor_zero_and_zeros_like(conn: psycopg.Connection, rng: np.random.Generator) -> None:
     a = rng.standard_normal((37, 50)).astype(np.float32)
     tid = put(conn, a, (16, 16), name="z")
     conn.execute("DELETE FROM llm_tile WHERE tensor_id = %s AND tr = 2 AND tc = 3", (tid,))
-    assert call(conn, "SELECT llm_tensor_zero(%s)", tid) == tid
+    assert call(conn, "SELECT llm_internal.llm_tensor_zero(%s)", tid) == tid
     assert get(conn, tid).shape == (37, 50) and not get(conn, tid).any()  # missing tile recreated, ragged
     conn.execute("SELECT llm_tensor_validate(%s)", (tid,))
     b = rng.standard_normal(21).astype(np.float32)
     src = param(conn, b, "bias", "zeros", (1, 8))
-    like = call(conn, "SELECT llm_tensor_zeros_like(%s)", src)
+    like = call(conn, "SELECT llm_internal.llm_tensor_zeros_like(%s)", src)
     assert like < 0
     assert conn.execute("SELECT name, role, model, shape, tile FROM llm_tensor WHERE id = %s",
                         (like,)).fetchone() == ("bias", "activation", "zeros", [21], [1, 8])
     close(get(conn, like), np.zeros(21))
-    m = call(conn, "SELECT llm_tensor_zeros_like(%s, 'adam_m')", src)
+    m = call(conn, "SELECT llm_internal.llm_tensor_zeros_like(%s, 'adam_m')", src)
     assert m > 0 and call(conn, "SELECT llm_tensor('zeros', 'bias', 'adam_m')") == m
-    grad = call(conn, "SELECT llm_tensor_zeros_like(%s, 'grad')", src)
+    grad = call(conn, "SELECT llm_internal.llm_tensor_zeros_like(%s, 'grad')", src)
     assert call(conn, "SELECT role FROM llm_tensor WHERE id = %s", grad) == "grad"
-    other = call(conn, "SELECT llm_tensor_zeros_like(%s, 'param', 'bias2', 'zeros2')", src)
+    conn.execute("SELECT llm_model_create('zeros2')")
+    other = call(conn, "SELECT llm_internal.llm_tensor_zeros_like(%s, 'param', 'bias2', 'zeros2')", src)
     assert call(conn, "SELECT llm_tensor('zeros2', 'bias2')") == other
     refused(conn, r'pg_llm: zeros_like: tensor "bias" \(role adam_m\) of model "zeros" already exists \(id \d+\)',
-            "SELECT llm_tensor_zeros_like(%s, 'adam_m')", src)
+            "SELECT llm_internal.llm_tensor_zeros_like(%s, 'adam_m')", src)
     refused(conn, r"pg_llm: tensor_zero: input tensor \(tensor id 999999\) does not exist",
-            "SELECT llm_tensor_zero(999999)")
+            "SELECT llm_internal.llm_tensor_zero(999999)")
 
 
 # ---- errors: clear messages, nothing written ----------------------------------------------------------------

@@ -72,11 +72,11 @@ def decode(conn: psycopg.Connection, chunks: list[list[int]], fused: bool = True
     """Logits payloads of llm_gpt2_forward_cached over successive chunks (first = prefill) and the caches."""
     conn.execute("SELECT set_config('pg_llm.fused_decode', %s, FALSE)", ("on" if fused else "off",))
     if caches is None:
-        caches = conn.execute("SELECT llm_kv_cache_create(%s)", (MODEL,)).fetchone()[0]
+        caches = conn.execute("SELECT llm_internal.llm_kv_cache_create(%s)", (MODEL,)).fetchone()[0]
     out = []
     for chunk in chunks:
-        logits = conn.execute("SELECT llm_gpt2_forward_cached(%s, %s, %s, %s)", (MODEL, chunk, past, caches)
-                              ).fetchone()[0]
+        logits = conn.execute("SELECT llm_internal.llm_gpt2_forward_cached(%s, %s, %s, %s)",
+                              (MODEL, chunk, past, caches)).fetchone()[0]
         out.append(conn.execute("SELECT string_agg(data, ''::BYTEA ORDER BY tr, tc) FROM llm_tile "
                                 "WHERE tensor_id = %s", (logits,)).fetchone()[0])
         past += len(chunk)
@@ -104,8 +104,8 @@ def test_fused_after_weight_update(conn: psycopg.Connection, settings: None) -> 
     decode(conn, STEPS)  # weights cached
     w = conn.execute("SELECT llm_param(%s, 'h.1.mlp.c_fc.weight')", (MODEL,)).fetchone()[0]
     with conn.transaction():
-        conn.execute("UPDATE llm_tile SET data = llm_mk_add(data, data) WHERE tensor_id = %s AND tr = 0 AND tc = 0",
-                     (w,))
+        conn.execute("UPDATE llm_tile SET data = llm_internal.llm_mk_add(data, data) "
+                     "WHERE tensor_id = %s AND tr = 0 AND tc = 0", (w,))
         fused, _ = decode(conn, STEPS)
         conn.execute("SELECT set_config('pg_llm.weight_cache_mb', '0', FALSE)")
         want, _ = decode(conn, STEPS, fused=False)
@@ -140,8 +140,8 @@ def test_bad_cache(conn: psycopg.Connection, settings: None) -> None:
 
 def test_generation_forgets_kv_mirrors(conn: psycopg.Connection, settings: None) -> None:
     _, caches = decode(conn, STEPS)
-    assert conn.execute("SELECT llm_weight_cache_forget(%s)", (caches,)).fetchone()[0] > 0  # the 2 mirrors
-    assert conn.execute("SELECT llm_weight_cache_forget(%s)", (caches,)).fetchone()[0] == 0
+    assert conn.execute("SELECT llm_internal.llm_weight_cache_forget(%s)", (caches,)).fetchone()[0] > 0  # the 2 mirrors
+    assert conn.execute("SELECT llm_internal.llm_weight_cache_forget(%s)", (caches,)).fetchone()[0] == 0
     entries = []
     for _ in range(2):
         conn.execute("SELECT llm_generate_tokens(%s, ARRAY[1, 2], max_new_tokens => 4)", (MODEL,))

@@ -116,7 +116,7 @@ def test_save_load_is_bit_exact(conn: psycopg.Connection, ck: str) -> None:
     now = {(n, r): i for n, r, i in conn.execute("SELECT name, role, id FROM llm_tensor WHERE model = %s", (ck,))}
     kept = {(n, r): i for n, r, i in ids if (n, r) != ("ln_f.bias", "adam_v")}
     assert kept.items() <= now.items() and len(now) == len(ids)
-    conn.execute("SELECT llm_model_check(%s, TRUE)", (ck,))
+    conn.execute("SELECT llm_internal.llm_model_check(%s, TRUE)", (ck,))
 
 
 def test_load_forgets_later_train_log(conn: psycopg.Connection, ck: str) -> None:

@@ -68,11 +68,11 @@ def test_cached_forward_logits(conn: psycopg.Connection, tiny, rng: np.random.Ge
     seq = rng.integers(0, VOCAB, 15).tolist()
     with torch.no_grad():
         want = tiny(torch.tensor([seq])).logits[0].numpy()
-    mark, caches = conn.execute("SELECT llm_scratch_mark(), llm_kv_cache_create('gen_tiny')").fetchone()
+    mark, caches = conn.execute("SELECT llm_scratch_mark(), llm_internal.llm_kv_cache_create('gen_tiny')").fetchone()
     assert len(caches) == 2
     rows = []
     for past, chunk, first in [(0, seq[:9], 0)] + [(p, [seq[p]], None) for p in range(9, 15)]:
-        logits = conn.execute("SELECT llm_gpt2_forward_cached('gen_tiny', %s, %s, %s, %s)",
+        logits = conn.execute("SELECT llm_internal.llm_gpt2_forward_cached('gen_tiny', %s, %s, %s, %s)",
                               (chunk, past, caches, first)).fetchone()[0]
         rows += [r[0] for r in conn.execute("SELECT vals FROM llm_tensor_rows(%s) ORDER BY row_index", (logits,))]
     filled = conn.execute("SELECT count(*) FROM llm_tile WHERE tensor_id = ANY(%s)", (caches,)).fetchone()[0]
@@ -129,7 +129,7 @@ def test_filters_match_transformers(conn: psycopg.Connection, temperature: float
     if top_p < 1.0:
         scores = TopPLogitsWarper(top_p)(None, scores)
     want = torch.nonzero(scores[0] > -torch.inf).flatten().tolist()
-    got = conn.execute("SELECT llm_sample_keep(%s::float4[], temperature => %s, top_k => %s, top_p => %s)",
+    got = conn.execute("SELECT llm_internal.llm_sample_keep(%s::float4[], temperature => %s, top_k => %s, top_p => %s)",
                        (logits.tolist(), temperature, top_k, top_p)).fetchone()[0]
     assert got == want
     if top_k:
@@ -138,9 +138,10 @@ def test_filters_match_transformers(conn: psycopg.Connection, temperature: float
 
 def test_greedy_filter_and_draws(conn: psycopg.Connection) -> None:
     logits = [0.5, 2.0, -1.0, 1.9, 0.0]
-    assert conn.execute("SELECT llm_sample_keep(%s::float4[], temperature => 0)", (logits,)).fetchone()[0] == [1]
+    assert conn.execute("SELECT llm_internal.llm_sample_keep(%s::float4[], temperature => 0)",
+                        (logits,)).fetchone()[0] == [1]
     # 4000 seeded draws (steps 0..3999) follow softmax(logits / 0.8) restricted to the top 3
-    draws = [r[0] for r in conn.execute("SELECT llm_sample(%s::float4[], temperature => 0.8, top_k => 3, "
+    draws = [r[0] for r in conn.execute("SELECT llm_internal.llm_sample(%s::float4[], temperature => 0.8, top_k => 3, "
                                         "seed => 11, step => s) FROM generate_series(0, 3999) AS s",
                                         (logits,)).fetchall()]
     z = np.array(logits) / 0.8
@@ -255,7 +256,7 @@ BAD = [
     ("llm_generate_tokens('gen_tiny', ARRAY[1], seed => -3)", "seed must be >= 0"),
     ("llm_generate_tokens('nope', ARRAY[1])", 'unknown model "nope"'),
     ("llm_generate('gen_tiny', '')", "empty prompt"),
-    ("llm_sample_keep('{}'::float4[])", "logits must be a non-empty"),
+    ("llm_internal.llm_sample_keep('{}'::float4[])", "logits must be a non-empty"),
 ]
 
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from pg_llm.kernels.grad_norm import sq_sum_tile
-from pg_llm.loader.tensors import write_tensor
 
 from conftest import close
-from helpers import call, get, put
+from helpers import call, get, param, put
 
 SHAPES = [((37, 50), (16, 16)), ((21,), (1, 8)), ((3, 300), (256, 256)), ((5, 7), (4, 4))]
 
@@ -43,7 +42,7 @@ def test_microkernel_in_numpy(rng: np.random.Generator) -> None:
 def test_sq_norm(conn: psycopg.Connection, rng: np.random.Generator) -> None:
     for a, tid in zip(arrs := grads(rng, 3.0), put_all(conn, arrs), strict=True):
         want = float((a.astype(np.float64) ** 2).sum())
-        assert call(conn, "SELECT llm_sq_norm(%s)", tid) == pytest.approx(want, rel=1e-12)
+        assert call(conn, "SELECT llm_internal.llm_sq_norm(%s)", tid) == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1.0, 1e6])
@@ -87,9 +86,9 @@ def test_empty_and_repeated(conn: psycopg.Connection, rng: np.random.Generator) 
 def test_clip_then_adamw_matches_torch(conn: psycopg.Connection, rng: np.random.Generator) -> None:
     """clip_grad_norm_(params, 1.0) then AdamW.step() == llm_clip_coef(llm_global_grad_norm) as grad_scale."""
     init = grads(rng, 1.0)
-    ids = [write_tensor(conn, a, f"w{i}", model="clip", role="param", tile=tile)
+    ids = [param(conn, a, f"w{i}", "clip", tile)
            for i, (a, (_, tile)) in enumerate(zip(init, SHAPES, strict=True))]
-    states = [conn.execute("SELECT m_id, v_id FROM llm_adamw_state(%s)", (pid,)).fetchone() for pid in ids]
+    states = [conn.execute("SELECT m_id, v_id FROM llm_internal.llm_adamw_state(%s)", (pid,)).fetchone() for pid in ids]
     tp = [torch.tensor(a, requires_grad=True) for a in init]
     opt = torch.optim.AdamW(tp, lr=1e-2, weight_decay=0.1, foreach=False)
     for step in (1, 2, 3):
@@ -115,7 +114,7 @@ def test_errors(conn: psycopg.Connection) -> None:
     conn.execute("DELETE FROM llm_tile WHERE tensor_id = %s AND tr = 1 AND tc = 0", (a,))
     with pytest.raises(psycopg.errors.RaiseException, match=r'pg_llm: sq_norm: tensor "a" \(id -?\d+\) has 3 of its 4 '
                        r"tiles"):
-        conn.execute("SELECT llm_sq_norm(%s)", (a,))
+        conn.execute("SELECT llm_internal.llm_sq_norm(%s)", (a,))
     with pytest.raises(psycopg.errors.RaiseException, match=r"pg_llm: sq_norm: input tensor \(tensor id 999999\) "
                        "does not exist"):
         conn.execute("SELECT llm_global_grad_norm(ARRAY[999999]::BIGINT[])")

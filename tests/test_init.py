@@ -17,7 +17,7 @@ def cfg(conn: psycopg.Connection) -> str:
 
 def test_init_statistics_and_names(conn: psycopg.Connection, cfg: str) -> None:
     conn.execute("SELECT llm_model_init('m1', %s, seed => 1)", (cfg,))
-    conn.execute("SELECT llm_model_check('m1', TRUE)")  # every expected tensor, every tile
+    conn.execute("SELECT llm_internal.llm_model_check('m1', TRUE)")  # every expected tensor, every tile
     p = {n: a for (n, _), a in snapshot(conn, "m1", ("param",)).items()}
     assert abs(p["wte.weight"].std() - 0.02) < 0.001 and abs(p["wte.weight"].mean()) < 0.001
     assert abs(p["h.0.attn.c_proj.weight"].std() - 0.02 / np.sqrt(4)) < 0.001

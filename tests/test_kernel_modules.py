@@ -49,10 +49,11 @@ def test_the_server_imports_kernels_from_llm_py_module(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:  # a new backend: nothing imported yet
         c.execute(ORIGIN)
         assert c.execute("SELECT pg_temp.module_origin('pg_llm.kernels.gelu')").fetchone()[0] is None
-        c.execute("SELECT llm_tile_stats(llm_float4_to_tile('{1,2,3}'))")  # any kernel boots
+        c.execute("SELECT llm_internal.llm_tile_stats(llm_internal.llm_float4_to_tile('{1,2,3}'))")  # any kernel boots
         assert c.execute("SELECT pg_temp.module_origin('pg_llm.kernels.tiles')").fetchone()[0] == \
             "llm_py_module:pg_llm.kernels.tiles"
         assert c.execute("SELECT pg_temp.module_origin('pg_llm.kernels.gelu')").fetchone()[0] is None  # lazily
-        c.execute("SELECT llm_py_boot()")  # by hand: forgets what was imported (a reinstall's new code)
+        c.execute("SELECT llm_internal.llm_py_boot()")  # by hand: forgets what was imported (a reinstall's new code)
         assert c.execute("SELECT pg_temp.module_origin('pg_llm.kernels.tiles')").fetchone()[0] is None
-        assert c.execute("SELECT llm_tile_to_float4(llm_float4_to_tile('{1.5,-2}'))").fetchone()[0] == [1.5, -2.0]
+        assert c.execute("SELECT llm_internal.llm_tile_to_float4(llm_internal.llm_float4_to_tile('{1.5,-2}'))"
+                         ).fetchone()[0] == [1.5, -2.0]

@@ -13,7 +13,7 @@ from pg_llm.kernels.gelu import gelu_tile
 from pg_llm.kernels.linear import linear_blocks
 
 from conftest import close
-from helpers import call, get, put
+from helpers import call, get, param, put
 
 SHAPES = [  # (m, k, n, tile): sizes that are not multiples of the tile
     (5, 7, 3, (4, 4)),
@@ -134,14 +134,13 @@ def test_errors(conn: psycopg.Connection, wshape: tuple, wtile: tuple, bshape: t
 
 def test_durable_weight_cached_and_updated(conn: psycopg.Connection, rng: np.random.Generator) -> None:
     """A durable W comes from the weight cache (shared with llm_matmul); an update of W is seen."""
-    from pg_llm.loader.tensors import write_tensor
 
     x, w = rng.standard_normal((20, 12), dtype=np.float32), rng.standard_normal((12, 9), dtype=np.float32)
     ix = put(conn, x, (8, 8))
-    iw = write_tensor(conn, w, "w", model="lin_cache", role="param", tile=(8, 8), replace=True)
+    iw = param(conn, w, "w", "lin_cache", (8, 8), replace=True)
     for _ in range(2):
         got = get(conn, call(conn, "SELECT llm_linear(%s, %s)", ix, iw))
         assert np.array_equal(got, get(conn, call(conn, "SELECT llm_matmul(%s, %s)", ix, iw)))
         close(got, x.astype(np.float64) @ w)
-    conn.execute("UPDATE llm_tile SET data = llm_mk_scale(data, 2.0) WHERE tensor_id = %s", (iw,))
+    conn.execute("UPDATE llm_tile SET data = llm_internal.llm_mk_scale(data, 2.0) WHERE tensor_id = %s", (iw,))
     close(get(conn, call(conn, "SELECT llm_linear(%s, %s)", ix, iw)), x.astype(np.float64) @ (2 * w))

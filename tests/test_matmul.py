@@ -112,8 +112,8 @@ def test_backward_of_the_transposed_product_matches_torch(conn: psycopg.Connecti
     ta, tb = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (a, b))
     (ta @ tb.T).backward(torch.tensor(dy, dtype=torch.float64))
     ia, ib, idy = put(conn, a, (8, 16)), put(conn, b, (16, 16)), put(conn, dy, (8, 16))  # dy tiled like y
-    da = call(conn, "SELECT llm_tensor_like(%s, 'da')", ia)
-    db = call(conn, "SELECT llm_tensor_like(%s, 'db')", ib)
+    da = call(conn, "SELECT llm_internal.llm_tensor_like(%s, 'da')", ia)
+    db = call(conn, "SELECT llm_internal.llm_tensor_like(%s, 'db')", ib)
     conn.execute("SELECT llm_matmul_backward(%s, %s, %s, %s, %s, FALSE, TRUE)", (ia, ib, idy, da, db))
     close(get(conn, da), ta.grad.numpy())
     close(get(conn, db), tb.grad.numpy())

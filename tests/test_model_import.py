@@ -98,7 +98,7 @@ def test_param_names_match_python(conn: psycopg.Connection, config: str) -> None
     if config not in STANDARD:
         conn.execute("INSERT INTO llm_model_config (name, n_layer, n_head, n_embd, n_ctx, vocab_size, tied_embeddings)"
                      " VALUES (%s, 2, 3, 48, 37, 301, FALSE) ON CONFLICT DO NOTHING", (config,))
-    rows = conn.execute("SELECT name, shape FROM llm_param_names(%s)", (config,)).fetchall()
+    rows = conn.execute("SELECT name, shape FROM llm_internal.llm_param_names(%s)", (config,)).fetchall()
     assert [(n, tuple(s)) for n, s in rows] == list(cfg.param_shapes().items())
     if config == "gpt2-small":
         assert len(rows) == 148 and cfg.n_params() == 124_439_808
@@ -109,13 +109,13 @@ def test_param_names_match_python(conn: psycopg.Connection, config: str) -> None
 
 def test_model_sql_errors(conn: psycopg.Connection) -> None:
     with pytest.raises(psycopg.errors.RaiseException, match='unknown model "nope"') as e:
-        conn.execute("SELECT llm_model_get('nope')")
+        conn.execute("SELECT llm_internal.llm_model_get('nope')")
     assert "Known models" in e.value.diag.message_hint
     with pytest.raises(psycopg.errors.RaiseException, match='unknown model config "gpt5"') as e:
         conn.execute("SELECT llm_model_create('m', 'gpt5')")
     assert "gpt2-small" in e.value.diag.message_hint
     with pytest.raises(psycopg.errors.RaiseException, match="unknown model config"):
-        conn.execute("SELECT * FROM llm_param_names('gpt5')")
+        conn.execute("SELECT * FROM llm_internal.llm_param_names('gpt5')")
     with pytest.raises(psycopg.errors.RaiseException, match='unknown model "nope"'):
         conn.execute("SELECT llm_model_drop('nope')")
     assert conn.execute("SELECT llm_model_drop('nope', TRUE)").fetchone()[0] == 0
@@ -124,11 +124,11 @@ def test_model_sql_errors(conn: psycopg.Connection) -> None:
 def test_model_create_check_drop(conn: psycopg.Connection) -> None:
     row = conn.execute("SELECT * FROM llm_model_create('empty')").fetchone()
     assert row[:2] == ("empty", "gpt2-small") and row[3] == 0  # the default config, step 0
-    assert conn.execute("SELECT (llm_model_get('empty')).n_embd").fetchone()[0] == 768
+    assert conn.execute("SELECT (llm_internal.llm_model_get('empty')).n_embd").fetchone()[0] == 768
     with pytest.raises(psycopg.errors.RaiseException, match='model "empty" already exists'):
         conn.execute("SELECT llm_model_create('empty')")
     with pytest.raises(psycopg.errors.RaiseException, match="148 missing, e.g. wte.weight, wpe.weight"):
-        conn.execute("SELECT llm_model_check('empty')")
+        conn.execute("SELECT llm_internal.llm_model_check('empty')")
     assert conn.execute("SELECT llm_model_drop('empty')").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM llm_model WHERE name = 'empty'").fetchone()[0] == 0
 
@@ -143,9 +143,10 @@ def test_import_bit_exact(conn: psycopg.Connection, tiny: tuple[Path, GPT2LMHead
         assert got[n].shape == a.shape, n
         assert np.array_equal(bits(got[n]), bits(a)), n
     # not a standard size, so the config is registered under the model's name, from config.json
-    cfg = conn.execute("SELECT name, n_layer, n_head, n_embd, n_ctx, vocab_size FROM llm_model_get('tiny')").fetchone()
+    cfg = conn.execute("SELECT name, n_layer, n_head, n_embd, n_ctx, vocab_size "
+                       "FROM llm_internal.llm_model_get('tiny')").fetchone()
     assert cfg == ("tiny", 2, 3, 48, 37, 301)
-    assert conn.execute("SELECT (llm_model_check('tiny', TRUE)).name").fetchone()[0] == "tiny"
+    assert conn.execute("SELECT (llm_internal.llm_model_check('tiny', TRUE)).name").fetchone()[0] == "tiny"
     row = conn.execute("SELECT config, tensors, params FROM llm_models WHERE name = 'tiny'").fetchone()
     assert row == ("tiny", 28, GPT2Config(n_layer=2, n_head=3, n_embd=48, n_ctx=37, vocab_size=301).n_params())
     assert conn.execute("SELECT tile FROM llm_tensor WHERE id = %s",
@@ -175,8 +176,8 @@ def test_export_reloads_in_transformers(conn: psycopg.Connection, tiny: tuple[Pa
     assert all(np.array_equal(bits(again[n]), bits(first[n])) for n in first)
     # a non-standard config is registered under the model's name, with the same values
     cols = "n_layer, n_head, n_embd, n_ctx, vocab_size, tied_embeddings, layer_norm_epsilon, activation, dropout"
-    assert (conn.execute(f"SELECT {cols} FROM llm_model_get('tiny_again')").fetchone()
-            == conn.execute(f"SELECT {cols} FROM llm_model_get('tiny')").fetchone())
+    assert (conn.execute(f"SELECT {cols} FROM llm_internal.llm_model_get('tiny_again')").fetchone()
+            == conn.execute(f"SELECT {cols} FROM llm_internal.llm_model_get('tiny')").fetchone())
     assert conn.execute("SELECT config FROM llm_model WHERE name = 'tiny_again'").fetchone()[0] == "tiny_again"
     conn.execute("SELECT llm_model_drop('tiny_again')")
 
@@ -317,7 +318,7 @@ def test_errors_change_nothing(conn: psycopg.Connection, tiny: tuple[Path, GPT2L
     with pytest.raises(CheckpointError, match=msg):
         import_model(conn, path, imported, replace=True)
     assert counts(conn) == before
-    assert conn.execute("SELECT (llm_model_check(%s, TRUE)).name", (imported,)).fetchone()[0] == "tiny"
+    assert conn.execute("SELECT (llm_internal.llm_model_check(%s, TRUE)).name", (imported,)).fetchone()[0] == "tiny"
 
 
 def test_untied_model_round_trip(conn: psycopg.Connection, tmp_path: Path) -> None:
@@ -326,7 +327,7 @@ def test_untied_model_round_trip(conn: psycopg.Connection, tmp_path: Path) -> No
         m.lm_head.weight.copy_(torch.randn_like(m.lm_head.weight))
     m.save_pretrained(tmp_path / "untied")
     import_model(conn, tmp_path / "untied", "untied")
-    assert conn.execute("SELECT tied_embeddings FROM llm_model_get('untied')").fetchone()[0] is False
+    assert conn.execute("SELECT tied_embeddings FROM llm_internal.llm_model_get('untied')").fetchone()[0] is False
     export_model(conn, "untied", tmp_path / "out")
     m2 = GPT2LMHeadModel.from_pretrained(tmp_path / "out")
     for k, v in m.state_dict().items():

@@ -154,13 +154,11 @@ def test_import_errors_change_nothing(conn: psycopg.Connection, src: str, shared
 
 @pytest.fixture
 def roles(conn: psycopg.Connection) -> Iterator[dict[str, str]]:
-    """Non-superuser roles (cluster-wide: unique names) allowed to use pg_llm's tables."""
+    """Non-superuser trainers (cluster-wide: unique names), two of them allowed to read or write server files."""
     tag = uuid.uuid4().hex[:8]
     names = {"plain": f"npz_plain_{tag}", "reader": f"npz_reader_{tag}", "writer": f"npz_writer_{tag}"}
     for kind, r in names.items():
-        conn.execute(f"CREATE ROLE {r} NOSUPERUSER")
-        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {r}")
-        conn.execute(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {r}")
+        conn.execute(f"CREATE ROLE {r} NOSUPERUSER IN ROLE llm_trainer")
         if kind != "plain":
             conn.execute(f"GRANT pg_{'read' if kind == 'reader' else 'write'}_server_files TO {r}")
     yield names
@@ -175,12 +173,14 @@ def test_server_file_privileges(conn: psycopg.Connection, src: str, shared_dir: 
     conn.execute("SELECT pg_llm_export_npz(%s, %s)", (path, src))
     os.chmod(path, 0o644)
     conn.execute("SELECT llm_model_create('by_reader', 'src')")
+    for r in roles.values():  # the superuser's model: each role may load weights into it
+        conn.execute("SELECT llm_model_grant('by_reader', %s)", (r,))
     before = fingerprint(conn)
     conn.execute(f"SET ROLE {roles['plain']}")
     assert not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
     for sql, what, hint in (("SELECT pg_llm_import_npz(%s, 'by_reader')", "read", "pg-llm model import"),
                             ("SELECT pg_llm_export_npz(%s, 'src')", "write", "pg-llm model export"),
-                            ("SELECT llm_npz_import(%s, 'by_reader')", "read", "pg-llm model import")):
+                            ("SELECT llm_internal.llm_npz_import(%s, 'by_reader')", "read", "pg-llm model import")):
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match=f"permission denied to {what} the server file"
                            ) as e:
             conn.execute(sql, (path,))

@@ -82,15 +82,15 @@ def test_nll_rows(conn: psycopg.Connection, rng: np.random.Generator) -> None:
     logits = (rng.standard_normal((23, 301)) * 4).astype(np.float32)
     tid = put(conn, logits, tile=(7, 64))  # ragged tiles both ways
     targets = rng.integers(0, 301, 15).tolist()
-    got = conn.execute("SELECT llm_nll(%s, %s, 5)", (tid, targets)).fetchone()[0]
+    got = conn.execute("SELECT llm_internal.llm_nll(%s, %s, 5)", (tid, targets)).fetchone()[0]
     want = torch.nn.functional.cross_entropy(torch.tensor(logits[5:20], dtype=torch.float64),
                                              torch.tensor(targets), reduction="none").numpy()
     assert np.abs(np.array(got) - want).max() <= 1e-9
-    assert conn.execute("SELECT llm_nll(%s, ARRAY[]::int[], 23)", (tid,)).fetchone()[0] == []
+    assert conn.execute("SELECT llm_internal.llm_nll(%s, ARRAY[]::int[], 23)", (tid,)).fetchone()[0] == []
     with pytest.raises(psycopg.errors.RaiseException, match=r"rows 20 \.\. 23 are outside logits"):
-        conn.execute("SELECT llm_nll(%s, ARRAY[1, 2, 3, 4], 20)", (tid,))
+        conn.execute("SELECT llm_internal.llm_nll(%s, ARRAY[1, 2, 3, 4], 20)", (tid,))
     with pytest.raises(psycopg.errors.RaiseException, match=r"target 301 \(index 1\) is out of range"):
-        conn.execute("SELECT llm_nll(%s, ARRAY[1, 301])", (tid,))
+        conn.execute("SELECT llm_internal.llm_nll(%s, ARRAY[1, 301])", (tid,))
 
 
 def test_text_form(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory) -> None:

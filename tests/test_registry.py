@@ -21,7 +21,7 @@ def test_every_recorded_op_has_one_rule() -> None:
     tape_sql = (ROOT / "sql" / "autograd" / "tape.sql").read_text() + (ROOT / "sql" / "kernels").joinpath(
         "linear.sql").read_text() + (ROOT / "sql" / "kernels" / "dropout.sql").read_text()
     for n in names:  # every op has a recording wrapper: generated, or its module's own
-        assert f"FUNCTION llm_t_{n}(" in tape_sql, n
+        assert f"FUNCTION llm_internal.llm_t_{n}(" in tape_sql, n
 
 
 def test_autograd_modules_name_no_op() -> None:

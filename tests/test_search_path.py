@@ -31,7 +31,7 @@ DECLARE
 BEGIN
   FOR f IN SELECT p.oid, p.proname, p.prokind, pg_get_function_arguments(p.oid) AS args,
                   pg_get_function_identity_arguments(p.oid) AS ids, pg_get_function_result(p.oid) AS res
-           FROM pg_proc AS p WHERE p.pronamespace = 'public'::regnamespace
+           FROM pg_proc AS p WHERE p.pronamespace IN ('public'::regnamespace, 'llm_internal'::regnamespace)
              AND (p.proname LIKE 'llm%' OR p.proname LIKE 'pg_llm%') AND p.prokind IN ('f', 'p') LOOP
     v_body := CASE WHEN f.proname = 'llm_server_file_check' THEN 'BEGIN END'  -- the attack: allow everything
                    ELSE format('BEGIN RAISE EXCEPTION %L; END', 'shadowed: ' || f.proname) END;
@@ -53,16 +53,17 @@ BEGIN
   FOR f IN SELECT p.proname, pg_get_function_identity_arguments(p.oid) AS ids,
                   format_type(a.aggtranstype, NULL) AS st
            FROM pg_proc AS p JOIN pg_aggregate AS a ON a.aggfnoid = p.oid
-           WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'llm%' LOOP
+           WHERE p.pronamespace IN ('public'::regnamespace, 'llm_internal'::regnamespace) AND p.proname LIKE 'llm%' LOOP
     EXECUTE format('CREATE FUNCTION %I.%I(%s, %s) RETURNS %s LANGUAGE plpgsql AS %L', current_user,
                    f.proname || '_sfunc', f.st, f.ids, f.st, format('BEGIN RAISE EXCEPTION %L; END', f.proname));
     EXECUTE format('CREATE AGGREGATE %I.%I(%s) (SFUNC = %I.%I, STYPE = %s)', current_user, f.proname, f.ids,
                    current_user, f.proname || '_sfunc', f.st);
     v_made := v_made + 1;
   END LOOP;
-  FOR f IN SELECT c.relname FROM pg_class AS c WHERE c.relnamespace = 'public'::regnamespace
-             AND c.relname LIKE 'llm%' AND c.relkind IN ('r', 'p', 'v') LOOP
-    EXECUTE format('CREATE TABLE %I.%I (LIKE public.%I)', current_user, f.relname, f.relname);
+  FOR f IN SELECT c.oid, c.relname FROM pg_class AS c
+           WHERE c.relnamespace IN ('public'::regnamespace, 'llm_internal'::regnamespace)
+             AND c.relname LIKE 'llm%' AND c.relkind IN ('r', 'p', 'v') AND has_table_privilege(c.oid, 'SELECT') LOOP
+    EXECUTE format('CREATE TABLE %I.%I (LIKE %s)', current_user, f.relname, f.oid::regclass);
   END LOOP;
   RAISE NOTICE 'shadowed % routines', v_made;
 END
@@ -86,16 +87,16 @@ def hostile(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory) 
         import_tiny(conn, tmp, name)
     synthetic_dataset(conn, "ds")
     role = f"alice_{uuid.uuid4().hex[:8]}"
-    conn.execute(f"CREATE ROLE {role} NOSUPERUSER")
+    conn.execute(f"CREATE ROLE {role} NOSUPERUSER IN ROLE llm_trainer")  # what training needs
     conn.execute(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
-    conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
-    conn.execute(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    conn.execute("SELECT llm_model_grant('theirs', %s)", (role,))
     conn.execute(f"SET ROLE {role}")
     notices: list[str] = []
     conn.add_notice_handler(lambda d: notices.append(d.message_primary))
     conn.execute(SHADOW)
-    routines = conn.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace "
-                            "AND (proname LIKE 'llm%' OR proname LIKE 'pg_llm%')").fetchone()[0]
+    routines = conn.execute("SELECT count(*) FROM pg_proc WHERE pronamespace IN ('public'::regnamespace, "
+                            "'llm_internal'::regnamespace) AND (proname LIKE 'llm%' OR proname LIKE 'pg_llm%')"
+                            ).fetchone()[0]
     assert f"shadowed {routines} routines" in notices, notices
     for i, (op, left, right, ret, value) in enumerate(OPERATORS):
         conn.execute(f"CREATE FUNCTION {role}.lie{i}({left}, {right}) RETURNS {ret} LANGUAGE sql "
@@ -123,21 +124,22 @@ def back(conn: psycopg.Connection) -> None:
 def test_every_function_pins_search_path(conn: psycopg.Connection) -> None:
     rows = conn.execute("""
         SELECT p.proname, p.prokind, p.proconfig, p.prosrc FROM pg_proc AS p
-        WHERE p.pronamespace = 'public'::regnamespace AND (p.proname LIKE 'llm%' OR p.proname LIKE 'pg_llm%')
+        WHERE p.pronamespace IN ('public'::regnamespace, 'llm_internal'::regnamespace)
+          AND (p.proname LIKE 'llm%' OR p.proname LIKE 'pg_llm%')
     """).fetchall()
     assert len(rows) > 150
     for name, kind, config, src in rows:
         if kind == "a":  # an aggregate has no body: its transition function (one of these) is checked
             continue
         if kind == "p":  # a procedure that COMMITs cannot have SET: it pins at the start and after each COMMIT
-            assert src.count("set_config('search_path', 'pg_catalog, public, pg_temp', TRUE)") == \
+            assert src.count("set_config('search_path', 'pg_catalog, public, llm_internal, pg_temp', TRUE)") == \
                 1 + src.count("COMMIT;"), name
         elif config is None:  # inlinable SQL (a SET clause forbids inlining): every operator schema-qualified
             bare = re.sub(r"OPERATOR\(pg_catalog\.[^)]+\)|pg_catalog\.\w+\(|\b(CAST|COALESCE|GREATEST|LEAST)\(",
                           "", src)
             assert "OPERATOR(pg_catalog." in src and not re.search(r"[-+*/<>=|%]|\w\(", bare), (name, bare)
         else:
-            assert "search_path=pg_catalog, public, pg_temp" in (config or []), (name, config)
+            assert "search_path=pg_catalog, public, llm_internal, pg_temp" in (config or []), (name, config)
 
 
 def test_hostile_schema_changes_no_result(conn: psycopg.Connection, hostile: str) -> None:
@@ -188,16 +190,16 @@ def test_shadowed_file_check_still_refuses(conn: psycopg.Connection, tmp_path: P
     import_tiny(conn, tmp_path, "victim")
     conn.execute("SELECT llm_model_create('stolen', (SELECT config FROM llm_model WHERE name = 'victim'))")
     role = f"mallory_{uuid.uuid4().hex[:8]}"
-    conn.execute(f"CREATE ROLE {role} NOSUPERUSER")
+    conn.execute(f"CREATE ROLE {role} NOSUPERUSER IN ROLE llm_trainer")
     conn.execute(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
-    conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
-    conn.execute(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    conn.execute("SELECT llm_model_grant('stolen', %s)", (role,))
     conn.execute(f"SET ROLE {role}")
     try:
         conn.execute(f"CREATE FUNCTION {role}.llm_server_file_check(text, boolean, text) RETURNS void "
                      "LANGUAGE sql AS $$ SELECT $$")
         for sql in ("SELECT pg_llm_export_npz(%s, 'victim')", "SELECT pg_llm_import_npz(%s, 'stolen')",
-                    "SELECT llm_npz_export(%s, 'victim', FALSE)", "SELECT llm_npz_import(%s, 'stolen')"):
+                    "SELECT llm_internal.llm_npz_export(%s, 'victim', FALSE)",
+                    "SELECT llm_internal.llm_npz_import(%s, 'stolen')"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied to (read|write) the "
                                "server file"):
                 conn.execute(sql, (str(target),))
@@ -213,18 +215,18 @@ def test_shadowed_file_check_still_refuses(conn: psycopg.Connection, tmp_path: P
 def test_loopback_conninfo_quotes_role_names(conn: psycopg.Connection, name: str) -> None:
     """Role and database names are conninfo values, never extra keywords (a role 'qa dbname=postgres' used to
     send the loopback connection to database postgres)."""
-    quoted = conn.execute("SELECT llm_conninfo_quote(%s)", (name,)).fetchone()[0]
+    quoted = conn.execute("SELECT llm_internal.llm_conninfo_quote(%s)", (name,)).fetchone()[0]
     parsed = psycopg.conninfo.conninfo_to_dict(f"user={quoted} dbname=x")
     assert parsed == {"user": name, "dbname": "x"}
     role = '"' + name.replace('"', '""') + '"'
     conn.execute(f"CREATE ROLE {role} SUPERUSER LOGIN")  # dblink_connect_u: superusers only by default
     try:
         conn.execute(f"SET ROLE {role}")
-        conn.execute("SELECT llm_loopback_connect('q')")
+        conn.execute("SELECT llm_internal.llm_loopback_connect('q')")
         remote = conn.execute("SELECT * FROM dblink('q', 'SELECT current_database(), current_user, "
                               "current_setting(''search_path'')') AS x(db TEXT, u TEXT, p TEXT)").fetchone()
-        conn.execute("SELECT llm_loopback_close('q')")
+        conn.execute("SELECT llm_internal.llm_loopback_close('q')")
     finally:
         conn.execute("RESET ROLE")
         conn.execute(f"DROP ROLE {role}")
-    assert remote == (conn.info.dbname, name, "pg_catalog, public, pg_temp")
+    assert remote == (conn.info.dbname, name, "pg_catalog, public, llm_internal, pg_temp")

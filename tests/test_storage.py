@@ -8,7 +8,7 @@ import pytest
 from pg_llm.loader.tensors import iter_tiles, read_tensor, write_tensor
 
 from conftest import Server
-from helpers import call, get, put
+from helpers import call, get, param, put
 
 
 @pytest.mark.parametrize("shape,tile", [((50, 37), (16, 16)), ((301,), (1, 64)), ((5, 3), (256, 256)),
@@ -39,7 +39,7 @@ def test_tile_values_as_float4(conn: psycopg.Connection) -> None:
     tid = put(conn, a, (4, 4))
     assert call(conn, "SELECT llm_tile_values(%s, 1, 1)", tid) == a[4:, 4:].ravel().tolist()
     assert call(conn, "SELECT llm_tile_values_2d(%s, 0, 1)", tid) == a[:4, 4:].tolist()
-    assert call(conn, "SELECT llm_float4_to_tile(ARRAY[1.5, -2]::float4[])") == \
+    assert call(conn, "SELECT llm_internal.llm_float4_to_tile(ARRAY[1.5, -2]::float4[])") == \
         np.array([1.5, -2], "<f4").tobytes()
     with pytest.raises(psycopg.errors.RaiseException, match=r"has no tile \(2, 0\)"):
         conn.execute("SELECT llm_tile_values(%s, 2, 0)", (tid,))
@@ -76,7 +76,7 @@ def test_tensor_drop_refuses_what_it_would_break(conn: psycopg.Connection, tmp_p
 
 def test_tensors_view_stats(conn: psycopg.Connection, rng: np.random.Generator) -> None:
     a = rng.standard_normal((33, 20)).astype(np.float32)
-    tid = write_tensor(conn, a, "stats.me", model="m_stats", role="param", tile=(16, 16))
+    tid = param(conn, a, "stats.me", "m_stats", (16, 16))
     row = conn.execute("SELECT name, role, shape, tile, tiles, bytes, min, max, mean, l2_norm, nans "
                        "FROM llm_tensors WHERE id = %s", (tid,)).fetchone()
     name, role, shape, tile, tiles, nbytes, mn, mx, mean, l2, nans = row
@@ -89,7 +89,7 @@ def test_tensors_view_stats(conn: psycopg.Connection, rng: np.random.Generator) 
 
 
 def test_durable_and_scratch_partitions(conn: psycopg.Connection) -> None:
-    p = write_tensor(conn, np.ones((2, 2)), "w", model="m_part", role="param")
+    p = param(conn, np.ones((2, 2)), "w", "m_part")
     s = put(conn, np.ones((2, 2)))
     assert p > 0 > s
     assert call(conn, "SELECT count(*) FROM llm_tile_durable WHERE tensor_id = %s", p) == 1
@@ -149,7 +149,7 @@ def test_a_fresh_database_gets_statistics_once(server: Server) -> None:
              "('llm_tensor', 'llm_tile_durable', 'llm_tile_scratch', 'llm_dataset') ORDER BY relname")
     with psycopg.connect(server.fresh_db("t_storage_fresh"), autocommit=True) as c:
         assert [a for _, a in c.execute(stats).fetchall()] == [False] * 4
-        assert c.execute("SELECT llm_tables_analyze()").fetchone()[0] == 4
+        assert c.execute("SELECT llm_internal.llm_tables_analyze()").fetchone()[0] == 4
         assert c.execute(stats).fetchall() == [("llm_dataset", True), ("llm_tensor", True),
                                                ("llm_tile_durable", True), ("llm_tile_scratch", True)]
-        assert c.execute("SELECT llm_tables_analyze()").fetchone()[0] == 0
+        assert c.execute("SELECT llm_internal.llm_tables_analyze()").fetchone()[0] == 0

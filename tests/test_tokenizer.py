@@ -172,5 +172,5 @@ def test_property_decode_equals_reference(db: psycopg.Connection, ref, ids: list
 @HYPO
 @given(data=st.binary(max_size=40))
 def test_property_lossy_utf8_equals_python(db: psycopg.Connection, data: bytes) -> None:
-    got = db.execute("SELECT llm_utf8_text(%s)", (data,)).fetchone()[0]
+    got = db.execute("SELECT llm_internal.llm_utf8_text(%s)", (data,)).fetchone()[0]
     assert got == data.decode("utf-8", "replace").replace("\x00", "\ufffd")

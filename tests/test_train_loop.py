@@ -92,7 +92,7 @@ def test_immediate_shutdown_mid_run_then_resume(tmp_path: Path) -> None:
             step = conn.execute("SELECT step FROM llm_model WHERE name = 'c'").fetchone()[0]
             logged = [s for (s,) in conn.execute("SELECT step FROM llm_train_log WHERE model = 'c' ORDER BY step")]
             assert 2 <= step < 12 and logged == list(range(1, step + 1))
-            assert conn.execute("SELECT count(*) FROM llm_tape").fetchone()[0] == 0  # UNLOGGED: emptied
+            assert conn.execute("SELECT count(*) FROM llm_internal.llm_tape").fetchone()[0] == 0  # UNLOGGED: emptied
             conn.execute(f"CALL llm_train_run('c', 12, {ARGS})")
             assert same(snapshot(conn, "c"), ref)
             assert conn.execute("SELECT count(*) FROM llm_tensor WHERE id < 0").fetchone()[0] == 0

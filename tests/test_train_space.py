@@ -30,12 +30,12 @@ def test_disk_free_is_the_data_directory_disk(conn: psycopg.Connection, server: 
     if server.cluster is None:
         pytest.skip("the server is not a local cluster of this test run: its disk is not visible from here")
     s = os.statvfs(Path(server.cluster.datadir))
-    ours = conn.execute("SELECT llm_disk_free()").fetchone()[0]
+    ours = conn.execute("SELECT llm_internal.llm_disk_free()").fetchone()[0]
     assert abs(ours - s.f_bavail * s.f_frsize) < 256 * 2**20  # other writers move it a little
 
 
 def test_room_keeps_one_step_above_min_free_disk(conn: psycopg.Connection) -> None:
-    room = "SELECT llm_train_room('SELECT llm_train', 5, pg_size_bytes(%s), pg_size_bytes(%s))"
+    room = "SELECT llm_internal.llm_train_room('SELECT llm_train', 5, pg_size_bytes(%s), pg_size_bytes(%s))"
     conn.execute("SET pg_llm.min_free_disk = '100MB'")
     try:
         assert conn.execute(room, ("200MB", "100MB")).fetchone()[0] is None
@@ -70,8 +70,8 @@ def test_both_loops_stop_before_the_disk_fills_and_change_nothing(conn: psycopg.
 
 
 def test_call_loop_reclaims_what_each_step_rewrites(conn: psycopg.Connection, model: str) -> None:
-    params = conn.execute("SELECT sum(llm_rows(shape)::INT8 * llm_cols(shape)) FROM llm_tensor "
-                          "WHERE model = 'm' AND role = 'param'").fetchone()[0]
+    params = conn.execute("SELECT sum(llm_internal.llm_rows(shape)::INT8 * llm_internal.llm_cols(shape)) "
+                          "FROM llm_tensor WHERE model = 'm' AND role = 'param'").fetchone()[0]
     step = conn.execute("SELECT step FROM llm_model").fetchone()[0]
     conn.execute(f"CALL llm_train_run('m', {step + 3}, {ARGS})")
     settled = durable_bytes(conn)
@@ -84,9 +84,9 @@ def test_call_loop_reclaims_what_each_step_rewrites(conn: psycopg.Connection, mo
 def test_select_loop_says_what_its_snapshot_keeps(conn: psycopg.Connection, model: str) -> None:
     notices: list[str] = []
     conn.add_notice_handler(lambda d: notices.append(d.message_primary))
-    conn.execute("SELECT llm_train_pinned_notice('m', 0, 10)")  # a tiny model: 10 steps keep a few MB
+    conn.execute("SELECT llm_internal.llm_train_pinned_notice('m', 0, 10)")  # a tiny model: 10 steps keep a few MB
     assert notices == []
-    conn.execute("SELECT llm_train_pinned_notice('m', 0, 100000000)")
+    conn.execute("SELECT llm_internal.llm_train_pinned_notice('m', 0, 100000000)")
     [n] = notices
     assert n.startswith("pg_llm: a SELECT holds one snapshot until it returns") and "CALL llm_train_run" in n
 

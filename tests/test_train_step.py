@@ -55,7 +55,7 @@ def sql_step(conn: psycopg.Connection, model: str) -> tuple[float, float, float]
 
 
 def torch_step(conn: psycopg.Connection, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int):
-    rows = conn.execute("SELECT tokens, targets FROM llm_train_batch('ds', 'train', 2, 7, %s, 1)",
+    rows = conn.execute("SELECT tokens, targets FROM llm_internal.llm_train_batch('ds', 'train', 2, 7, %s, 1)",
                         (step,)).fetchall()
     x = torch.tensor([r[0] for r in rows])
     y = torch.tensor([r[1] for r in rows])
@@ -95,7 +95,7 @@ def test_one_step_equals_torch(conn: psycopg.Connection, setup) -> None:
     assert conn.execute("SELECT step FROM llm_model WHERE name = 'tr'").fetchone()[0] == 1
     # nothing of the step is left behind
     assert conn.execute("SELECT count(*) FROM llm_tensor WHERE id < 0").fetchone()[0] == 0
-    assert conn.execute("SELECT count(*) FROM llm_tape").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM llm_internal.llm_tape").fetchone()[0] == 0
 
 
 def test_ten_steps_track_torch(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory, setup) -> None:
@@ -116,10 +116,11 @@ def test_gradients_equal_torch(conn: psycopg.Connection, setup, tmp_path_factory
     x, y = rng.integers(0, 301, (2, T)), rng.integers(0, 301, (2, T))
     with conn.transaction():
         tape = conn.execute("SELECT llm_scratch_mark()").fetchone()[0]
-        loss = conn.execute("SELECT llm_gpt2_loss_backward('trg', %s, %s, %s, %s)",
+        loss = conn.execute("SELECT llm_internal.llm_gpt2_loss_backward('trg', %s, %s, %s, %s)",
                             (x.ravel().tolist(), y.ravel().tolist(), T, tape)).fetchone()[0]
         grads = {n: read_tensor(conn, g) for n, g in conn.execute(
-            "SELECT v.name, llm_grad_of(%s, v.id) FROM llm_tensor AS v WHERE v.model = 'trg' AND v.role = 'param'",
+            "SELECT v.name, llm_internal.llm_grad_of(%s, v.id) FROM llm_tensor AS v "
+            "WHERE v.model = 'trg' AND v.role = 'param'",
             (tape,))}
         conn.execute("SELECT llm_scratch_release(%s)", (tape,))
     ref = torch.nn.functional.cross_entropy(model(torch.tensor(x)).logits.reshape(-1, 301),

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from pg_llm.kernels.weight_cache import cache_evict, cached_block, weight_cache
-from pg_llm.loader.tensors import write_tensor
 
+import helpers
 from helpers import call, get, put
 
 W_SHAPE, W_TILE = (24, 20), (8, 8)  # ragged: 3 x 3 tiles
@@ -74,7 +74,7 @@ def stats(conn: psycopg.Connection) -> dict[str, int]:
 
 
 def param(conn: psycopg.Connection, arr: np.ndarray, name: str) -> int:
-    return write_tensor(conn, arr, name, model="wc", role="param", tile=W_TILE, replace=True)
+    return helpers.param(conn, arr, name, "wc", W_TILE, replace=True)
 
 
 def matmul(conn: psycopg.Connection, x: int, w: int, tb: bool = False) -> np.ndarray:
@@ -195,7 +195,7 @@ def test_adamw_step_and_vacuum_full(conn: psycopg.Connection, rng: np.random.Gen
     x, w = put(conn, x_arr, (3, 8)), param(conn, w_arr, "w_adam")
     g = put(conn, rng.standard_normal(W_SHAPE, dtype=np.float32), W_TILE)
     matmul(conn, x, w)
-    m, v = conn.execute("SELECT * FROM llm_adamw_state(%s)", (w,)).fetchone()
+    m, v = conn.execute("SELECT * FROM llm_internal.llm_adamw_state(%s)", (w,)).fetchone()
     conn.execute("SELECT llm_adamw_step(%s, %s, %s, %s, 1, 0.1)", (w, g, m, v))
     w_new = get(conn, w)
     assert not np.array_equal(w_new, w_arr)

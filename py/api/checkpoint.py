@@ -25,6 +25,7 @@ vals) show every model's parameters decoded from the tiles; filter by model and 
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
+from pg_llm.gen.surface import OWNER
 
 SQL_FILE = "api/checkpoint.sql"
 ORDER = 78
@@ -49,6 +50,7 @@ def _table() -> str:
           moments TEXT[] NOT NULL DEFAULT '{}',
           store TEXT NOT NULL UNIQUE,
           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+          """ + OWNER + """,
           CHECK (store = '@ckpt/' || id)
         )""", "A saved model state: parameters, AdamW moments (the roles in `moments`) and the optimizer step. "
               "Its tensors are llm_tensor rows owned by the reserved model name `store` ('@ckpt/<id>').")
@@ -101,12 +103,15 @@ def _save() -> str:
     ins = """
         INSERT INTO llm_checkpoint (id, model, config, step, note, n_params, n_tensors, moments, store)
         VALUES (v_id, v_model, c.name, v_step, llm_checkpoint_save.note, v_params, v_n, v_moments, v_store)"""
+    n_tensors = f"""
+        SELECT count(*) FROM llm_tensor AS v WHERE v.model = v_model AND v.role IN {STATE} AND v.id > 0"""
     body = CONFLICT + plpgsql("""
         c llm_model_config; v_model TEXT; v_id BIGINT; v_store TEXT; v_step BIGINT; v_n INT; v_params BIGINT;
         v_moments TEXT[];
     """, """
         v_model := llm_checkpoint_save.model;
         c := llm_model_check(v_model);
+        PERFORM llm_model_writable(v_model, 'llm_checkpoint_save');
         -- a concurrent training step cannot commit a new step until this transaction ends
         SELECT m.step INTO v_step FROM llm_model AS m WHERE m.name = v_model FOR SHARE;
         v_id := nextval(pg_get_serial_sequence('llm_checkpoint', 'id'));
@@ -117,12 +122,14 @@ def _save() -> str:
         v_moments := (
           @moments
         );
+        v_n := (
+          @n_tensors
+        );
+        @ins;  -- first: the store is the checkpoint's, so row-level security lets its saver write its tensors
         @tensors;
-        GET DIAGNOSTICS v_n = ROW_COUNT;
         @tiles;
-        @ins;
         RETURN v_id;
-    """, n_params=n_params, moments=moments, tensors=tensors, tiles=tiles, ins=ins)
+    """, n_params=n_params, moments=moments, n_tensors=n_tensors, tensors=tensors, tiles=tiles, ins=ins)
     return function("llm_checkpoint_save", "model TEXT, note TEXT DEFAULT NULL", "BIGINT", body,
                     settings=("jit = off",), note="Snapshot a model inside the database: parameters, AdamW "
                     "moments (adam_m, adam_v if present) and llm_model.step, tiles copied server-side. Returns "
@@ -173,6 +180,7 @@ def _load() -> str:
     body = CONFLICT + plpgsql("r llm_checkpoint; c llm_model_config; v_model TEXT; v_problem TEXT;", """
         v_model := llm_checkpoint_load.model;
         r := llm_checkpoint_get(llm_checkpoint_load.id, v_model);
+        PERFORM llm_model_writable(v_model, 'llm_checkpoint_load');  -- before FOR UPDATE, which would hide it
         PERFORM 1 FROM llm_model AS m WHERE m.name = v_model FOR UPDATE;
         IF NOT FOUND THEN
           RAISE EXCEPTION 'pg_llm: model "%" does not exist (checkpoint % was saved from it at step %)',
@@ -218,6 +226,10 @@ def _drop() -> str:
           END IF;
           r := llm_checkpoint_get(llm_checkpoint_drop.id);
         END IF;
+        IF NOT r.store IN (SELECT w.name FROM llm_writable_models() AS w) THEN
+          RAISE EXCEPTION 'pg_llm: llm_checkpoint_drop: checkpoint % belongs to role %', r.id, r.owner
+            USING HINT = 'Its owner, the owner of its model, or a member of llm_admin may drop it.';
+        END IF;
         DELETE FROM llm_tensor WHERE model = r.store;
         GET DIAGNOSTICS v_n = ROW_COUNT;
         DELETE FROM llm_checkpoint WHERE id = r.id;
@@ -232,7 +244,7 @@ def _views() -> str:
         CREATE VIEW llm_checkpoints AS
         SELECT k.id, k.model, k.config, k.step, k.note, k.n_params, k.n_tensors, k.moments,
                coalesce(s.bytes, 0) AS bytes, EXISTS (SELECT 1 FROM llm_model AS m WHERE m.name = k.model)
-               AS model_exists, k.created_at
+               AS model_exists, k.created_at, k.owner
         FROM llm_checkpoint AS k
         LEFT JOIN LATERAL (
           SELECT sum(4 * llm_rows(v.shape)::BIGINT * llm_cols(v.shape))::BIGINT AS bytes

@@ -7,6 +7,7 @@ parameters), so loading the same source again adds nothing."""
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
+from pg_llm.gen.surface import OWNER
 
 SQL_FILE = "api/dataset.sql"
 ORDER = 75
@@ -28,6 +29,7 @@ def _tables() -> str:
           encoder TEXT NOT NULL,
           sources TEXT[] NOT NULL,
           loaded_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+          """ + OWNER + """,
           PRIMARY KEY (dataset, source_hash)
         )""", "One row per corpus load: what was read, how it was cut, how many windows it gave.")]
     out.append(stmt("""
@@ -58,7 +60,13 @@ def _tables() -> str:
 
 
 def _functions() -> str:
-    body = plpgsql("n BIGINT;", """
+    body = plpgsql("n BIGINT; v_owner REGROLE;", """
+        v_owner := (SELECT s.owner FROM llm_dataset_source AS s WHERE s.dataset = p_dataset AND NOT llm_may_own(s.owner)
+                    LIMIT 1);
+        IF v_owner IS NOT NULL THEN
+          RAISE EXCEPTION 'pg_llm: llm_dataset_drop: dataset "%" belongs to role %', p_dataset, v_owner
+            USING HINT = 'Only its owner (or a member of llm_admin) may drop it.';
+        END IF;
         @drop;
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n = 0 THEN

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pg_llm.config import DEFAULT_CONFIG, EMBEDDINGS, FINAL, LAYER, STANDARD, UNTIED_HEAD, Shape
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
+from pg_llm.gen.surface import OWNER
 
 SQL_FILE = "api/model.sql"
 ORDER = 76
@@ -20,7 +21,7 @@ KNOWN_MODELS = "SELECT coalesce(string_agg(k.name, ', ' ORDER BY k.name), '(none
 
 
 def _tables() -> str:
-    out = [stmt("""
+    out = [stmt(f"""
         CREATE TABLE llm_model_config (
           name TEXT PRIMARY KEY CHECK (name <> ''),
           n_layer INT NOT NULL CHECK (n_layer > 0),
@@ -35,6 +36,7 @@ def _tables() -> str:
           dropout DOUBLE PRECISION NOT NULL DEFAULT 0.1 CHECK (dropout >= 0 AND dropout < 1),
           initializer_range DOUBLE PRECISION NOT NULL DEFAULT 0.02 CHECK (initializer_range > 0),
           note TEXT,
+          {OWNER},
           CHECK (n_embd % n_head = 0)
         )""", "GPT-2 hyperparameters by name. n_ctx is the context length (HF n_positions); dropout is the "
               "residual/embedding/attention dropout used when training.")]
@@ -48,13 +50,14 @@ def _tables() -> str:
                     f"{c.initializer_range!r}, '{note}')")
     out.append(stmt(f"INSERT INTO llm_model_config ({cols}) VALUES " + ", ".join(rows),
                     f"The standard GPT-2 sizes; '{DEFAULT_CONFIG}' is the default."))
-    out.append(stmt("""
+    out.append(stmt(f"""
         CREATE TABLE llm_model (
           name TEXT PRIMARY KEY CHECK (name <> '' AND NOT name LIKE '@%'),
           config TEXT NOT NULL REFERENCES llm_model_config (name),
           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
           step BIGINT NOT NULL DEFAULT 0,
-          note TEXT
+          note TEXT,
+          {OWNER}
         )""", "A model: a name bound to a config; its parameters are llm_tensor rows (model = name, "
               "role = 'param'). step counts optimizer steps taken. Names starting with '@' are reserved "
               "(checkpoint snapshots, see llm_checkpoint)."))
@@ -153,6 +156,7 @@ def _create_drop() -> str:
           );
           RAISE EXCEPTION 'pg_llm: unknown model "%"', p_name USING HINT = format('Known models: %s.', v_known);
         END IF;
+        PERFORM llm_model_writable(p_name, 'llm_model_drop', TRUE);
         @del_tensors;
         GET DIAGNOSTICS v_n = ROW_COUNT;
         @del_model;
@@ -225,14 +229,15 @@ def _view() -> str:
     return stmt("""
         CREATE VIEW llm_models AS
         SELECT m.name, m.config, c.n_layer, c.n_head, c.n_embd, c.n_ctx, c.vocab_size, m.step,
-               coalesce(s.tensors, 0) AS tensors, coalesce(s.params, 0) AS params, m.created_at, m.note
+               coalesce(s.tensors, 0) AS tensors, coalesce(s.params, 0) AS params, m.created_at, m.note,
+               m.owner
         FROM llm_model AS m
         JOIN llm_model_config AS c ON c.name = m.config
         LEFT JOIN LATERAL (
           SELECT count(*) AS tensors, sum(v.shape[1]::BIGINT * coalesce(v.shape[2], 1))::BIGINT AS params
           FROM llm_tensor AS v
           WHERE v.model = m.name AND v.role = 'param' AND v.id > 0
-        ) AS s ON TRUE""", "Every model with its config sizes, optimizer step and stored parameter count.")
+        ) AS s ON TRUE""", "Every model with its config sizes, optimizer step, stored parameter count and owner.")
 
 
 def emit() -> str:

@@ -227,7 +227,9 @@ def _encode() -> str:
         );
         IF cardinality(v_new) > cardinality(v_long) THEN
           BEGIN
-            @cache;
+            PERFORM (
+              @cache
+            );
           EXCEPTION WHEN read_only_sql_transaction THEN
             v_long := v_new;  -- a read-only transaction (hot standby): BPE without caching
           END;
@@ -247,13 +249,15 @@ def _encode() -> str:
         pieces="SELECT m[1] FROM regexp_matches(p_text, v_pattern, 'g') AS m",
         distinct="SELECT DISTINCT n FROM unnest(v_pieces) AS n",
         long=f"SELECT n FROM unnest(v_new) AS n WHERE octet_length(n) > {CACHE_MAX_BYTES}",
-        cache=f"""INSERT INTO llm_bpe_cache (tokenizer, piece, ids)
-                  SELECT p_tokenizer, b.piece, b.ids
-                  FROM llm_bpe_pieces(p_tokenizer, ARRAY(SELECT n FROM unnest(v_new) AS n
-                                                         WHERE octet_length(n) <= {CACHE_MAX_BYTES})) AS b
-                  ORDER BY b.piece
-                  ON CONFLICT DO NOTHING""")
-    out = [function("llm_bpe_encode", "p_text TEXT, p_tokenizer TEXT", "INT[]", body, strict=True,
+        cache=f"""SELECT llm_bpe_cache_fill(p_tokenizer, ARRAY(SELECT n FROM unnest(v_new) AS n
+                                                               WHERE octet_length(n) <= {CACHE_MAX_BYTES}))""")
+    fill = function("llm_bpe_cache_fill", "p_tokenizer TEXT, p_pieces TEXT[]", "VOID", """
+        INSERT INTO llm_bpe_cache (tokenizer, piece, ids)
+        SELECT p_tokenizer, b.piece, b.ids FROM llm_bpe_pieces(p_tokenizer, p_pieces) AS b ORDER BY b.piece
+        ON CONFLICT DO NOTHING""", language="sql", strict=True, definer=True,
+        note="Cache the BPE of pre-tokens. As pg_llm's owner (SECURITY DEFINER): the cache is shared, so no role "
+             "may write it directly; this computes every row it stores from the tokenizer's own tables.")
+    out = [fill, function("llm_bpe_encode", "p_text TEXT, p_tokenizer TEXT", "INT[]", body, strict=True,
                     settings=SETTINGS + ("plan_cache_mode = force_custom_plan",),
                     note="llm_encode's body: special tokens, pre-tokens, cached BPE, ids in order (custom plans: "
                          "a generic plan\nfor these array queries is up to 10x slower).")]

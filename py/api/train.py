@@ -114,6 +114,7 @@ def check_call(caller: str, max_steps: str = "max_steps") -> str:
 STEP = f"""
     v_t0 := clock_timestamp();
     PERFORM llm_model_get(model);
+    PERFORM llm_model_writable(model, 'llm_train_step');
     PERFORM llm_train_guard(model, on_behalf_of);
     PERFORM {check_call("llm_train_step")};
     IF on_behalf_of IS NOT NULL AND NOT EXISTS (SELECT 1 FROM llm_train_job AS j

@@ -57,6 +57,7 @@ def _claim() -> str:
 def _hints() -> str:
     body = plpgsql("", """
         PERFORM llm_model_get(p_model);
+        PERFORM llm_model_writable(p_model, 'training');
         IF p_dataset IS NULL THEN
           p_dataset := (SELECT min(d.dataset) FROM llm_dataset AS d);
           IF p_dataset IS NULL THEN
@@ -121,14 +122,21 @@ def _procedure() -> str:
         v_growth := 0;
         dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train_run")}
         v_first := llm_train_claim(model, steps, pg_backend_pid());
-        BEGIN
-          PERFORM llm_loopback_connect(v_conn);
-        EXCEPTION WHEN OTHERS THEN  -- train anyway: autovacuum reclaims, later
-          RAISE WARNING 'pg_llm: llm_train_run cannot vacuum between steps: %', SQLERRM
-            USING HINT = 'Its loopback connection failed: set pg_llm.loopback to the missing conninfo (e.g. '
-              'password=...). Until then autovacuum reclaims the old tile versions, up to a minute later.';
+        IF NOT pg_has_role((SELECT c.relowner FROM pg_class AS c WHERE c.oid = 'llm_tile_durable'::REGCLASS),
+                           'USAGE') THEN
+          RAISE NOTICE 'pg_llm: llm_train_run leaves the old tile versions of its steps to autovacuum (within a '
+            'minute or so): only the owner of pg_llm''s tables may VACUUM them';
           v_conn := NULL;
-        END;
+        ELSE
+          BEGIN
+            PERFORM llm_loopback_connect(v_conn);
+          EXCEPTION WHEN OTHERS THEN  -- train anyway: autovacuum reclaims, later
+            RAISE WARNING 'pg_llm: llm_train_run cannot vacuum between steps: %', SQLERRM
+              USING HINT = 'Its loopback connection failed: set pg_llm.loopback to the missing conninfo (e.g. '
+                'password=...). Until then autovacuum reclaims the old tile versions, up to a minute later.';
+            v_conn := NULL;
+          END;
+        END IF;
         COMMIT;
         LOOP
           v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model);

@@ -52,16 +52,32 @@ def _loopback() -> str:
     """)
     out = [function("llm_conninfo_quote", "p_value TEXT", "TEXT", quote, volatility="IMMUTABLE", strict=True,
                     note="A libpq conninfo value, quoted: any role, database or path is one value, never keywords.")]
-    body = plpgsql("", """
+    body = plpgsql("v_info TEXT; v_socket TEXT;", """
         IF p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
           PERFORM dblink_disconnect(p_conn);  -- left open by a cancelled earlier call in this session
         END IF;
-        PERFORM dblink_connect_u(p_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
+        BEGIN
+          v_socket := nullif(split_part(current_setting('unix_socket_directories'), ',', 1), '');
+        EXCEPTION WHEN insufficient_privilege THEN  -- pg_read_all_settings only: libpq's default socket then
+          v_socket := NULL;
+        END;
+        v_info := coalesce(current_setting('pg_llm.loopback', TRUE), '')
           || ' dbname=' || llm_conninfo_quote(current_database())
           || ' port=' || llm_conninfo_quote(current_setting('port'))
           || ' user=' || llm_conninfo_quote(current_user)
-          || coalesce(' host=' || llm_conninfo_quote(nullif(split_part(current_setting('unix_socket_directories'),
-                                                                       ',', 1), '')), ''));
+          || coalesce(' host=' || llm_conninfo_quote(v_socket), '');
+        IF has_function_privilege('dblink_connect_u(text, text)', 'EXECUTE') THEN
+          PERFORM dblink_connect_u(p_conn, v_info);
+        ELSE
+          BEGIN  -- an ordinary role: dblink insists that the server asked for its password, and got it
+            PERFORM dblink_connect(p_conn, v_info);
+          EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'pg_llm: role % cannot open the loopback connection a SELECT training loop needs: %',
+              current_user, SQLERRM
+              USING HINT = 'CALL llm_train_run(...) trains without one (the same arguments, a commit per step). '
+                'Or, where the server asks for passwords, SET pg_llm.loopback = ''password=...'' (docs/access.md).';
+          END;
+        END IF;
         -- the loopback session resolves names as pg_llm's functions do, whatever the role's default path
         PERFORM dblink_exec(p_conn, 'SET search_path = ' || current_setting('search_path'));  -- ours, pinned
         -- and stops its statement within a second of its caller's end (pg_terminate_backend, a crash)

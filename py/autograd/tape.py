@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pg_llm.autograd.registry import ops
 from pg_llm.gen.emit import comment, function, stmt
+from pg_llm.gen.surface import INTERNAL
 
 SQL_FILE = "autograd/tape.sql"
 ORDER = 50
@@ -19,8 +20,8 @@ ORDER = 50
 
 def _tables() -> str:
     return "\n".join([
-        stmt("""
-            CREATE UNLOGGED TABLE llm_tape (
+        stmt(f"""
+            CREATE UNLOGGED TABLE {INTERNAL}.llm_tape (
               tape BIGINT NOT NULL,
               seq BIGINT NOT NULL,
               op TEXT NOT NULL,
@@ -32,9 +33,9 @@ def _tables() -> str:
               PRIMARY KEY (tape, seq)
             )""", "One row per recorded op of a training forward: out = op(a, b, c; args). Which input is a, b, c\n"
                   "and which arguments args names: the op's registration (py/autograd/registry.py)."),
-        stmt("CREATE SEQUENCE llm_tape_seq", "Tape order (backward walks seq descending)."),
-        stmt("""
-            CREATE UNLOGGED TABLE llm_tape_grad (
+        stmt(f"CREATE SEQUENCE {INTERNAL}.llm_tape_seq", "Tape order (backward walks seq descending)."),
+        stmt(f"""
+            CREATE UNLOGGED TABLE {INTERNAL}.llm_tape_grad (
               tape BIGINT NOT NULL,
               tensor BIGINT NOT NULL,
               grad BIGINT NOT NULL,

@@ -255,7 +255,7 @@ def run(ctx: Context) -> list[Table]:
             LANGUAGE plpgsql SET jit = off AS $fn$
             DECLARE v_mark BIGINT := llm_scratch_mark();
             BEGIN
-              PERFORM llm_gpt2_forward(p_model, p_tokens);
+              PERFORM llm_internal.llm_gpt2_forward(p_model, p_tokens);
               PERFORM llm_scratch_release(v_mark);
             END $fn$""")
         ctx.log("gpt2: random GPT-2 small checkpoint (cached in .pg_llm/bench-models)")

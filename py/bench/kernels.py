@@ -67,7 +67,8 @@ TILES: dict[str, Callable[[int, int, int], tuple[tuple[int, int], tuple[int, int
 TILE_FORWARD = """
     INSERT INTO llm_tile (tensor_id, tr, tc, data)
     SELECT v_out, a.i, b.j,
-           llm_mk_matmul(a.tiles, b.tiles, llm_tile_dim(v_m, v_tm, a.i), llm_tile_dim(v_n, v_tn, b.j), p_ta, p_tb)
+           llm_internal.llm_mk_matmul(a.tiles, b.tiles, llm_internal.llm_tile_dim(v_m, v_tm, a.i),
+                                      llm_internal.llm_tile_dim(v_n, v_tn, b.j), p_ta, p_tb)
     FROM (
       SELECT CASE WHEN p_ta THEN t.tc ELSE t.tr END AS i,
              array_agg(t.data ORDER BY CASE WHEN p_ta THEN t.tr ELSE t.tc END) AS tiles
@@ -85,8 +86,9 @@ PAIRS_FORWARD = """
     INSERT INTO llm_tile (tensor_id, tr, tc, data)
     SELECT v_out, p.i, p.j, llm_tile_sum(p.part)
     FROM (
-      SELECT a.i, b.j, llm_mk_matmul(ARRAY[a.data], ARRAY[b.data], llm_tile_dim(v_m, v_tm, a.i),
-                                     llm_tile_dim(v_n, v_tn, b.j), p_ta, p_tb) AS part
+      SELECT a.i, b.j, llm_internal.llm_mk_matmul(ARRAY[a.data], ARRAY[b.data],
+                                                  llm_internal.llm_tile_dim(v_m, v_tm, a.i),
+                                                  llm_internal.llm_tile_dim(v_n, v_tn, b.j), p_ta, p_tb) AS part
       FROM (SELECT CASE WHEN p_ta THEN t.tc ELSE t.tr END AS i, CASE WHEN p_ta THEN t.tr ELSE t.tc END AS k, t.data
             FROM llm_tile AS t WHERE t.tensor_id = p_a) AS a
       JOIN (SELECT CASE WHEN p_tb THEN t.tr ELSE t.tc END AS j, CASE WHEN p_tb THEN t.tc ELSE t.tr END AS k, t.data
@@ -119,7 +121,7 @@ SIG = "BIGINT, BIGINT, BIGINT, BOOLEAN, BOOLEAN, BOOLEAN"
 
 
 def setup_sql(s: str) -> str:
-    boot = "np = GD.get('np') or plpy.execute('SELECT llm_py_boot() AS v')[0]['v'] and GD['np']"
+    boot = "np = GD.get('np') or plpy.execute('SELECT llm_internal.llm_py_boot() AS v')[0]['v'] and GD['np']"
     ops = """
 x = np.frombuffer(a, dtype='<f4').reshape(ash)
 y = np.frombuffer(b, dtype='<f4').reshape(bsh)

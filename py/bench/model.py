@@ -27,7 +27,7 @@ from pg_llm.bench import Context, Table
 OPTIONAL = True
 PREFIXES = (16, 512)
 STEP = """
-    SELECT llm_mk_sample((SELECT string_agg(t.data, ''::BYTEA ORDER BY t.tr, t.tc) FROM llm_tile AS t
+    SELECT llm_internal.llm_mk_sample((SELECT string_agg(t.data, ''::BYTEA ORDER BY t.tr, t.tc) FROM llm_tile AS t
                           WHERE t.tensor_id = %(logits)s), 0, 0, 1.0, 0, %(step)s)"""
 
 
@@ -53,16 +53,18 @@ def _decode(ctx: Context, prompt: list[int], steps: int, use_cache: bool) -> tup
     mark = conn.execute("SELECT llm_scratch_mark()").fetchone()[0]
     try:
         seq, prefill, times = list(prompt), None, []
-        caches = conn.execute("SELECT llm_kv_cache_create(%s)", (ctx.model,)).fetchone()[0] if use_cache else None
+        caches = (conn.execute("SELECT llm_internal.llm_kv_cache_create(%s)", (ctx.model,)).fetchone()[0]
+                  if use_cache else None)
         for i in range(steps + (1 if use_cache else 0)):
             t0 = time.perf_counter()
             step_mark = conn.execute("SELECT llm_scratch_mark()").fetchone()[0]
             if use_cache:
                 new = seq if i == 0 else seq[-1:]
-                logits = conn.execute("SELECT llm_gpt2_forward_cached(%s, %s, %s, %s)",
+                logits = conn.execute("SELECT llm_internal.llm_gpt2_forward_cached(%s, %s, %s, %s)",
                                       (ctx.model, new, len(seq) - len(new), caches)).fetchone()[0]
             else:
-                logits = conn.execute("SELECT llm_gpt2_forward_cached(%s, %s)", (ctx.model, seq)).fetchone()[0]
+                logits = conn.execute("SELECT llm_internal.llm_gpt2_forward_cached(%s, %s)",
+                                      (ctx.model, seq)).fetchone()[0]
             seq.append(conn.execute(STEP, {"logits": logits, "step": i}).fetchone()[0])
             conn.execute("SELECT llm_scratch_release(%s)", (step_mark,))
             dt = time.perf_counter() - t0

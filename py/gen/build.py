@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from pg_llm.gen.emit import EXTSCHEMA, SEARCH_PATH
+from pg_llm.gen.surface import INTERNAL, READER_ROLE
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PACKAGES = ("pg_llm.gen", "pg_llm.ops", "pg_llm.autograd", "pg_llm.api")
@@ -67,15 +68,18 @@ def outputs() -> dict[str, str]:
              "-- The sha256 of everything above (first 16 hex digits): tells an installed copy's version apart\n"
              "-- from a checkout's (pg-llm db start warns when they differ).\n"
              f"CREATE OR REPLACE FUNCTION llm_build() RETURNS TEXT LANGUAGE sql IMMUTABLE "
-             f"SET search_path = {SEARCH_PATH} AS $fn$ SELECT '{build_id(body)}' $fn$;\n") + DBLINK_PATH
+             f"SET search_path = {SEARCH_PATH} AS $fn$ SELECT '{build_id(body)}' $fn$;\n"
+             "REVOKE ALL ON FUNCTION llm_build() FROM PUBLIC;\n"
+             f"GRANT EXECUTE ON FUNCTION llm_build() TO {READER_ROLE};\n") + DBLINK_PATH
     head = BANNER.format(src="all generator modules")
     files["install.sql"] = (head + "-- Install pg_llm into schema public of the current database: psql -f install.sql\n"
                             "-- (another schema: make install, then CREATE EXTENSION pg_llm SCHEMA name)\n"
                             "SET client_min_messages = warning;\n"
-                            "SET search_path = public;\n"
+                            f"SET search_path = public, {INTERNAL};\n"
                             "CREATE EXTENSION IF NOT EXISTS plpython3u;\n"
                             "CREATE EXTENSION IF NOT EXISTS dblink;\n" + body.replace(EXTSCHEMA, "public"))
     files[f"pg_llm--{VERSION}.sql"] = (head + "\\echo Use \"CREATE EXTENSION pg_llm\" to load this file. \\quit\n"
+                                       + f"SET search_path = {EXTSCHEMA}, {INTERNAL};  -- views name internals\n"
                                        + body)
     files["pg_llm.control"] = ("# pg_llm: GPT-2 trained, evaluated and sampled from SQL\n"
                                f"comment = 'GPT-2 in SQL: tiled tensors, numpy microkernels, training'\n"
@@ -98,9 +102,10 @@ BEGIN
   v_schema := (SELECT n.nspname FROM pg_catalog.pg_extension AS e JOIN pg_catalog.pg_namespace AS n
                ON n.oid = e.extnamespace WHERE e.extname = 'dblink' AND e.extnamespace <> '{EXTSCHEMA}'::REGNAMESPACE);
   IF v_schema IS NOT NULL THEN
-    FOR f IN SELECT p.oid FROM pg_catalog.pg_proc AS p WHERE p.pronamespace = '{EXTSCHEMA}'::REGNAMESPACE
+    FOR f IN SELECT p.oid FROM pg_catalog.pg_proc AS p
+               WHERE p.pronamespace IN ('{EXTSCHEMA}'::REGNAMESPACE, '{INTERNAL}'::REGNAMESPACE)
                AND p.prokind = 'f' AND p.prosrc LIKE '%dblink%' LOOP
-      EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, {EXTSCHEMA}, %I, pg_temp',
+      EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, {EXTSCHEMA}, {INTERNAL}, %I, pg_temp',
                                 f, v_schema);
     END LOOP;
   END IF;

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import sqlglot
 
 from pg_llm.gen.sqlfmt import check_function_header, qualify_builtins, sql
+from pg_llm.gen.surface import INTERNAL, PUBLIC, qualified
 
 
 def comment(text: str) -> str:
@@ -30,10 +31,11 @@ def sql_statements(text: str) -> str:
 
 
 # Every function runs with this search_path, whoever calls it: pg_catalog first (no operator or function of
-# the caller's can shadow a built-in), then pg_llm's own schema, pg_temp last (never first, as it would be by
-# default for tables). @extschema@ is pg_llm's schema: CREATE EXTENSION substitutes it, install.sql says public.
+# the caller's can shadow a built-in), then pg_llm's own schema and its internals' (surface.INTERNAL), pg_temp
+# last (never first, as it would be by default for tables). @extschema@ is pg_llm's schema: CREATE EXTENSION
+# substitutes it, install.sql says public.
 EXTSCHEMA = "@extschema@"
-SEARCH_PATH = f"pg_catalog, {EXTSCHEMA}, pg_temp"
+SEARCH_PATH = f"pg_catalog, {EXTSCHEMA}, {INTERNAL}, pg_temp"
 
 
 def _check_header(parts: Sequence[str]) -> None:
@@ -42,13 +44,15 @@ def _check_header(parts: Sequence[str]) -> None:
 
 
 def _header(name: str, args: str, returns: str, language: str, volatility: str,
-            settings: Sequence[str], strict: bool, parallel: str, pin: bool = True) -> str:
-    parts = [f"CREATE OR REPLACE FUNCTION {name}({args})", f"RETURNS {returns}", f"LANGUAGE {language}",
+            settings: Sequence[str], strict: bool, parallel: str, pin: bool = True, definer: bool = False) -> str:
+    parts = [f"CREATE OR REPLACE FUNCTION {qualified(name)}({args})", f"RETURNS {returns}", f"LANGUAGE {language}",
              volatility]
     if strict:
         parts.append("STRICT")
     if parallel:
         parts.append(f"PARALLEL {parallel}")
+    if definer:  # runs as pg_llm's owner: only for a body whose result does not depend on who calls it
+        parts.append("SECURITY DEFINER")
     parts += [f"SET search_path = {SEARCH_PATH}"] * pin + [f"SET {s}" for s in settings]
     _check_header(parts)
     return "\n".join(parts)
@@ -56,14 +60,18 @@ def _header(name: str, args: str, returns: str, language: str, volatility: str,
 
 def function(name: str, args: str, returns: str, body: str, *, language: str = "plpgsql",
              volatility: str = "VOLATILE", note: str | None = None, settings: Sequence[str] = (),
-             strict: bool = False, parallel: str = "", inline: bool = False) -> str:
+             strict: bool = False, parallel: str = "", inline: bool = False, definer: bool = False) -> str:
     """CREATE OR REPLACE FUNCTION with a dollar-quoted body. SQL statements inside PL/pgSQL bodies are
     built with sqlfmt.sql() by the caller; the envelope is parse-checked here. inline: a one-expression SQL
     function the planner may inline (a SET clause would forbid it): no SET search_path, every operator and
-    function in its body named by schema instead (qualify_builtins)."""
+    function in its body named by schema instead (qualify_builtins). definer: SECURITY DEFINER (with its
+    pinned search_path), for the few bodies that write what the caller may not (py/api/privileges.py)."""
     if inline and (language != "sql" or settings):
         raise ValueError(f"{name}: only a SQL function without settings can be inlined")
-    header = _header(name, args, returns, language, volatility, settings, strict, parallel, pin=not inline)
+    if definer and (inline or name in PUBLIC):
+        raise ValueError(f"{name}: a SECURITY DEFINER function must be internal and pin its search_path")
+    header = _header(name, args, returns, language, volatility, settings, strict, parallel, pin=not inline,
+                     definer=definer)
     body = textwrap.dedent(body).strip("\n")
     if inline:
         body = qualify_builtins(body)
@@ -91,7 +99,7 @@ def procedure(name: str, args: str, declare: str, body: str, *, note: str, **que
             + "\nPERFORM pg_catalog.set_config('search_path', v_caller_path, TRUE);")
     block = plpgsql("v_caller_path TEXT;\n" + textwrap.dedent(declare).strip(), body, **queries)
     head = comment(note) + "\n"
-    return f"{head}CREATE OR REPLACE PROCEDURE {name}({args})\nLANGUAGE plpgsql\nAS $fn$\n{block}\n$fn$;\n"
+    return f"{head}CREATE OR REPLACE PROCEDURE {qualified(name)}({args})\nLANGUAGE plpgsql\nAS $fn$\n{block}\n$fn$;\n"
 
 
 _PLACEHOLDER = re.compile(r"^(\s*)@(\w+)(.*)$")

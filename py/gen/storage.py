@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
 from pg_llm.gen.sqlfmt import raw_ddl
+from pg_llm.gen.surface import INTERNAL, OWNER
 
 SQL_FILE = "kernels/00_storage.sql"
 ORDER = 0
@@ -24,7 +25,8 @@ ROLES = ("param", "grad", "adam_m", "adam_v", "activation", "cache")
 
 def _tables() -> str:
     roles = ", ".join(f"'{r}'" for r in ROLES)
-    out = [stmt(f"""
+    out = [stmt(f"CREATE SCHEMA {INTERNAL}", "pg_llm's internals (py/gen/surface.py): not in the user's namespace."),
+           stmt(f"""
         CREATE TABLE llm_tensor (
           id BIGINT PRIMARY KEY,
           model TEXT NOT NULL DEFAULT '',
@@ -35,6 +37,7 @@ def _tables() -> str:
           dtype TEXT NOT NULL DEFAULT 'float32' CHECK (dtype = 'float32'),
           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
           backend_pid INT NOT NULL DEFAULT pg_backend_pid(),
+          {OWNER},
           CHECK ((id > 0) = (role NOT IN ('activation', 'cache', 'grad')))
         )""", "Tensor catalog: one row per tensor. Scratch tensors (activation, cache) have negative ids.")]
     out.append(stmt("CREATE UNIQUE INDEX llm_tensor_name ON llm_tensor (model, name, role) WHERE id > 0",
@@ -101,6 +104,13 @@ def _create() -> str:
         IF p_role IN ('activation', 'cache', 'grad') THEN
           v_id := nextval('llm_tensor_scratch_id');
         ELSE
+          IF coalesce(p_model, '') <> '' AND NOT EXISTS (SELECT 1 FROM llm_model AS m WHERE m.name = p_model) THEN
+            RAISE EXCEPTION 'pg_llm: llm_tensor_create: no model "%" for % tensor "%"', p_model, p_role, p_name
+              USING HINT = 'Create the model (llm_model_create), or leave p_model out for a free-standing tensor.';
+          END IF;
+          IF coalesce(p_model, '') <> '' THEN
+            PERFORM llm_model_writable(p_model, 'llm_tensor_create');
+          END IF;
           v_id := nextval('llm_tensor_durable_id');
         END IF;
         @ins;

@@ -32,6 +32,7 @@ def server_import(plpy, path, model, fields, standard):
     q("SELECT llm_server_file_check($1, FALSE, 'pg_llm_import_npz')", ["text"], [path])
     if not model:
         fail("a model needs a non-empty name")
+    q("SELECT llm_model_writable($1, 'pg_llm_import_npz')", ["text"], [model])  # an existing model: ours to change?
     if not os.path.isfile(path):
         fail(f"{path}: no such file on the database server", state="58P01",
              hint="The path is opened by the server process (relative paths start in its data directory); for a "

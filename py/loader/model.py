@@ -201,7 +201,7 @@ def import_model(conn: psycopg.Connection, path: str | os.PathLike, name: str, *
                 bar.update(a.nbytes)
         if step:
             conn.execute("UPDATE llm_model SET step = %s WHERE name = %s", (step, name))
-        conn.execute("SELECT llm_model_check(%s)", (name,))  # the SQL side agrees with pg_llm.config
+        conn.execute("SELECT llm_internal.llm_model_check(%s)", (name,))  # the SQL side agrees with pg_llm.config
     return ImportResult(name, cfg_name, len(entries), cfg.n_params(), total, time.monotonic() - t0, len(state), step)
 
 
@@ -227,11 +227,11 @@ def resolve_source(conn: psycopg.Connection, name: str, checkpoint: int | None =
     them, config name, config, step). Errors for an unknown model/checkpoint or one of another model."""
     with conn.cursor(row_factory=dict_row) as cur:
         if checkpoint is None:
-            row = cur.execute("SELECT c.*, m.step FROM llm_model_check(%s) AS c JOIN llm_model AS m ON m.name = %s",
-                              (name, name)).fetchone()
+            row = cur.execute("SELECT c.*, m.step FROM llm_internal.llm_model_check(%s) AS c "
+                              "JOIN llm_model AS m ON m.name = %s", (name, name)).fetchone()
             return name, row["name"], GPT2Config.from_row(row), int(row["step"])
-        ck = cur.execute("SELECT * FROM llm_checkpoint_get(%s, %s)", (checkpoint, name)).fetchone()
-        row = cur.execute("SELECT * FROM llm_model_config_get(%s)", (ck["config"],)).fetchone()
+        ck = cur.execute("SELECT * FROM llm_internal.llm_checkpoint_get(%s, %s)", (checkpoint, name)).fetchone()
+        row = cur.execute("SELECT * FROM llm_internal.llm_model_config_get(%s)", (ck["config"],)).fetchone()
         return ck["store"], ck["config"], GPT2Config.from_row(row), int(ck["step"])
 
 

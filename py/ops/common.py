@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, microkernel, plpgsql
 from pg_llm.gen.sqlfmt import raw_ddl
+from pg_llm.gen.surface import qualified
 from pg_llm.kernels.common import add_tiles
 
 SQL_FILE = "kernels/02_common.sql"
@@ -21,7 +22,8 @@ def emit() -> str:
     out = [microkernel("llm_mk_add", "a BYTEA, b BYTEA", "BYTEA", add_tiles,
                        note="Elementwise sum of two tiles of the same shape (accumulation, tile-sum aggregate).")]
     out.append(comment("Sum of tiles of one shape: reduces per-block partial results (e.g. bias gradients).") + "\n"
-               + raw_ddl("CREATE AGGREGATE llm_tile_sum(BYTEA) (SFUNC = llm_mk_add, STYPE = BYTEA)") + ";\n")
+               + raw_ddl(f"CREATE AGGREGATE {qualified('llm_tile_sum')}(BYTEA) (SFUNC = llm_mk_add, STYPE = BYTEA)")
+               + ";\n")
     body = plpgsql("r llm_tensor;", """
         SELECT * INTO r FROM llm_tensor WHERE id = p_id;
         IF NOT FOUND THEN

@@ -37,15 +37,16 @@ CREATE TABLE llm_checkpoint (
   moments TEXT[] NOT NULL DEFAULT '{}',
   store TEXT NOT NULL UNIQUE,
   created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  owner REGROLE NOT NULL DEFAULT CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE),
   CHECK (store = '@ckpt/' || id)
 );
 
 -- A checkpoint row by id, or a clear error (unknown id; with p_model, a checkpoint of another model).
-CREATE OR REPLACE FUNCTION llm_checkpoint_get(p_id BIGINT, p_model TEXT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_internal.llm_checkpoint_get(p_id BIGINT, p_model TEXT DEFAULT NULL)
 RETURNS llm_checkpoint
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_checkpoint; v_model TEXT; v_known TEXT;
@@ -85,7 +86,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_save(model TEXT, note TEXT DEFAULT NUL
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 #variable_conflict use_column
@@ -95,6 +96,7 @@ DECLARE
 BEGIN
   v_model := llm_checkpoint_save.model;
   c := llm_model_check(v_model);
+  PERFORM llm_model_writable(v_model, 'llm_checkpoint_save');
   -- a concurrent training step cannot commit a new step until this transaction ends
   SELECT m.step INTO v_step FROM llm_model AS m WHERE m.name = v_model FOR SHARE;
   v_id := nextval(pg_get_serial_sequence('llm_checkpoint', 'id'));
@@ -113,43 +115,13 @@ BEGIN
     WHERE
       v.model = v_model AND v.role IN ('adam_m', 'adam_v') AND v.id > 0
   );
-  INSERT INTO llm_tensor (
-    id,
-    model,
-    name,
-    role,
-    shape,
-    tile
-  )
-  SELECT
-    nextval('llm_tensor_durable_id'),
-    v_store,
-    v.name,
-    v.role,
-    v.shape,
-    v.tile
-  FROM llm_tensor AS v
-  WHERE
-    v.model = v_model AND v.role IN ('param', 'adam_m', 'adam_v') AND v.id > 0;
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  INSERT INTO llm_tile (
-    tensor_id,
-    tr,
-    tc,
-    data
-  )
-  SELECT
-    d.id,
-    t.tr,
-    t.tc,
-    t.data
-  FROM llm_tensor AS s
-  JOIN llm_tensor AS d
-    ON d.model = v_store AND d.name = s.name AND d.role = s.role AND d.id > 0
-  JOIN llm_tile AS t
-    ON t.tensor_id = s.id
-  WHERE
-    s.model = v_model AND s.role IN ('param', 'adam_m', 'adam_v') AND s.id > 0;
+  v_n := (
+    SELECT
+      COUNT(*)
+    FROM llm_tensor AS v
+    WHERE
+      v.model = v_model AND v.role IN ('param', 'adam_m', 'adam_v') AND v.id > 0
+  );
   INSERT INTO llm_checkpoint (
     id,
     model,
@@ -172,7 +144,43 @@ BEGIN
       v_n,
       v_moments,
       v_store
-    );
+    );  -- first: the store is the checkpoint's, so row-level security lets its saver write its tensors
+  INSERT INTO llm_tensor (
+    id,
+    model,
+    name,
+    role,
+    shape,
+    tile
+  )
+  SELECT
+    nextval('llm_tensor_durable_id'),
+    v_store,
+    v.name,
+    v.role,
+    v.shape,
+    v.tile
+  FROM llm_tensor AS v
+  WHERE
+    v.model = v_model AND v.role IN ('param', 'adam_m', 'adam_v') AND v.id > 0;
+  INSERT INTO llm_tile (
+    tensor_id,
+    tr,
+    tc,
+    data
+  )
+  SELECT
+    d.id,
+    t.tr,
+    t.tc,
+    t.data
+  FROM llm_tensor AS s
+  JOIN llm_tensor AS d
+    ON d.model = v_store AND d.name = s.name AND d.role = s.role AND d.id > 0
+  JOIN llm_tile AS t
+    ON t.tensor_id = s.id
+  WHERE
+    s.model = v_model AND s.role IN ('param', 'adam_m', 'adam_v') AND s.id > 0;
   RETURN v_id;
 END
 $fn$;
@@ -182,7 +190,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_load(model TEXT, id BIGINT)
 RETURNS llm_checkpoint
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 #variable_conflict use_column
@@ -191,6 +199,7 @@ DECLARE
 BEGIN
   v_model := llm_checkpoint_load.model;
   r := llm_checkpoint_get(llm_checkpoint_load.id, v_model);
+  PERFORM llm_model_writable(v_model, 'llm_checkpoint_load');  -- before FOR UPDATE, which would hide it
   PERFORM 1 FROM llm_model AS m WHERE m.name = v_model FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'pg_llm: model "%" does not exist (checkpoint % was saved from it at step %)',
@@ -321,7 +330,7 @@ CREATE OR REPLACE FUNCTION llm_checkpoint_drop(id BIGINT, if_exists BOOLEAN DEFA
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -333,6 +342,10 @@ BEGIN
       RETURN 0;
     END IF;
     r := llm_checkpoint_get(llm_checkpoint_drop.id);
+  END IF;
+  IF NOT r.store IN (SELECT w.name FROM llm_writable_models() AS w) THEN
+    RAISE EXCEPTION 'pg_llm: llm_checkpoint_drop: checkpoint % belongs to role %', r.id, r.owner
+      USING HINT = 'Its owner, the owner of its model, or a member of llm_admin may drop it.';
   END IF;
   DELETE FROM llm_tensor WHERE model = r.store;
   GET DIAGNOSTICS v_n = ROW_COUNT;
@@ -360,7 +373,8 @@ SELECT
     WHERE
       m.name = k.model
   ) AS model_exists,
-  k.created_at
+  k.created_at,
+  k.owner
 FROM llm_checkpoint AS k
 LEFT JOIN LATERAL (
   SELECT

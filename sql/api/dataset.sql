@@ -21,6 +21,7 @@ CREATE TABLE llm_dataset_source (
   encoder TEXT NOT NULL,
   sources TEXT[] NOT NULL,
   loaded_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  owner REGROLE NOT NULL DEFAULT CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE),
   PRIMARY KEY (dataset, source_hash)
 );
 
@@ -71,11 +72,17 @@ CREATE OR REPLACE FUNCTION llm_dataset_drop(p_dataset TEXT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
-  n BIGINT;
+  n BIGINT; v_owner REGROLE;
 BEGIN
+  v_owner := (SELECT s.owner FROM llm_dataset_source AS s WHERE s.dataset = p_dataset AND NOT llm_may_own(s.owner)
+              LIMIT 1);
+  IF v_owner IS NOT NULL THEN
+    RAISE EXCEPTION 'pg_llm: llm_dataset_drop: dataset "%" belongs to role %', p_dataset, v_owner
+      USING HINT = 'Only its owner (or a member of llm_admin) may drop it.';
+  END IF;
   DELETE FROM llm_dataset_source AS s
   WHERE
     s.dataset = p_dataset;

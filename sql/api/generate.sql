@@ -35,13 +35,13 @@
 -- its transaction back, which removes the scratch tensors it created (they are ordinary rows), so nothing
 -- leaks; llm_scratch_clear() drops those of backends that died.
 -- sampling microkernel: the token drawn from one float32 logits row (see api/generate.sql).
-CREATE OR REPLACE FUNCTION llm_mk_sample(logits BYTEA, temperature FLOAT8, top_k INT, top_p FLOAT8, seed BIGINT, step INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_sample(logits BYTEA, temperature FLOAT8, top_k INT, top_p FLOAT8, seed BIGINT, step INT)
 RETURNS INT
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -50,13 +50,13 @@ return sample_logits(logits, temperature, top_k, top_p, seed, step, False)
 $fn$;
 
 -- sampling microkernel: the ids kept by the temperature/top-k/top-p filters of one float32 logits row (see api/generate.sql).
-CREATE OR REPLACE FUNCTION llm_mk_sample_keep(logits BYTEA, temperature FLOAT8, top_k INT, top_p FLOAT8, seed BIGINT, step INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_sample_keep(logits BYTEA, temperature FLOAT8, top_k INT, top_p FLOAT8, seed BIGINT, step INT)
 RETURNS INT[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -65,11 +65,11 @@ return sample_logits(logits, temperature, top_k, top_p, seed, step, True)
 $fn$;
 
 -- Validate sampling parameters (clear errors naming the caller).
-CREATE OR REPLACE FUNCTION llm_sampling_check(p_op TEXT, p_temperature FLOAT8, p_top_k INT, p_top_p FLOAT8, p_seed BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_sampling_check(p_op TEXT, p_temperature FLOAT8, p_top_k INT, p_top_p FLOAT8, p_seed BIGINT)
 RETURNS VOID
 LANGUAGE plpgsql
 IMMUTABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   IF p_temperature IS NULL OR NOT (p_temperature >= 0 AND p_temperature < 'Infinity') THEN
@@ -92,11 +92,11 @@ END
 $fn$;
 
 -- The token ids (ascending) that temperature, top-k and top-p keep in a logits row: the support llm_generate samples from.
-CREATE OR REPLACE FUNCTION llm_sample_keep(logits FLOAT4[], temperature FLOAT8 DEFAULT 1.0, top_k INT DEFAULT 0, top_p FLOAT8 DEFAULT 1.0)
+CREATE OR REPLACE FUNCTION llm_internal.llm_sample_keep(logits FLOAT4[], temperature FLOAT8 DEFAULT 1.0, top_k INT DEFAULT 0, top_p FLOAT8 DEFAULT 1.0)
 RETURNS INT[]
 LANGUAGE plpgsql
 IMMUTABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_sampling_check('llm_sample_keep', temperature, top_k, top_p, 0);
@@ -108,11 +108,11 @@ END
 $fn$;
 
 -- One token drawn from a logits row exactly as llm_generate draws the token of a step (same seed and step, same token).
-CREATE OR REPLACE FUNCTION llm_sample(logits FLOAT4[], temperature FLOAT8 DEFAULT 1.0, top_k INT DEFAULT 0, top_p FLOAT8 DEFAULT 1.0, seed BIGINT DEFAULT 0, step INT DEFAULT 0)
+CREATE OR REPLACE FUNCTION llm_internal.llm_sample(logits FLOAT4[], temperature FLOAT8 DEFAULT 1.0, top_k INT DEFAULT 0, top_p FLOAT8 DEFAULT 1.0, seed BIGINT DEFAULT 0, step INT DEFAULT 0)
 RETURNS INT
 LANGUAGE plpgsql
 IMMUTABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_sampling_check('llm_sample', temperature, top_k, top_p, seed);
@@ -125,11 +125,11 @@ $fn$;
 
 -- Empty key/value caches of a model, one per layer (scratch tensors of role 'cache', (n_ctx, 2C), one
 -- tile per position): element i + 1 is layer i's. Drop them with llm_scratch_release / llm_tensor_drop.
-CREATE OR REPLACE FUNCTION llm_kv_cache_create(p_model TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_kv_cache_create(p_model TEXT)
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_ids BIGINT[] := '{}';
@@ -147,11 +147,11 @@ $fn$;
 -- rows p_logits_from .. n-1 (default: the last row only). With p_caches (llm_kv_cache_create) every layer
 -- attends to and appends to its key/value cache (llm_attention_cached); without, p_past = 0 and the
 -- tokens are the whole context (llm_attention). Caller releases scratch tensors.
-CREATE OR REPLACE FUNCTION llm_gpt2_forward_cached(p_model TEXT, p_tokens INT[], p_past INT DEFAULT 0, p_caches BIGINT[] DEFAULT NULL, p_logits_from INT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_forward_cached(p_model TEXT, p_tokens INT[], p_past INT DEFAULT 0, p_caches BIGINT[] DEFAULT NULL, p_logits_from INT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -262,11 +262,11 @@ END
 $fn$;
 
 -- Validate every argument of a generation (nothing is written before it passes).
-CREATE OR REPLACE FUNCTION llm_generate_check(p_model TEXT, p_tokens INT[], p_max_new_tokens INT, p_temperature FLOAT8, p_top_k INT, p_top_p FLOAT8, p_seed BIGINT, p_eos BOOLEAN, p_use_cache BOOLEAN)
+CREATE OR REPLACE FUNCTION llm_internal.llm_generate_check(p_model TEXT, p_tokens INT[], p_max_new_tokens INT, p_temperature FLOAT8, p_top_k INT, p_top_p FLOAT8, p_seed BIGINT, p_eos BOOLEAN, p_use_cache BOOLEAN)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config;
@@ -288,11 +288,11 @@ END
 $fn$;
 
 -- The end-of-text id of a config's tokenizer (<|endoftext|>), 50256 when the tokenizer is not imported.
-CREATE OR REPLACE FUNCTION llm_generate_eos(p_config llm_model_config)
+CREATE OR REPLACE FUNCTION llm_internal.llm_generate_eos(p_config llm_model_config)
 RETURNS INT
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   RETURN coalesce((
@@ -307,11 +307,11 @@ $fn$;
 
 -- The decoding loop behind llm_generate*: one row per new token (step from 0). With p_tokenizer, a NOTICE
 -- per token (id and text) as it is produced. Releases its scratch tensors and caches.
-CREATE OR REPLACE FUNCTION llm_generate_steps(p_model TEXT, p_tokens INT[], p_max_new_tokens INT, p_temperature FLOAT8, p_top_k INT, p_top_p FLOAT8, p_seed BIGINT, p_eos BOOLEAN, p_use_cache BOOLEAN, p_tokenizer TEXT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_internal.llm_generate_steps(p_model TEXT, p_tokens INT[], p_max_new_tokens INT, p_temperature FLOAT8, p_top_k INT, p_top_p FLOAT8, p_seed BIGINT, p_eos BOOLEAN, p_use_cache BOOLEAN, p_tokenizer TEXT DEFAULT NULL)
 RETURNS TABLE(out_step INT, out_token INT)
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -374,7 +374,7 @@ CREATE OR REPLACE FUNCTION llm_generate_tokens(model TEXT, tokens INT[], max_new
 RETURNS INT[]
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -391,7 +391,7 @@ CREATE OR REPLACE FUNCTION llm_generate(model TEXT, prompt TEXT, max_new_tokens 
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -418,7 +418,7 @@ CREATE OR REPLACE FUNCTION llm_generate_stream(model TEXT, prompt TEXT, max_new_
 RETURNS TABLE(step INT, token_id INT, token TEXT)
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

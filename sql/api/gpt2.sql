@@ -11,11 +11,11 @@
 -- Activations are scratch tensors (UNLOGGED partition); every API call releases the ones it made.
 -- A batch is B sequences of T tokens flattened to B*T rows; positions restart at 0 for each sequence.
 -- Validate a model's input: known model, non-empty, within the context, ids in range.
-CREATE OR REPLACE FUNCTION llm_gpt2_check_input(p_model TEXT, p_tokens INT[], p_seq_len INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_check_input(p_model TEXT, p_tokens INT[], p_seq_len INT)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_bad INT;
@@ -54,11 +54,11 @@ $fn$;
 --                     others). With p_tape every op is recorded for
 --                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
 --                     branches) with masks seeded from p_seed. Caller releases scratch tensors.
-CREATE OR REPLACE FUNCTION llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -103,7 +103,7 @@ CREATE OR REPLACE FUNCTION llm_logits(model TEXT, tokens INT[])
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -122,7 +122,7 @@ CREATE OR REPLACE FUNCTION llm_logits_all(model TEXT, tokens INT[])
 RETURNS TABLE(pos INT, logits FLOAT4[])
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -140,7 +140,7 @@ CREATE OR REPLACE FUNCTION llm_loss(model TEXT, tokens INT[], targets INT[], tra
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -8,13 +8,13 @@
 -- seed gives the same model in any session and for any order of tile writes. The numpy microkernel:
 -- py/kernels/init.py.
 -- init microkernel: one tile of seeded N(mean, std) float32.
-CREATE OR REPLACE FUNCTION llm_mk_normal(rows INT, cols INT, mean FLOAT8, std FLOAT8, seed BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_normal(rows INT, cols INT, mean FLOAT8, std FLOAT8, seed BIGINT)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -23,11 +23,11 @@ return normal_tile(rows, cols, mean, std, seed)
 $fn$;
 
 -- Fill every tile of a tensor with N(mean, std) (std 0: the constant mean), seeded per tile.
-CREATE OR REPLACE FUNCTION llm_tensor_fill_normal(p_id BIGINT, p_mean FLOAT8, p_std FLOAT8, p_seed BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tensor_fill_normal(p_id BIGINT, p_mean FLOAT8, p_std FLOAT8, p_seed BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -70,7 +70,7 @@ CREATE OR REPLACE FUNCTION llm_model_init(model TEXT, config TEXT DEFAULT 'gpt2-
 RETURNS llm_model
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

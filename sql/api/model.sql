@@ -22,6 +22,7 @@ CREATE TABLE llm_model_config (
   dropout DOUBLE PRECISION NOT NULL DEFAULT 0.1 CHECK (dropout >= 0 AND dropout < 1),
   initializer_range DOUBLE PRECISION NOT NULL DEFAULT 0.02 CHECK (initializer_range > 0),
   note TEXT,
+  owner REGROLE NOT NULL DEFAULT CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE),
   CHECK (n_embd % n_head = 0)
 );
 
@@ -111,15 +112,16 @@ CREATE TABLE llm_model (
   ),
   created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
   step BIGINT NOT NULL DEFAULT 0,
-  note TEXT
+  note TEXT,
+  owner REGROLE NOT NULL DEFAULT CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE)
 );
 
 -- A config row by name, or a clear error listing the known configs.
-CREATE OR REPLACE FUNCTION llm_model_config_get(p_config TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_model_config_get(p_config TEXT)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_model_config; v_known TEXT;
@@ -142,11 +144,11 @@ END
 $fn$;
 
 -- The parameter tensors a config needs, in Hugging Face state-dict order: HF GPT-2 names without 'transformer.', Conv1D weights as [in, out]; lm_head only when untied.
-CREATE OR REPLACE FUNCTION llm_param_names(p_config TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_param_names(p_config TEXT)
 RETURNS TABLE(name TEXT, shape INT[])
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config;
@@ -178,11 +180,11 @@ END
 $fn$;
 
 -- The config row of a model, or a clear error listing the known models.
-CREATE OR REPLACE FUNCTION llm_model_get(p_name TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_model_get(p_name TEXT)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_config TEXT; v_known TEXT;
@@ -215,7 +217,7 @@ CREATE OR REPLACE FUNCTION llm_model_create(p_name TEXT, p_config TEXT DEFAULT '
 RETURNS llm_model
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_model; c llm_model_config; v_exists BOOLEAN;
@@ -256,7 +258,7 @@ CREATE OR REPLACE FUNCTION llm_model_drop(p_name TEXT, p_if_exists BOOLEAN DEFAU
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_n BIGINT; v_exists BOOLEAN; v_known TEXT;
@@ -278,6 +280,7 @@ BEGIN
     );
     RAISE EXCEPTION 'pg_llm: unknown model "%"', p_name USING HINT = format('Known models: %s.', v_known);
   END IF;
+  PERFORM llm_model_writable(p_name, 'llm_model_drop', TRUE);
   DELETE FROM llm_tensor
   WHERE
     model = p_name;
@@ -290,11 +293,11 @@ END
 $fn$;
 
 -- Check that a model has exactly the parameter tensors of its config with the right shapes (and, with p_tiles, every tile); returns its config row.
-CREATE OR REPLACE FUNCTION llm_model_check(p_name TEXT, p_tiles BOOLEAN DEFAULT FALSE)
+CREATE OR REPLACE FUNCTION llm_internal.llm_model_check(p_name TEXT, p_tiles BOOLEAN DEFAULT FALSE)
 RETURNS llm_model_config
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   c llm_model_config; v_config TEXT; v_problem TEXT; v_n BIGINT;
@@ -370,7 +373,7 @@ BEGIN
 END
 $fn$;
 
--- Every model with its config sizes, optimizer step and stored parameter count.
+-- Every model with its config sizes, optimizer step, stored parameter count and owner.
 CREATE VIEW llm_models AS
 SELECT
   m.name,
@@ -384,7 +387,8 @@ SELECT
   COALESCE(s.tensors, 0) AS tensors,
   COALESCE(s.params, 0) AS params,
   m.created_at,
-  m.note
+  m.note,
+  m.owner
 FROM llm_model AS m
 JOIN llm_model_config AS c
   ON c.name = m.config

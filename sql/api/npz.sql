@@ -21,11 +21,11 @@
 -- only; pg-llm checkpoint import restores it). Export writes the parameters under pg_llm's names
 -- (wte.weight, h.0.attn.c_attn.weight, ...; Conv1D [in, out]), uncompressed unless compressed => TRUE.
 -- COPY's rule for server-side files: superuser, or member of pg_read_server_files (read) / pg_write_server_files (write); else a clear error.
-CREATE OR REPLACE FUNCTION llm_server_file_check(p_path TEXT, p_write BOOLEAN, p_caller TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_server_file_check(p_path TEXT, p_write BOOLEAN, p_caller TEXT)
 RETURNS VOID
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_ok BOOLEAN; v_role TEXT;
@@ -55,11 +55,11 @@ END
 $fn$;
 
 -- Re-raise an error caught from PL/Python without its Python class prefix ('plpy.Error: pg_llm: ...' becomes 'pg_llm: ...'), keeping detail, hint and SQLSTATE.
-CREATE OR REPLACE FUNCTION llm_reraise(p_msg TEXT, p_detail TEXT, p_hint TEXT, p_state TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_reraise(p_msg TEXT, p_detail TEXT, p_hint TEXT, p_state TEXT)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
@@ -79,11 +79,11 @@ END
 $fn$;
 
 -- Worker of pg_llm_import_npz (same permission check; errors carry PL/Python's prefix).
-CREATE OR REPLACE FUNCTION llm_npz_import(path TEXT, model TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_npz_import(path TEXT, model TEXT)
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 if 'pg_llm_boot' not in GD:
@@ -93,11 +93,11 @@ return server_import(plpy, path, model, (('n_layer', 'int'), ('n_head', 'int'), 
 $fn$;
 
 -- Worker of pg_llm_export_npz (same permission check).
-CREATE OR REPLACE FUNCTION llm_npz_export(path TEXT, model TEXT, compressed BOOLEAN)
+CREATE OR REPLACE FUNCTION llm_internal.llm_npz_export(path TEXT, model TEXT, compressed BOOLEAN)
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 if 'pg_llm_boot' not in GD:
@@ -111,7 +111,7 @@ CREATE OR REPLACE FUNCTION pg_llm_import_npz(path TEXT, model TEXT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -131,7 +131,7 @@ CREATE OR REPLACE FUNCTION pg_llm_export_npz(path TEXT, model TEXT, compressed B
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

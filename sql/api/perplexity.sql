@@ -27,11 +27,11 @@ CREATE DOMAIN llm_dataset_name AS TEXT;
 
 -- Sliding-window NLL: windows x[b:e) (b = 0, stride, ...; e = min(b + p_window, n)); window scores y[i]
 -- for i in [max(previous e, b), e) given x[b..i]. Returns {sum of NLLs (float64), tokens scored}.
-CREATE OR REPLACE FUNCTION llm_perplexity_windows(p_model TEXT, p_x INT[], p_y INT[], p_window INT, p_stride INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_perplexity_windows(p_model TEXT, p_x INT[], p_y INT[], p_window INT, p_stride INT)
 RETURNS FLOAT8[]
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -68,7 +68,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity_tokens(model TEXT, tokens INT[], strid
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -115,7 +115,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity(model TEXT, text TEXT, stride INT DEFA
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -136,7 +136,7 @@ CREATE OR REPLACE FUNCTION llm_perplexity(model TEXT, dataset llm_dataset_name, 
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

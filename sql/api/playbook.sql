@@ -11,7 +11,7 @@ CREATE OR REPLACE FUNCTION llm_loss(model TEXT, tokens INT[], targets INT[], n_l
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -32,7 +32,7 @@ CREATE OR REPLACE FUNCTION llm_generate(prompt TEXT, max_tokens INT, temperature
 RETURNS TEXT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -53,7 +53,7 @@ CREATE OR REPLACE FUNCTION llm_generate_stream(prompt TEXT, max_tokens INT, temp
 RETURNS TABLE(step INT, token_id INT, token TEXT)
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 SELECT

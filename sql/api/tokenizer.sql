@@ -109,7 +109,7 @@ LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   CASE p_pretokenizer
@@ -119,11 +119,11 @@ SELECT
 $fn$;
 
 -- Catalog row of a tokenizer, or a clear error naming how to import it.
-CREATE OR REPLACE FUNCTION llm_tokenizer_get(p_name TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tokenizer_get(p_name TEXT)
 RETURNS llm_tokenizer
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_tokenizer;
@@ -145,7 +145,7 @@ RETURNS TABLE(piece TEXT, ids INT[])
 LANGUAGE sql
 STABLE
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 WITH RECURSIVE w(piece, parts, ranks, mids) AS (
@@ -229,14 +229,37 @@ WHERE
   )
 $fn$;
 
+-- Cache the BPE of pre-tokens. As pg_llm's owner (SECURITY DEFINER): the cache is shared, so no role may write it directly; this computes every row it stores from the tokenizer's own tables.
+CREATE OR REPLACE FUNCTION llm_internal.llm_bpe_cache_fill(p_tokenizer TEXT, p_pieces TEXT[])
+RETURNS VOID
+LANGUAGE sql
+VOLATILE
+STRICT
+SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+INSERT INTO llm_bpe_cache (
+  tokenizer,
+  piece,
+  ids
+)
+SELECT
+  p_tokenizer,
+  b.piece,
+  b.ids
+FROM llm_bpe_pieces(p_tokenizer, p_pieces) AS b
+ORDER BY
+  b.piece ON CONFLICT DO NOTHING
+$fn$;
+
 -- llm_encode's body: special tokens, pre-tokens, cached BPE, ids in order (custom plans: a generic plan
 -- for these array queries is up to 10x slower).
-CREATE OR REPLACE FUNCTION llm_bpe_encode(p_text TEXT, p_tokenizer TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_bpe_encode(p_text TEXT, p_tokenizer TEXT)
 RETURNS INT[]
 LANGUAGE plpgsql
 VOLATILE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 SET plan_cache_mode = force_custom_plan
 AS $fn$
@@ -325,25 +348,17 @@ BEGIN
   );
   IF cardinality(v_new) > cardinality(v_long) THEN
     BEGIN
-      INSERT INTO llm_bpe_cache (
-        tokenizer,
-        piece,
-        ids
-      )
-      SELECT
-        p_tokenizer,
-        b.piece,
-        b.ids
-      FROM llm_bpe_pieces(
-        p_tokenizer,
-        ARRAY(SELECT
-          n
-        FROM UNNEST(v_new) AS n
-        WHERE
-          octet_length(n) <= 255)
-      ) AS b
-      ORDER BY
-        b.piece ON CONFLICT DO NOTHING;
+      PERFORM (
+        SELECT
+          llm_bpe_cache_fill(
+            p_tokenizer,
+            ARRAY(SELECT
+              n
+            FROM UNNEST(v_new) AS n
+            WHERE
+              octet_length(n) <= 255)
+          )
+      );
     EXCEPTION WHEN read_only_sql_transaction THEN
       v_long := v_new;  -- a read-only transaction (hot standby): BPE without caching
     END;
@@ -394,7 +409,7 @@ RETURNS INT[]
 LANGUAGE sql
 VOLATILE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   llm_bpe_encode($1, $2)
@@ -408,7 +423,7 @@ LANGUAGE plpgsql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   n INT := length(p_bytes);
@@ -454,13 +469,13 @@ END
 $fn$;
 
 -- Valid UTF-8 (the usual case) is converted directly; anything else goes through llm_utf8_lossy.
-CREATE OR REPLACE FUNCTION llm_utf8_text(p_bytes BYTEA)
+CREATE OR REPLACE FUNCTION llm_internal.llm_utf8_text(p_bytes BYTEA)
 RETURNS TEXT
 LANGUAGE plpgsql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   RETURN convert_from(p_bytes, 'UTF8');
@@ -470,12 +485,12 @@ END
 $fn$;
 
 -- llm_decode_bytes' body: token bytes in order, an unknown id is an error naming it.
-CREATE OR REPLACE FUNCTION llm_bpe_decode_bytes(p_ids INT[], p_tokenizer TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_bpe_decode_bytes(p_ids INT[], p_tokenizer TEXT)
 RETURNS BYTEA
 LANGUAGE plpgsql
 STABLE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -508,7 +523,7 @@ RETURNS BYTEA
 LANGUAGE sql
 STABLE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   llm_bpe_decode_bytes($1, $2)
@@ -521,7 +536,7 @@ RETURNS TEXT
 LANGUAGE sql
 STABLE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   llm_utf8_text(llm_decode_bytes($1, $2))
@@ -533,7 +548,7 @@ RETURNS TABLE(pos INT, id INT, printable TEXT, piece TEXT)
 LANGUAGE sql
 VOLATILE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 SELECT
@@ -553,7 +568,7 @@ CREATE OR REPLACE FUNCTION llm_bpe_cache_clear(tokenizer TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;

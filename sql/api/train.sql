@@ -83,11 +83,11 @@ FROM llm_train_job AS j;
 
 
 -- One trainer per model: a transaction lock for the step and the live llm_train_job owner.
-CREATE OR REPLACE FUNCTION llm_train_guard(p_model TEXT, p_on_behalf_of INT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_guard(p_model TEXT, p_on_behalf_of INT DEFAULT NULL)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_pid INT;
@@ -118,23 +118,23 @@ END
 $fn$;
 
 -- Weight decay applies to matmul weights and embeddings, not to biases or LayerNorm.
-CREATE OR REPLACE FUNCTION llm_param_decays(p_name TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_param_decays(p_name TEXT)
 RETURNS BOOLEAN
 LANGUAGE sql
 IMMUTABLE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   p_name LIKE '%.weight' AND p_name NOT LIKE '%ln\_%' ESCAPE '\'
 $fn$;
 
 -- The seeded mini-batch of step p_step (micro-batch p_micro): batch_size rows drawn by a hash of (seed, step, micro, row id), so any session draws the same rows.
-CREATE OR REPLACE FUNCTION llm_train_batch(p_dataset TEXT, p_split TEXT, p_batch_size INT, p_seed BIGINT, p_step INT, p_micro INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_batch(p_dataset TEXT, p_split TEXT, p_batch_size INT, p_seed BIGINT, p_step INT, p_micro INT)
 RETURNS TABLE(tokens INT[], targets INT[])
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -168,11 +168,11 @@ $fn$;
 
 -- Forward (recorded on p_tape) + mean cross-entropy + backward of p_loss_scale * loss.
 --                     Parameter gradients accumulate on p_tape across calls (grad accumulation).
-CREATE OR REPLACE FUNCTION llm_gpt2_loss_backward(p_model TEXT, p_tokens INT[], p_targets INT[], p_seq_len INT, p_tape BIGINT, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_loss_scale FLOAT8 DEFAULT 1)
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_loss_backward(p_model TEXT, p_tokens INT[], p_targets INT[], p_seq_len INT, p_tape BIGINT, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_loss_scale FLOAT8 DEFAULT 1)
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -195,7 +195,7 @@ CREATE OR REPLACE FUNCTION llm_train_step(model TEXT, dataset TEXT, batch_size I
 RETURNS llm_train_log
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -206,6 +206,7 @@ DECLARE
 BEGIN
   v_t0 := clock_timestamp();
   PERFORM llm_model_get(model);
+  PERFORM llm_model_writable(model, 'llm_train_step');
   PERFORM llm_train_guard(model, on_behalf_of);
   PERFORM llm_train_check('llm_train_step', dataset, split, batch_size, lr, warmup_steps, max_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
   IF on_behalf_of IS NOT NULL AND NOT EXISTS (SELECT 1 FROM llm_train_job AS j

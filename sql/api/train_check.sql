@@ -8,7 +8,7 @@ CREATE OR REPLACE FUNCTION llm_train_check(p_caller TEXT, p_dataset TEXT, p_spli
 RETURNS VOID
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_rows BIGINT;

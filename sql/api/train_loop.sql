@@ -9,7 +9,7 @@ CREATE OR REPLACE FUNCTION llm_eval_loss(model TEXT, dataset TEXT, split TEXT DE
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_sum FLOAT8 := 0; v_n INT := 0; v_tokens INT[]; v_targets INT[]; v_t INT; r RECORD;
@@ -38,11 +38,11 @@ END
 $fn$;
 
 -- Register a training loop (pid) as the model's trainer; error when another one runs.
-CREATE OR REPLACE FUNCTION llm_train_claim(p_model TEXT, p_steps INT, p_pid INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_claim(p_model TEXT, p_steps INT, p_pid INT)
 RETURNS INT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_pid INT; v_step INT;
@@ -59,14 +59,15 @@ END
 $fn$;
 
 -- Resolve a training call's dataset (default: the only one) and report ignored playbook arguments; the rest is llm_train_check's, right after.
-CREATE OR REPLACE FUNCTION llm_train_prepare(p_model TEXT, p_dataset TEXT, p_split TEXT, p_grad_workers INT, p_prune_workers INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_prepare(p_model TEXT, p_dataset TEXT, p_split TEXT, p_grad_workers INT, p_prune_workers INT)
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   PERFORM llm_model_get(p_model);
+  PERFORM llm_model_writable(p_model, 'training');
   IF p_dataset IS NULL THEN
     p_dataset := (SELECT min(d.dataset) FROM llm_dataset AS d);
     IF p_dataset IS NULL THEN
@@ -99,7 +100,7 @@ DECLARE
   v_step INT; v_free INT8; v_now INT8; v_growth INT8;
 BEGIN
   v_caller_path := pg_catalog.current_setting('search_path');
-  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, llm_internal, pg_temp', TRUE);
   v_t0 := clock_timestamp();
   v_conn := 'pg_llm_vacuum_' || pg_backend_pid();
   v_free := llm_disk_free();
@@ -117,16 +118,23 @@ BEGIN
   END IF;
   PERFORM llm_train_check('llm_train_run', dataset, split, batch_size, lr, warmup_steps, coalesce(max_steps, steps), min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
   v_first := llm_train_claim(model, steps, pg_backend_pid());
-  BEGIN
-    PERFORM llm_loopback_connect(v_conn);
-  EXCEPTION WHEN OTHERS THEN  -- train anyway: autovacuum reclaims, later
-    RAISE WARNING 'pg_llm: llm_train_run cannot vacuum between steps: %', SQLERRM
-      USING HINT = 'Its loopback connection failed: set pg_llm.loopback to the missing conninfo (e.g. '
-        'password=...). Until then autovacuum reclaims the old tile versions, up to a minute later.';
+  IF NOT pg_has_role((SELECT c.relowner FROM pg_class AS c WHERE c.oid = 'llm_tile_durable'::REGCLASS),
+                     'USAGE') THEN
+    RAISE NOTICE 'pg_llm: llm_train_run leaves the old tile versions of its steps to autovacuum (within a '
+      'minute or so): only the owner of pg_llm''s tables may VACUUM them';
     v_conn := NULL;
-  END;
+  ELSE
+    BEGIN
+      PERFORM llm_loopback_connect(v_conn);
+    EXCEPTION WHEN OTHERS THEN  -- train anyway: autovacuum reclaims, later
+      RAISE WARNING 'pg_llm: llm_train_run cannot vacuum between steps: %', SQLERRM
+        USING HINT = 'Its loopback connection failed: set pg_llm.loopback to the missing conninfo (e.g. '
+          'password=...). Until then autovacuum reclaims the old tile versions, up to a minute later.';
+      v_conn := NULL;
+    END;
+  END IF;
   COMMIT;
-  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, llm_internal, pg_temp', TRUE);
   LOOP
     v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model);
     EXIT WHEN v_step >= steps;
@@ -153,7 +161,7 @@ BEGIN
 
     COMMIT;
 
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, pg_temp', TRUE);
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, llm_internal, pg_temp', TRUE);
     -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
     PERFORM llm_loopback_vacuum(v_conn);
     v_now := llm_disk_free();
@@ -174,7 +182,7 @@ CREATE OR REPLACE FUNCTION llm_train(model TEXT, steps INT, dataset TEXT DEFAULT
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;

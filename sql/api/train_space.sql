@@ -13,11 +13,11 @@
 -- its last one: after a VACUUM a step reuses the pages the previous one freed (GPT-2 small with 8 x 1024
 -- tokens writes 28 GB in its first step, then about nothing), so the first step's growth would stop it at once.
 -- Bytes free for PostgreSQL on the disk holding the data directory (os.statvfs).
-CREATE OR REPLACE FUNCTION llm_disk_free()
+CREATE OR REPLACE FUNCTION llm_internal.llm_disk_free()
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 import os
 s = os.statvfs('.')  # a backend's working directory is the data directory
@@ -26,11 +26,11 @@ $fn$;
 
 -- NULL when one more step of p_growth bytes leaves pg_llm.min_free_disk (default
 --                     1GB) free on the data directory's disk; else the reason to stop.
-CREATE OR REPLACE FUNCTION llm_train_room(p_loop TEXT, p_step BIGINT, p_free BIGINT, p_growth BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_room(p_loop TEXT, p_step BIGINT, p_free BIGINT, p_growth BIGINT)
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_min BIGINT;
@@ -47,12 +47,12 @@ END
 $fn$;
 
 -- A libpq conninfo value, quoted: any role, database or path is one value, never keywords.
-CREATE OR REPLACE FUNCTION llm_conninfo_quote(p_value TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_conninfo_quote(p_value TEXT)
 RETURNS TEXT
 LANGUAGE plpgsql
 IMMUTABLE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   RETURN '''' || replace(replace(p_value, '\', '\\'), '''', '\''') || '''';
@@ -61,22 +61,40 @@ $fn$;
 
 -- Open the named dblink connection to this database as this user (set pg_llm.loopback
 --                         to extra conninfo, e.g. a password, if the server needs it).
-CREATE OR REPLACE FUNCTION llm_loopback_connect(p_conn TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_connect(p_conn TEXT)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
+DECLARE
+  v_info TEXT; v_socket TEXT;
 BEGIN
   IF p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
     PERFORM dblink_disconnect(p_conn);  -- left open by a cancelled earlier call in this session
   END IF;
-  PERFORM dblink_connect_u(p_conn, coalesce(current_setting('pg_llm.loopback', TRUE), '')
+  BEGIN
+    v_socket := nullif(split_part(current_setting('unix_socket_directories'), ',', 1), '');
+  EXCEPTION WHEN insufficient_privilege THEN  -- pg_read_all_settings only: libpq's default socket then
+    v_socket := NULL;
+  END;
+  v_info := coalesce(current_setting('pg_llm.loopback', TRUE), '')
     || ' dbname=' || llm_conninfo_quote(current_database())
     || ' port=' || llm_conninfo_quote(current_setting('port'))
     || ' user=' || llm_conninfo_quote(current_user)
-    || coalesce(' host=' || llm_conninfo_quote(nullif(split_part(current_setting('unix_socket_directories'),
-                                                                 ',', 1), '')), ''));
+    || coalesce(' host=' || llm_conninfo_quote(v_socket), '');
+  IF has_function_privilege('dblink_connect_u(text, text)', 'EXECUTE') THEN
+    PERFORM dblink_connect_u(p_conn, v_info);
+  ELSE
+    BEGIN  -- an ordinary role: dblink insists that the server asked for its password, and got it
+      PERFORM dblink_connect(p_conn, v_info);
+    EXCEPTION WHEN OTHERS THEN
+      RAISE EXCEPTION 'pg_llm: role % cannot open the loopback connection a SELECT training loop needs: %',
+        current_user, SQLERRM
+        USING HINT = 'CALL llm_train_run(...) trains without one (the same arguments, a commit per step). '
+          'Or, where the server asks for passwords, SET pg_llm.loopback = ''password=...'' (docs/access.md).';
+    END;
+  END IF;
   -- the loopback session resolves names as pg_llm's functions do, whatever the role's default path
   PERFORM dblink_exec(p_conn, 'SET search_path = ' || current_setting('search_path'));  -- ours, pinned
   -- and stops its statement within a second of its caller's end (pg_terminate_backend, a crash)
@@ -88,11 +106,11 @@ $fn$;
 --                         its first row as text (a command: its status). Interruptible: the caller's cancel or
 --                         statement_timeout cancels the loopback statement as well (a plain dblink call waits
 --                         for it). p_fail FALSE: a failed statement returns NULL (with a WARNING).
-CREATE OR REPLACE FUNCTION llm_loopback_run(p_conn TEXT, p_sql TEXT, p_fail BOOLEAN DEFAULT TRUE)
+CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_run(p_conn TEXT, p_sql TEXT, p_fail BOOLEAN DEFAULT TRUE)
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v TEXT;
@@ -113,11 +131,11 @@ END
 $fn$;
 
 -- VACUUM the tile partitions through the loopback connection p_conn (NULL: nothing).
-CREATE OR REPLACE FUNCTION llm_loopback_vacuum(p_conn TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_vacuum(p_conn TEXT)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   IF p_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
@@ -127,11 +145,11 @@ END
 $fn$;
 
 -- Close the loopback connection p_conn (NULL: nothing).
-CREATE OR REPLACE FUNCTION llm_loopback_close(p_conn TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_close(p_conn TEXT)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   IF p_conn IS NOT NULL THEN
@@ -141,11 +159,11 @@ END
 $fn$;
 
 -- Tell a SELECT llm_train caller what its snapshot keeps on disk when that is over 1 GB.
-CREATE OR REPLACE FUNCTION llm_train_pinned_notice(p_model TEXT, p_step BIGINT, p_steps BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_pinned_notice(p_model TEXT, p_step BIGINT, p_steps BIGINT)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_bytes FLOAT8;

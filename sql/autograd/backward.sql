@@ -7,11 +7,11 @@
 -- existing one. The embedding backward adds straight into an owned gradient (it touches only the rows of the
 -- ids), which is how the tied wte gets both of its gradients.
 -- Add p_grad into the gradient of p_tensor on a tape (register it when it is the first).
-CREATE OR REPLACE FUNCTION llm_grad_acc(p_tape BIGINT, p_tensor BIGINT, p_grad BIGINT, p_owned BOOLEAN DEFAULT TRUE)
+CREATE OR REPLACE FUNCTION llm_internal.llm_grad_acc(p_tape BIGINT, p_tensor BIGINT, p_grad BIGINT, p_owned BOOLEAN DEFAULT TRUE)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -30,11 +30,11 @@ END
 $fn$;
 
 -- Gradient tensor of p_tensor on a tape, or NULL.
-CREATE OR REPLACE FUNCTION llm_grad_of(p_tape BIGINT, p_tensor BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_grad_of(p_tape BIGINT, p_tensor BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   grad
@@ -44,11 +44,11 @@ WHERE
 $fn$;
 
 -- An empty tensor with the shape and tiling of p_id.
-CREATE OR REPLACE FUNCTION llm_tensor_like(p_id BIGINT, p_name TEXT, p_role TEXT DEFAULT 'grad')
+CREATE OR REPLACE FUNCTION llm_internal.llm_tensor_like(p_id BIGINT, p_name TEXT, p_role TEXT DEFAULT 'grad')
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   llm_tensor_create(p_name, v.shape, v.tile, p_role, v.model)
@@ -59,11 +59,11 @@ $fn$;
 
 -- Backpropagate p_root_grad (dL/d p_root) through the tape rows recorded after seq
 --                     p_after, in reverse; gradients land in llm_tape_grad (parameters' included).
-CREATE OR REPLACE FUNCTION llm_backward(p_tape BIGINT, p_root BIGINT, p_root_grad BIGINT, p_after BIGINT DEFAULT 0)
+CREATE OR REPLACE FUNCTION llm_internal.llm_backward(p_tape BIGINT, p_root BIGINT, p_root_grad BIGINT, p_after BIGINT DEFAULT 0)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

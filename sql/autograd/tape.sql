@@ -11,7 +11,7 @@
 -- Tape rows and gradients of a step are scratch: UNLOGGED tables and scratch tensors, dropped when the step ends.
 -- One row per recorded op of a training forward: out = op(a, b, c; args). Which input is a, b, c
 -- and which arguments args names: the op's registration (py/autograd/registry.py).
-CREATE UNLOGGED TABLE llm_tape (
+CREATE UNLOGGED TABLE llm_internal.llm_tape (
   tape BIGINT NOT NULL,
   seq BIGINT NOT NULL,
   op TEXT NOT NULL,
@@ -24,11 +24,11 @@ CREATE UNLOGGED TABLE llm_tape (
 );
 
 -- Tape order (backward walks seq descending).
-CREATE SEQUENCE llm_tape_seq;
+CREATE SEQUENCE llm_internal.llm_tape_seq;
 
 -- Gradient of each tensor of a tape. owned = false when the grad tensor is shared (e.g. both
 -- inputs of an add get dy itself): accumulating into it then copies first.
-CREATE UNLOGGED TABLE llm_tape_grad (
+CREATE UNLOGGED TABLE llm_internal.llm_tape_grad (
   tape BIGINT NOT NULL,
   tensor BIGINT NOT NULL,
   grad BIGINT NOT NULL,
@@ -38,11 +38,11 @@ CREATE UNLOGGED TABLE llm_tape_grad (
 
 
 -- Append an op to a tape (no-op when p_tape is NULL); returns p_out.
-CREATE OR REPLACE FUNCTION llm_tape_record(p_tape BIGINT, p_op TEXT, p_out BIGINT, p_a BIGINT, p_b BIGINT DEFAULT NULL, p_c BIGINT DEFAULT NULL, p_args JSONB DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tape_record(p_tape BIGINT, p_op TEXT, p_out BIGINT, p_a BIGINT, p_b BIGINT DEFAULT NULL, p_c BIGINT DEFAULT NULL, p_args JSONB DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 INSERT INTO llm_tape (
   tape,
@@ -70,11 +70,11 @@ SELECT
 $fn$;
 
 -- Recording wrapper: add forward, appended to the tape when p_tape is set.
-CREATE OR REPLACE FUNCTION llm_t_add(p_tape BIGINT, p_a BIGINT, p_b BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_add(p_tape BIGINT, p_a BIGINT, p_b BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET extra_float_digits = 1
 AS $fn$
 SELECT
@@ -82,11 +82,11 @@ SELECT
 $fn$;
 
 -- Recording wrapper: add_bias forward, appended to the tape when p_tape is set.
-CREATE OR REPLACE FUNCTION llm_t_add_bias(p_tape BIGINT, p_x BIGINT, p_b BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_add_bias(p_tape BIGINT, p_x BIGINT, p_b BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET extra_float_digits = 1
 AS $fn$
 SELECT
@@ -94,11 +94,11 @@ SELECT
 $fn$;
 
 -- Recording wrapper: attention forward, appended to the tape when p_tape is set.
-CREATE OR REPLACE FUNCTION llm_t_attention(p_tape BIGINT, p_qkv BIGINT, p_n_head INT, p_seq_len INT, p_dropout FLOAT8, p_seed BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_attention(p_tape BIGINT, p_qkv BIGINT, p_n_head INT, p_seq_len INT, p_dropout FLOAT8, p_seed BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET extra_float_digits = 1
 AS $fn$
 SELECT
@@ -112,11 +112,11 @@ SELECT
 $fn$;
 
 -- Recording wrapper: embedding forward, appended to the tape when p_tape is set.
-CREATE OR REPLACE FUNCTION llm_t_embedding(p_tape BIGINT, p_w BIGINT, p_ids INT[], p_tile_rows INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_embedding(p_tape BIGINT, p_w BIGINT, p_ids INT[], p_tile_rows INT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET extra_float_digits = 1
 AS $fn$
 SELECT
@@ -130,11 +130,11 @@ SELECT
 $fn$;
 
 -- Recording wrapper: gelu forward, appended to the tape when p_tape is set.
-CREATE OR REPLACE FUNCTION llm_t_gelu(p_tape BIGINT, p_x BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_gelu(p_tape BIGINT, p_x BIGINT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET extra_float_digits = 1
 AS $fn$
 SELECT
@@ -142,11 +142,11 @@ SELECT
 $fn$;
 
 -- Recording wrapper: layernorm forward, appended to the tape when p_tape is set.
-CREATE OR REPLACE FUNCTION llm_t_layernorm(p_tape BIGINT, p_x BIGINT, p_w BIGINT, p_b BIGINT, p_eps FLOAT8)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_layernorm(p_tape BIGINT, p_x BIGINT, p_w BIGINT, p_b BIGINT, p_eps FLOAT8)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET extra_float_digits = 1
 AS $fn$
 SELECT
@@ -162,11 +162,11 @@ SELECT
 $fn$;
 
 -- Recording wrapper: matmul forward, appended to the tape when p_tape is set.
-CREATE OR REPLACE FUNCTION llm_t_matmul(p_tape BIGINT, p_a BIGINT, p_b BIGINT, p_ta BOOLEAN DEFAULT FALSE, p_tb BOOLEAN DEFAULT FALSE)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_matmul(p_tape BIGINT, p_a BIGINT, p_b BIGINT, p_ta BOOLEAN DEFAULT FALSE, p_tb BOOLEAN DEFAULT FALSE)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET extra_float_digits = 1
 AS $fn$
 SELECT
@@ -181,12 +181,12 @@ SELECT
 $fn$;
 
 -- A non-negative 60-bit seed for one dropout site (e.g. 'h.3.attn') of a step's seed.
-CREATE OR REPLACE FUNCTION llm_site_seed(p_seed BIGINT, p_site TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_site_seed(p_seed BIGINT, p_site TEXT)
 RETURNS BIGINT
 LANGUAGE sql
 IMMUTABLE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   CAST(CAST((

@@ -10,6 +10,9 @@
 -- Durable tensors (param, adam_m, adam_v) have positive ids and live in the logged partition llm_tile_durable.
 -- Scratch tensors (activation, cache, grad) have negative ids and live in the UNLOGGED partition
 -- llm_tile_scratch: no WAL for what a training step or a forward pass throws away, and a crash empties them.
+-- pg_llm's internals (py/gen/surface.py): not in the user's namespace.
+CREATE SCHEMA llm_internal;
+
 -- Tensor catalog: one row per tensor. Scratch tensors (activation, cache) have negative ids.
 CREATE TABLE llm_tensor (
   id BIGINT PRIMARY KEY,
@@ -21,6 +24,7 @@ CREATE TABLE llm_tensor (
   dtype TEXT NOT NULL DEFAULT 'float32' CHECK (dtype = 'float32'),
   created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
   backend_pid INT NOT NULL DEFAULT pg_backend_pid(),
+  owner REGROLE NOT NULL DEFAULT CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE),
   CHECK ((
     id > 0
   ) = (
@@ -68,52 +72,52 @@ ALTER TABLE llm_tile_durable SET (autovacuum_vacuum_cost_delay = 0, toast.autova
 ALTER TABLE llm_tile_scratch SET (autovacuum_vacuum_cost_delay = 0, toast.autovacuum_vacuum_cost_delay = 0);
 
 -- Extent of tile i along an axis of length n cut in tiles of t (edge tiles are ragged).
-CREATE OR REPLACE FUNCTION llm_tile_dim(n INT, t INT, i INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tile_dim(n INT, t INT, i INT)
 RETURNS INT
 LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   LEAST(t, n - i * t)
 $fn$;
 
 -- Stored rows of a tensor: a 1-D tensor of n is one row of n.
-CREATE OR REPLACE FUNCTION llm_rows(shape INT[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_rows(shape INT[])
 RETURNS INT
 LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   CASE WHEN cardinality(shape) = 1 THEN 1 ELSE shape[1] END
 $fn$;
 
 -- Stored columns of a tensor.
-CREATE OR REPLACE FUNCTION llm_cols(shape INT[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_cols(shape INT[])
 RETURNS INT
 LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   shape[cardinality(shape)]
 $fn$;
 
 -- A shape as text for error messages, Python style: (3, 4) or (5,).
-CREATE OR REPLACE FUNCTION llm_shape_text(shape INT[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_shape_text(shape INT[])
 RETURNS TEXT
 LANGUAGE sql
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   '(' || ARRAY_TO_STRING(shape, ', ') || CASE WHEN cardinality(shape) = 1 THEN ',)' ELSE ')' END
@@ -124,7 +128,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_create(p_name TEXT, p_shape INT[], p_tile 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_id BIGINT;
@@ -142,6 +146,13 @@ BEGIN
   IF p_role IN ('activation', 'cache', 'grad') THEN
     v_id := nextval('llm_tensor_scratch_id');
   ELSE
+    IF coalesce(p_model, '') <> '' AND NOT EXISTS (SELECT 1 FROM llm_model AS m WHERE m.name = p_model) THEN
+      RAISE EXCEPTION 'pg_llm: llm_tensor_create: no model "%" for % tensor "%"', p_model, p_role, p_name
+        USING HINT = 'Create the model (llm_model_create), or leave p_model out for a free-standing tensor.';
+    END IF;
+    IF coalesce(p_model, '') <> '' THEN
+      PERFORM llm_model_writable(p_model, 'llm_tensor_create');
+    END IF;
     v_id := nextval('llm_tensor_durable_id');
   END IF;
   INSERT INTO llm_tensor (
@@ -163,7 +174,7 @@ CREATE OR REPLACE FUNCTION llm_tensor(p_model TEXT, p_name TEXT, p_role TEXT DEF
 RETURNS BIGINT
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_id BIGINT;
@@ -188,18 +199,18 @@ CREATE OR REPLACE FUNCTION llm_param(p_model TEXT, p_name TEXT)
 RETURNS BIGINT
 LANGUAGE sql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   llm_tensor(p_model, p_name, 'param')
 $fn$;
 
 -- Catalog row of a tensor, or a clear error when it does not exist.
-CREATE OR REPLACE FUNCTION llm_tensor_get(p_id BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tensor_get(p_id BIGINT)
 RETURNS llm_tensor
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -217,7 +228,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_drop(p_id BIGINT)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -236,7 +247,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_mark()
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   nextval('llm_tensor_scratch_id')
@@ -247,7 +258,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_release(p_mark BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;
@@ -263,7 +274,7 @@ CREATE OR REPLACE FUNCTION llm_scratch_clear()
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   n BIGINT;
@@ -281,7 +292,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_validate(p_id BIGINT)
 RETURNS llm_tensor
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor;
@@ -321,11 +332,11 @@ $fn$;
 --         if they never were (a fresh database: autovacuum's first pass comes up to a minute later). Without
 --         statistics the planner picked plans that made the first training steps of a 27M-parameter model 8x
 --         slower (19 s instead of 2.4 s). Tables the caller does not own are left alone. Returns how many.
-CREATE OR REPLACE FUNCTION llm_tables_analyze()
+CREATE OR REPLACE FUNCTION llm_internal.llm_tables_analyze()
 RETURNS INT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r RECORD; n INT := 0;

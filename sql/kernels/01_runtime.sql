@@ -4,11 +4,11 @@
 -- Once per backend (PL/Python bodies call it when GD lacks pg_llm_boot; call it by hand
 --                     to reload after a reinstall): the finder that imports pg_llm.kernels.* from llm_py_module,
 --                     and numpy (pg_llm's pip wheel first on sys.path).
-CREATE OR REPLACE FUNCTION llm_py_boot()
+CREATE OR REPLACE FUNCTION llm_internal.llm_py_boot()
 RETURNS BOOLEAN
 LANGUAGE plpython3u
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 src = plpy.execute("SELECT m.source FROM llm_py_module AS m WHERE m.name = 'pg_llm.kernels.loader'")[0]['source']
 ns = {'__name__': 'pg_llm_boot'}
@@ -17,13 +17,13 @@ return ns['install'](plpy, GD)
 $fn$;
 
 -- A tile payload as a flat float4[] (row-major).
-CREATE OR REPLACE FUNCTION llm_tile_to_float4(data BYTEA)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tile_to_float4(data BYTEA)
 RETURNS FLOAT4[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -32,13 +32,13 @@ return tile_to_list(data)
 $fn$;
 
 -- A tile payload as float4[rows][cols].
-CREATE OR REPLACE FUNCTION llm_tile_to_float4_2d(data BYTEA, cols INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tile_to_float4_2d(data BYTEA, cols INT)
 RETURNS FLOAT4[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -47,13 +47,13 @@ return tile_to_rows(data, cols)
 $fn$;
 
 -- float4[] (any dimensions, row-major) to a raw little-endian float32 payload.
-CREATE OR REPLACE FUNCTION llm_float4_to_tile(vals FLOAT4[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_float4_to_tile(vals FLOAT4[])
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -62,13 +62,13 @@ return list_to_tile(vals)
 $fn$;
 
 -- [n, min, max, sum, sum of squares, NaN count] of one tile, in float64.
-CREATE OR REPLACE FUNCTION llm_tile_stats(data BYTEA)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tile_stats(data BYTEA)
 RETURNS FLOAT8[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -81,7 +81,7 @@ CREATE OR REPLACE FUNCTION llm_tile_values(p_tensor BIGINT, p_tile_row INT, p_ti
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_data BYTEA;
@@ -107,7 +107,7 @@ CREATE OR REPLACE FUNCTION llm_tile_values_2d(p_tensor BIGINT, p_tile_row INT, p
 RETURNS FLOAT4[]
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_data BYTEA;
@@ -163,13 +163,13 @@ LEFT JOIN LATERAL (
   ON TRUE;
 
 -- Rows of one tile-row block (tiles ordered by column) as (row, float4[]).
-CREATE OR REPLACE FUNCTION llm_block_rows(tiles BYTEA[], rows INT, first INT, count INT, skip INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_block_rows(tiles BYTEA[], rows INT, first INT, count INT, skip INT)
 RETURNS TABLE(r INT, v FLOAT4[])
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -182,7 +182,7 @@ CREATE OR REPLACE FUNCTION llm_tensor_rows(p_tensor BIGINT, p_first_row INT DEFA
 RETURNS TABLE(row_index INT, vals FLOAT4[])
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_first INT; v_last INT;
@@ -228,7 +228,7 @@ CREATE OR REPLACE FUNCTION llm_doctor()
 RETURNS TABLE(check_name TEXT, value TEXT, status TEXT)
 LANGUAGE plpython3u
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')

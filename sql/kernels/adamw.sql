@@ -22,11 +22,11 @@
 -- llm_tensor_zeros_like(id, role, name, model) creates a zero tensor with the same shape and tiling.
 
 -- Fill every tile of a tensor with zeros in place, creating missing tiles (e.g. zero_grad). Returns p_id.
-CREATE OR REPLACE FUNCTION llm_tensor_zero(p_id BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tensor_zero(p_id BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -66,11 +66,11 @@ $fn$;
 
 -- A new zero-filled tensor with the shape and tiling of p_id, of role p_role (a scratch role gives a scratch
 -- tensor), named p_name in model p_model (default: p_id's). Returns its id.
-CREATE OR REPLACE FUNCTION llm_tensor_zeros_like(p_id BIGINT, p_role TEXT DEFAULT 'activation', p_name TEXT DEFAULT NULL, p_model TEXT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_internal.llm_tensor_zeros_like(p_id BIGINT, p_role TEXT DEFAULT 'activation', p_name TEXT DEFAULT NULL, p_model TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -97,13 +97,13 @@ $fn$;
 
 -- adamw microkernel: one tile's new ARRAY[param, m, v] payloads (h, w) from param, grad, m, v tiles (h, w);
 -- h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step t], bias corrections 1 - beta^t.
-CREATE OR REPLACE FUNCTION llm_mk_adamw(p BYTEA, g BYTEA, m BYTEA, v BYTEA, h FLOAT8[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_adamw(p BYTEA, g BYTEA, m BYTEA, v BYTEA, h FLOAT8[])
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -120,7 +120,7 @@ CREATE OR REPLACE FUNCTION llm_adamw_step(p_param BIGINT, p_grad BIGINT, p_m BIG
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -230,11 +230,11 @@ $fn$;
 
 -- AdamW state of a durable parameter: (m_id, v_id), the tensors of roles adam_m and adam_v with the
 -- parameter's model and name, created zero-filled with its shape and tiling when missing.
-CREATE OR REPLACE FUNCTION llm_adamw_state(p_param BIGINT, OUT m_id BIGINT, OUT v_id BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_adamw_state(p_param BIGINT, OUT m_id BIGINT, OUT v_id BIGINT)
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

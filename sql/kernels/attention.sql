@@ -11,13 +11,13 @@
 -- shape as qkv, capped by C). Rows of a batch are B sequences of T tokens each, stacked. The numpy
 -- microkernels: py/kernels/attention.py.
 -- attention microkernel: causal multi-head attention of one qkv matrix given as tiles.
-CREATE OR REPLACE FUNCTION llm_mk_attention(tiles BYTEA[], rows INT, cols INT, th INT, tw INT, n_head INT, seq_len INT, rate FLOAT8, seed BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_attention(tiles BYTEA[], rows INT, cols INT, th INT, tw INT, n_head INT, seq_len INT, rate FLOAT8, seed BIGINT)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -26,13 +26,13 @@ return attention_forward(tiles, rows, cols, th, tw, n_head, seq_len, rate, seed)
 $fn$;
 
 -- attention backward microkernel: dqkv tiles from qkv and dy tiles.
-CREATE OR REPLACE FUNCTION llm_mk_attention_backward(tiles BYTEA[], dy_tiles BYTEA[], rows INT, cols INT, th INT, tw INT, n_head INT, seq_len INT, rate FLOAT8, seed BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_attention_backward(tiles BYTEA[], dy_tiles BYTEA[], rows INT, cols INT, th INT, tw INT, n_head INT, seq_len INT, rate FLOAT8, seed BIGINT)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -47,7 +47,7 @@ CREATE OR REPLACE FUNCTION llm_attention(p_qkv BIGINT, p_n_head INT, p_seq_len I
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -103,7 +103,7 @@ CREATE OR REPLACE FUNCTION llm_attention_backward(p_qkv BIGINT, p_dy BIGINT, p_n
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -18,13 +18,13 @@
 -- numpy: py/kernels/attention_cache.py.
 -- cached attention microkernel: the new rows' qkv tiles and the cached [k | v] rows -> y tiles (t = 0) and
 -- the new cache rows (t = 1, tr = position).
-CREATE OR REPLACE FUNCTION llm_mk_attention_cached(tiles BYTEA[], kv BYTEA, rows INT, cols INT, th INT, tw INT, past INT, n_head INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_attention_cached(tiles BYTEA[], kv BYTEA, rows INT, cols INT, th INT, tw INT, past INT, n_head INT)
 RETURNS TABLE(t INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -36,11 +36,11 @@ $fn$;
 -- [k | v] of positions 0 .. p_past-1 -> y (n, C); the new rows' [k | v] are appended to the cache.
 -- tiling: one llm_mk_attention_cached call; y tiles are (qkv tile rows, min(qkv tile cols, C)); the cache
 -- has one tile (1, 2C) per position.
-CREATE OR REPLACE FUNCTION llm_attention_cached(p_qkv BIGINT, p_cache BIGINT, p_past INT, p_n_head INT, p_out BIGINT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_internal.llm_attention_cached(p_qkv BIGINT, p_cache BIGINT, p_past INT, p_n_head INT, p_out BIGINT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -21,12 +21,12 @@
 -- the block's 12 durable parameter ids (llm_gpt2_block_params order), cache: the layer's KV cache holding
 -- exactly positions 0 .. past-1. Returns ARRAY[new x row, new cache row [k | v]] (the caller inserts the
 -- cache row at position past). Weights and cache rows come from the backend's weight cache.
-CREATE OR REPLACE FUNCTION llm_mk_gpt2_block_step(x BYTEA, params BIGINT[], cache BIGINT, past INT, n_head INT, eps FLOAT8)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_block_step(x BYTEA, params BIGINT[], cache BIGINT, past INT, n_head INT, eps FLOAT8)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 STABLE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 if 'pg_llm_boot' not in GD:
@@ -36,11 +36,11 @@ return step_kernel(plpy, GD, x, params, cache, past, n_head, eps)
 $fn$;
 
 -- The parameter ids of a GPT-2 model's blocks for llm_mk_gpt2_block_step: 12 per layer (layer 0 first), or the error of the first missing one.
-CREATE OR REPLACE FUNCTION llm_gpt2_block_params(p_model TEXT, p_n_layer INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_params(p_model TEXT, p_n_layer INT)
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   v_names TEXT[] := ARRAY['ln_1.weight', 'ln_1.bias', 'attn.c_attn.weight', 'attn.c_attn.bias', 'attn.c_proj.weight', 'attn.c_proj.bias', 'ln_2.weight', 'ln_2.bias', 'mlp.c_fc.weight', 'mlp.c_fc.bias', 'mlp.c_proj.weight', 'mlp.c_proj.bias'];

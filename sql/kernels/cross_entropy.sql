@@ -13,13 +13,13 @@
 -- ORDINALITY into (tr, tc). The numpy microkernels: py/kernels/cross_entropy.py.
 -- cross_entropy microkernel: one tile-row block of logits (rows x cols, tiles ordered by column) and its
 -- rows' targets -> sum over the rows of logsumexp - logit[target] (float64).
-CREATE OR REPLACE FUNCTION llm_mk_cross_entropy(tiles BYTEA[], targets INT[], rows INT, cols INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_cross_entropy(tiles BYTEA[], targets INT[], rows INT, cols INT)
 RETURNS FLOAT8
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -29,13 +29,13 @@ $fn$;
 
 -- cross_entropy backward microkernel: one tile-row block of logits and its rows' targets -> the block's
 -- tiles of (softmax - onehot) * scale, in column order.
-CREATE OR REPLACE FUNCTION llm_mk_cross_entropy_backward(tiles BYTEA[], targets INT[], rows INT, cols INT, scale FLOAT8)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_cross_entropy_backward(tiles BYTEA[], targets INT[], rows INT, cols INT, scale FLOAT8)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -50,7 +50,7 @@ CREATE OR REPLACE FUNCTION llm_cross_entropy(p_logits BIGINT, p_targets INT[])
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -119,7 +119,7 @@ CREATE OR REPLACE FUNCTION llm_cross_entropy_backward(p_logits BIGINT, p_targets
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -20,13 +20,13 @@
 -- dropout microkernel: x * mask / (1 - rate) for tile (tr, tc) (h, w) -> (h, w), float32; the mask is drawn
 -- from PCG64(SeedSequence([seed mod 2^64, tr, tc])), so it depends only on the seed, the tile coordinates and
 -- the tile shape.
-CREATE OR REPLACE FUNCTION llm_mk_dropout(x BYTEA, rate FLOAT8, seed BIGINT, tr INT, tc INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_dropout(x BYTEA, rate FLOAT8, seed BIGINT, tr INT, tc INT)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -42,7 +42,7 @@ CREATE OR REPLACE FUNCTION llm_dropout(p_x BIGINT, p_rate FLOAT8, p_seed BIGINT,
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -97,7 +97,7 @@ CREATE OR REPLACE FUNCTION llm_dropout_backward(p_dy BIGINT, p_rate FLOAT8, p_se
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -146,11 +146,11 @@ END
 $fn$;
 
 -- Recording wrapper: inverted dropout (rate 0 is the identity and records nothing).
-CREATE OR REPLACE FUNCTION llm_t_dropout(p_tape BIGINT, p_x BIGINT, p_rate FLOAT8, p_seed BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_dropout(p_tape BIGINT, p_x BIGINT, p_rate FLOAT8, p_seed BIGINT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET extra_float_digits = 1
 AS $fn$
 BEGIN

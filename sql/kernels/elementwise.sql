@@ -22,13 +22,13 @@
 -- anything is written; an input with missing tiles makes the op fail instead of writing a partial output.
 -- The numpy microkernels: py/kernels/elementwise.py (llm_mk_add: py/kernels/common.py).
 -- mul microkernel: a * b for two tiles of one shape (h, w) -> (h, w), float32.
-CREATE OR REPLACE FUNCTION llm_mk_mul(a BYTEA, b BYTEA)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_mul(a BYTEA, b BYTEA)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -37,13 +37,13 @@ return ew_tile('mul', a, b)
 $fn$;
 
 -- add_bias microkernel: x tile (h, w) + bias tile (1, w) broadcast over rows -> (h, w).
-CREATE OR REPLACE FUNCTION llm_mk_add_bias(x BYTEA, b BYTEA)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_add_bias(x BYTEA, b BYTEA)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -52,13 +52,13 @@ return ew_tile('add_bias', x, b)
 $fn$;
 
 -- scale microkernel: alpha * x for one tile (h, w) -> (h, w), float32.
-CREATE OR REPLACE FUNCTION llm_mk_scale(x BYTEA, alpha FLOAT8)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_scale(x BYTEA, alpha FLOAT8)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -75,7 +75,7 @@ CREATE OR REPLACE FUNCTION llm_add(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAULT 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -131,7 +131,7 @@ CREATE OR REPLACE FUNCTION llm_mul(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAULT 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -187,7 +187,7 @@ CREATE OR REPLACE FUNCTION llm_scale(p_x BIGINT, p_alpha FLOAT8, p_out BIGINT DE
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -234,7 +234,7 @@ CREATE OR REPLACE FUNCTION llm_add_bias(p_x BIGINT, p_b BIGINT, p_out BIGINT DEF
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -290,7 +290,7 @@ CREATE OR REPLACE FUNCTION llm_add_backward(p_dy BIGINT, p_da BIGINT, p_db BIGIN
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -337,7 +337,7 @@ CREATE OR REPLACE FUNCTION llm_mul_backward(p_a BIGINT, p_b BIGINT, p_dy BIGINT,
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -352,7 +352,7 @@ CREATE OR REPLACE FUNCTION llm_scale_backward(p_dy BIGINT, p_alpha FLOAT8, p_dx 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -366,7 +366,7 @@ CREATE OR REPLACE FUNCTION llm_add_bias_backward(p_dy BIGINT, p_dx BIGINT, p_db 
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 BEGIN

@@ -21,13 +21,13 @@
 -- The numpy microkernel (the scatter-add): py/kernels/embedding.py.
 -- embedding backward microkernel: one (rows x cols) weight-gradient tile from the concatenated dy row slices
 -- (k x cols) and the local row each one lands in (scatter-add, repeated rows accumulate); empty -> zeros.
-CREATE OR REPLACE FUNCTION llm_mk_embedding_scatter(segs BYTEA, local_rows INT[], rows INT, cols INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_embedding_scatter(segs BYTEA, local_rows INT[], rows INT, cols INT)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -43,7 +43,7 @@ CREATE OR REPLACE FUNCTION llm_embedding(p_weight BIGINT, p_ids INT[], p_out BIG
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -122,7 +122,7 @@ CREATE OR REPLACE FUNCTION llm_embedding_backward(p_dy BIGINT, p_ids INT[], p_dw
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

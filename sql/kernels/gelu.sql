@@ -12,13 +12,13 @@
 -- allocates a scratch tensor, p_accumulate adds into it (forward default FALSE; backward default TRUE, gradients
 -- accumulate). Returns the output id. The numpy microkernels: py/kernels/gelu.py.
 -- gelu microkernel: tanh-form GELU of one tile (h, w) -> (h, w), float32.
-CREATE OR REPLACE FUNCTION llm_mk_gelu(x BYTEA)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gelu(x BYTEA)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -27,13 +27,13 @@ return gelu_tile(x)
 $fn$;
 
 -- gelu backward microkernel: dy * gelu'(x) for x and dy tiles of one shape (h, w) -> (h, w).
-CREATE OR REPLACE FUNCTION llm_mk_gelu_backward(x BYTEA, dy BYTEA)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gelu_backward(x BYTEA, dy BYTEA)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -48,7 +48,7 @@ CREATE OR REPLACE FUNCTION llm_gelu(p_x BIGINT, p_out BIGINT DEFAULT NULL, p_acc
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -92,7 +92,7 @@ CREATE OR REPLACE FUNCTION llm_gelu_backward(p_x BIGINT, p_dy BIGINT, p_dx BIGIN
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -13,13 +13,13 @@
 -- make llm_sq_norm fail instead of returning a partial norm. The numpy microkernel: py/kernels/grad_norm.py.
 
 -- sq_norm microkernel: sum of squares of one tile (h, w) -> float8, accumulated in float64.
-CREATE OR REPLACE FUNCTION llm_mk_sq_sum(x BYTEA)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_sq_sum(x BYTEA)
 RETURNS FLOAT8
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -29,11 +29,11 @@ $fn$;
 
 -- op: squared L2 norm of a tensor, sum(x^2) accumulated in float64.
 -- tiling: one llm_mk_sq_sum call per tile, summed in SQL; every tile must be present.
-CREATE OR REPLACE FUNCTION llm_sq_norm(p_tensor BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_sq_norm(p_tensor BIGINT)
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -64,7 +64,7 @@ CREATE OR REPLACE FUNCTION llm_global_grad_norm(p_ids BIGINT[])
 RETURNS FLOAT8
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -87,7 +87,7 @@ RETURNS FLOAT8
 LANGUAGE sql
 IMMUTABLE
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   CASE

@@ -12,13 +12,13 @@
 -- recomputed from x (cheaper than caching them as tensors), in float64. numpy: py/kernels/layernorm.py.
 -- layernorm microkernel: one tile-row block of x (rows x cols, tiles ordered by column) and the whole
 -- g, b rows -> the block's output tiles (same widths), in column order.
-CREATE OR REPLACE FUNCTION llm_mk_layernorm(x_tiles BYTEA[], g_row BYTEA, b_row BYTEA, rows INT, cols INT, eps FLOAT8)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_layernorm(x_tiles BYTEA[], g_row BYTEA, b_row BYTEA, rows INT, cols INT, eps FLOAT8)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -28,13 +28,13 @@ $fn$;
 
 -- layernorm backward microkernel: one tile-row block of x and dy (rows x cols) -> n dx tiles, then n
 -- partial dg tiles (1 x w), then n partial db tiles, n = number of column tiles.
-CREATE OR REPLACE FUNCTION llm_mk_layernorm_backward(x_tiles BYTEA[], dy_tiles BYTEA[], g_row BYTEA, rows INT, cols INT, eps FLOAT8)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_layernorm_backward(x_tiles BYTEA[], dy_tiles BYTEA[], g_row BYTEA, rows INT, cols INT, eps FLOAT8)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -44,11 +44,11 @@ $fn$;
 
 -- Check a 1-D layernorm gain/bias (C,) against x (R, C) (one row, x's column tiles) and
 -- return its whole row as one float32 payload.
-CREATE OR REPLACE FUNCTION llm_layernorm_param(p_id BIGINT, p_x llm_tensor, p_op TEXT, p_arg TEXT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_layernorm_param(p_id BIGINT, p_x llm_tensor, p_op TEXT, p_arg TEXT)
 RETURNS BYTEA
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
   r llm_tensor; v_row BYTEA;
@@ -86,7 +86,7 @@ CREATE OR REPLACE FUNCTION llm_layernorm(p_x BIGINT, p_g BIGINT, p_b BIGINT, p_o
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -137,7 +137,7 @@ CREATE OR REPLACE FUNCTION llm_layernorm_backward(p_x BIGINT, p_g BIGINT, p_dy B
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

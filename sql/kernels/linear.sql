@@ -25,11 +25,11 @@
 --         pre-activation, when pre). It reads panel i (pi tile rows) of x, panel j (pj tile cols) of W (a durable
 --         W's block from the backend's weight cache), of the bias b and of the residual res (NULL: none) itself;
 --         geom = [rows, cols, tile_rows, tile_cols]. numpy: pg_llm.kernels.linear.
-CREATE OR REPLACE FUNCTION llm_mk_linear_panel(x BIGINT, x_geom INT[], i INT, pi INT, wt_id BIGINT, w_geom INT[], j INT, pj INT, b BIGINT, gelu BOOLEAN, pre BOOLEAN, res BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_linear_panel(x BIGINT, x_geom INT[], i INT, pi INT, wt_id BIGINT, w_geom INT[], j INT, pj INT, b BIGINT, gelu BOOLEAN, pre BOOLEAN, res BIGINT)
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -45,7 +45,7 @@ CREATE OR REPLACE FUNCTION llm_linear(p_x BIGINT, p_w BIGINT, p_b BIGINT DEFAULT
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -131,7 +131,7 @@ CREATE OR REPLACE FUNCTION llm_linear_backward(p_x BIGINT, p_w BIGINT, p_dy BIGI
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 BEGIN
@@ -145,11 +145,11 @@ $fn$;
 --                     fused llm_linear calls. Recorded as 'linear' [+ 'gelu' from a saved pre-activation] [+ 'dropout']
 --                     [+ 'add']; with a residual and no dropout the add is fused too and 'linear' records an empty
 --                     stand-in for its output (backward only needs its gradient).
-CREATE OR REPLACE FUNCTION llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT, p_prefix TEXT, p_gelu BOOLEAN DEFAULT FALSE, p_residual BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_linear(p_tape BIGINT, p_x BIGINT, p_model TEXT, p_prefix TEXT, p_gelu BOOLEAN DEFAULT FALSE, p_residual BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

@@ -28,12 +28,12 @@
 --         panel i (pi tiles along m) of tensor a and panel j (pj tiles along n) of tensor b itself (a durable
 --         operand's block from the backend's weight cache when its row versions are unchanged); geom =
 --         [rows, cols, tile_rows, tile_cols] as stored. numpy: pg_llm.kernels.matmul (unit-tested alone).
-CREATE OR REPLACE FUNCTION llm_mk_matmul_panel(a BIGINT, a_geom INT[], ta BOOLEAN, i INT, pi INT, b BIGINT, b_geom INT[], tb BOOLEAN, j INT, pj INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_matmul_panel(a BIGINT, a_geom INT[], ta BOOLEAN, i INT, pi INT, b BIGINT, b_geom INT[], tb BOOLEAN, j INT, pj INT)
 RETURNS TABLE(tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -42,13 +42,13 @@ return panel_kernel(plpy, GD, a, a_geom, ta, i, pi, b, b_geom, tb, j, pj)
 $fn$;
 
 -- matmul microkernel: one (m, n) output tile from op(A)'s block row and op(B)'s block column (not used by llm_matmul since the panel form; kept for other ops and the bench).
-CREATE OR REPLACE FUNCTION llm_mk_matmul(a_tiles BYTEA[], b_tiles BYTEA[], m INT, n INT, ta BOOLEAN, tb BOOLEAN)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_matmul(a_tiles BYTEA[], b_tiles BYTEA[], m INT, n INT, ta BOOLEAN, tb BOOLEAN)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -63,7 +63,7 @@ CREATE OR REPLACE FUNCTION llm_matmul(p_a BIGINT, p_b BIGINT, p_out BIGINT DEFAU
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -124,7 +124,7 @@ CREATE OR REPLACE FUNCTION llm_matmul_backward(p_a BIGINT, p_b BIGINT, p_dy BIGI
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 BEGIN

@@ -14,13 +14,13 @@
 -- time to bound the temporaries. The numpy microkernel: py/kernels/nll.py.
 -- nll microkernel: one tile-row block of logits (rows x cols, tiles ordered by column) -> NLL (float64) of its
 -- rows skip .. skip + len(targets) - 1 against targets.
-CREATE OR REPLACE FUNCTION llm_mk_nll(tiles BYTEA[], rows INT, cols INT, skip INT, targets INT[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_nll(tiles BYTEA[], rows INT, cols INT, skip INT, targets INT[])
 RETURNS FLOAT8[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -31,11 +31,11 @@ $fn$;
 -- op: per-row NLL. logits (N, V), targets int[k], p_first_row f -> float8[k], element i =
 -- logsumexp(logits[f + i]) - logits[f + i, targets[i]] (float64). Sum it for an exact NLL total. tiling: one
 -- llm_mk_nll call per tile-row block holding scored rows; nothing is written.
-CREATE OR REPLACE FUNCTION llm_nll(p_logits BIGINT, p_targets INT[], p_first_row INT DEFAULT 0)
+CREATE OR REPLACE FUNCTION llm_internal.llm_nll(p_logits BIGINT, p_targets INT[], p_first_row INT DEFAULT 0)
 RETURNS FLOAT8[]
 LANGUAGE plpgsql
 STABLE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

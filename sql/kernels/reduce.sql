@@ -17,13 +17,13 @@
 -- p_accumulate adds into it (forward default FALSE; backward default TRUE, gradients accumulate).
 -- The numpy microkernels: py/kernels/reduce.py.
 -- sum microkernel: partial sum of one tile, axis 0 a (h, n) tile over rows -> (1, n), axis 1 an (n, w) tile over columns -> (n, 1); float64 inside, float32 out (added by llm_tile_sum).
-CREATE OR REPLACE FUNCTION llm_mk_sum(data BYTEA, n INT, axis INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_sum(data BYTEA, n INT, axis INT)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -32,13 +32,13 @@ return sum_tile(data, n, axis)
 $fn$;
 
 -- broadcast microkernel: axis 0 repeats a (1, w) row tile over h rows, axis 1 a (h, 1) column tile over w columns -> (h, w).
-CREATE OR REPLACE FUNCTION llm_mk_broadcast(v BYTEA, h INT, w INT, axis INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_broadcast(v BYTEA, h INT, w INT, axis INT)
 RETURNS BYTEA
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -53,7 +53,7 @@ CREATE OR REPLACE FUNCTION llm_sum_rows(p_x BIGINT, p_out BIGINT DEFAULT NULL, p
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -101,7 +101,7 @@ CREATE OR REPLACE FUNCTION llm_sum_cols(p_x BIGINT, p_out BIGINT DEFAULT NULL, p
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -150,7 +150,7 @@ CREATE OR REPLACE FUNCTION llm_sum_rows_backward(p_dy BIGINT, p_like BIGINT, p_d
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -212,7 +212,7 @@ CREATE OR REPLACE FUNCTION llm_sum_cols_backward(p_dy BIGINT, p_like BIGINT, p_d
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

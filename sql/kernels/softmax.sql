@@ -14,13 +14,13 @@
 -- first row (tr * tile_rows) gives each row's query position. The numpy microkernels: py/kernels/softmax.py.
 -- softmax microkernel: one tile-row block of S (rows x cols, tiles ordered by column, first global row
 -- first_row) -> the block's tiles of softmax(scale * S), row r masked to columns <= r mod seq_len if causal.
-CREATE OR REPLACE FUNCTION llm_mk_softmax(s_tiles BYTEA[], rows INT, cols INT, first_row INT, seq_len INT, scale FLOAT8, causal BOOLEAN)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_softmax(s_tiles BYTEA[], rows INT, cols INT, first_row INT, seq_len INT, scale FLOAT8, causal BOOLEAN)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -30,13 +30,13 @@ $fn$;
 
 -- softmax backward microkernel: one tile-row block of P and dP (rows x cols) -> the block's tiles of
 -- dS = P * (dP - rowsum(dP * P)) * scale, in column order.
-CREATE OR REPLACE FUNCTION llm_mk_softmax_backward(p_tiles BYTEA[], dp_tiles BYTEA[], rows INT, cols INT, scale FLOAT8)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_softmax_backward(p_tiles BYTEA[], dp_tiles BYTEA[], rows INT, cols INT, scale FLOAT8)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 IMMUTABLE
 STRICT
 PARALLEL SAFE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
@@ -51,7 +51,7 @@ CREATE OR REPLACE FUNCTION llm_softmax_causal(p_s BIGINT, p_seq_len INT, p_scale
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
@@ -116,7 +116,7 @@ CREATE OR REPLACE FUNCTION llm_softmax_causal_backward(p_p BIGINT, p_dp BIGINT, 
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE

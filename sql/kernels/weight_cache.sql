@@ -10,7 +10,7 @@ CREATE OR REPLACE FUNCTION llm_weight_cache_stats()
 RETURNS TABLE(tensors INT, entries INT, bytes BIGINT, hits BIGINT, misses BIGINT, evictions BIGINT)
 LANGUAGE plpython3u
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 if 'pg_llm_boot' not in GD:
@@ -24,7 +24,7 @@ CREATE OR REPLACE FUNCTION llm_weight_cache_clear()
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 if 'pg_llm_boot' not in GD:
@@ -34,12 +34,12 @@ return clear(GD)
 $fn$;
 
 -- Drop what this backend's weight cache holds of these tensors (e.g. the mirrors of KV caches a generation is done with); returns the bytes freed.
-CREATE OR REPLACE FUNCTION llm_weight_cache_forget(ids BIGINT[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_weight_cache_forget(ids BIGINT[])
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
 STRICT
-SET search_path = pg_catalog, @extschema@, pg_temp
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 if 'pg_llm_boot' not in GD:

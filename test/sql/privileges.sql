@@ -3,12 +3,18 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 SELECT p.proname FROM pg_proc AS p
-WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'llm%' AND p.prokind = 'f'
-  AND p.proconfig IS NULL ORDER BY 1;
+WHERE p.pronamespace IN ('public'::regnamespace, 'llm_internal'::regnamespace) AND p.proname LIKE 'llm%'
+  AND p.prokind = 'f' AND p.proconfig IS NULL ORDER BY 1;
 SELECT count(*) > 150 AS pinned FROM pg_proc AS p
-WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'llm%'
-  AND 'search_path=pg_catalog, public, pg_temp' = ANY(p.proconfig);
-CREATE ROLE regress_pg_llm_plain;
+WHERE p.pronamespace IN ('public'::regnamespace, 'llm_internal'::regnamespace) AND p.proname LIKE 'llm%'
+  AND 'search_path=pg_catalog, public, llm_internal, pg_temp' = ANY(p.proconfig);
+-- nothing for PUBLIC: a role needs one of pg_llm's roles to call it
+CREATE ROLE regress_pg_llm_nobody;
+SET ROLE regress_pg_llm_nobody;
+SELECT llm_encode('hi');
+RESET ROLE;
+DROP ROLE regress_pg_llm_nobody;
+CREATE ROLE regress_pg_llm_plain IN ROLE llm_trainer;
 INSERT INTO llm_model_config (name, n_layer, n_head, n_embd, n_ctx, vocab_size)
 VALUES ('regress-priv', 1, 2, 16, 8, 301);
 SELECT m.name, m.config FROM llm_model_create('p', 'regress-priv') AS m;
