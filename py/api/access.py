@@ -68,6 +68,24 @@ def _writable() -> str:
                          "a checkpoint into it; p_owner_only: drop it, grant it).")
 
 
+# Readers see whole training steps (tests/test_train_readers.py): a forward reads a model's weights in many
+# statements, each with a fresh snapshot under READ COMMITTED, so a step committing in between would mix two
+# steps. Forwards hold a shared advisory lock on the model until their transaction ends; a step takes it
+# exclusively just before it commits (waiting for forwards in flight, holding new ones for milliseconds).
+LOCK_KEY = "hashtextextended('pg_llm model ' || p_model, 0)"  # 64 bits: two models never share a lock
+
+
+def _locks() -> str:
+    read = function("llm_model_read_lock", "p_model TEXT", "VOID",
+                    f"SELECT pg_advisory_xact_lock_shared({LOCK_KEY})", language="sql",
+                    note="Taken by every forward: no training step of p_model commits until this transaction ends.")
+    write = function("llm_model_write_lock", "p_model TEXT", "VOID",
+                     f"SELECT pg_advisory_xact_lock({LOCK_KEY})", language="sql",
+                     note="Taken by a training step (or a checkpoint load) before its commit: waits for the "
+                          "forwards reading p_model in other sessions, and holds new ones until it commits.")
+    return "\n".join([read, write])
+
+
 def _grant() -> str:
     body = plpgsql("v_role REGROLE;", """
         PERFORM llm_model_get(p_model);
@@ -96,4 +114,4 @@ def _grant() -> str:
 
 
 def emit() -> str:
-    return "\n".join([comment(__doc__ or ""), _table(), _predicates(), _writable(), _grant()])
+    return "\n".join([comment(__doc__ or ""), _table(), _predicates(), _writable(), _locks(), _grant()])

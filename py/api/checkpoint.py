@@ -196,6 +196,7 @@ def _load() -> str:
           RAISE EXCEPTION 'pg_llm: checkpoint % (config %) does not fit model "%" (config %): %', r.id, r.config,
             v_model, c.name, v_problem;
         END IF;
+        PERFORM llm_model_write_lock(v_model);
         -- ---- nothing was written above this line ----
         @drop_extra;
         @geometry;

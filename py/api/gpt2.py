@@ -84,6 +84,7 @@ def _forward() -> str:
         x BIGINT; h BIGINT; pre TEXT;
     """, f"""
         c := llm_gpt2_check_input(p_model, p_tokens, t);
+        PERFORM llm_model_read_lock(p_model);
         PERFORM llm_tables_analyze();  -- a fresh database has no statistics yet: see llm_tables_analyze
         x := llm_t_add(p_tape,
                        llm_t_embedding(p_tape, llm_param(p_model, '{WTE}'), p_tokens, least({TILE_ROWS}, n)),

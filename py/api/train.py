@@ -152,6 +152,7 @@ STEP = f"""
       PERFORM llm_adamw_step(v_params[i], v_grads[i], st.m_id, st.v_id, v_step, v_lr, beta1, beta2, eps,
         CASE WHEN llm_param_decays(v_name) THEN weight_decay ELSE 0 END, v_coef);
     END LOOP;
+    PERFORM llm_model_write_lock(model);  -- readers in flight finish first: none sees half of this step
     UPDATE llm_model AS m SET step = v_step WHERE m.name = model;
     DELETE FROM llm_tape AS tp WHERE tp.tape = v_tape;
     DELETE FROM llm_tape_grad AS tg WHERE tg.tape = v_tape;

@@ -99,6 +99,28 @@ BEGIN
 END
 $fn$;
 
+-- Taken by every forward: no training step of p_model commits until this transaction ends.
+CREATE OR REPLACE FUNCTION llm_internal.llm_model_read_lock(p_model TEXT)
+RETURNS VOID
+LANGUAGE sql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+SELECT
+  pg_advisory_xact_lock_shared(hashtextextended('pg_llm model ' || p_model, 0))
+$fn$;
+
+-- Taken by a training step (or a checkpoint load) before its commit: waits for the forwards reading p_model in other sessions, and holds new ones until it commits.
+CREATE OR REPLACE FUNCTION llm_internal.llm_model_write_lock(p_model TEXT)
+RETURNS VOID
+LANGUAGE sql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+SELECT
+  pg_advisory_xact_lock(hashtextextended('pg_llm model ' || p_model, 0))
+$fn$;
+
 -- Let role p_role train model p_model (steps, checkpoints, loading weights into it). Only the model's owner or an admin may grant; dropping the model stays the owner's.
 CREATE OR REPLACE FUNCTION llm_model_grant(p_model TEXT, p_role TEXT)
 RETURNS REGROLE

@@ -238,6 +238,7 @@ BEGIN
     RAISE EXCEPTION 'pg_llm: checkpoint % (config %) does not fit model "%" (config %): %', r.id, r.config,
       v_model, c.name, v_problem;
   END IF;
+  PERFORM llm_model_write_lock(v_model);
   -- ---- nothing was written above this line ----
   DELETE FROM llm_tensor AS d
   WHERE

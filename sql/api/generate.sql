@@ -159,6 +159,7 @@ DECLARE
   rx llm_tensor; v_ids BIGINT[]; v_row BYTEA; v_out BYTEA[]; v_bad BIGINT;
 BEGIN
   c := llm_gpt2_check_input(p_model, p_tokens, n);
+  PERFORM llm_model_read_lock(p_model);
   v_from := coalesce(p_logits_from, n - 1);
   IF p_past IS NULL OR p_past < 0 OR p_past + n > c.n_ctx OR (p_caches IS NULL AND p_past <> 0) THEN
     RAISE EXCEPTION 'pg_llm: model "%": positions % .. % are outside its context of % (or past tokens '
