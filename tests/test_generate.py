@@ -242,8 +242,9 @@ def test_text_forms(conn: psycopg.Connection, texty) -> None:
 
 
 BAD = [
-    ("llm_generate_tokens('gen_tiny', ARRAY[1, 301])", r"token id 301 is outside the vocabulary \[0, 301\)"),
-    ("llm_generate_tokens('gen_tiny', ARRAY[-1])", "token id -1 is outside"),
+    ("llm_generate_tokens('gen_tiny', ARRAY[1, 301])",
+     r"token id 301 at position 2 is outside the vocabulary \[0, 301\)"),
+    ("llm_generate_tokens('gen_tiny', ARRAY[-1])", "token id -1 at position 1 is outside"),
     ("llm_generate_tokens('gen_tiny', ARRAY[]::int[])", "empty input"),
     ("llm_generate_tokens('gen_tiny', NULL)", "empty input"),
     ("llm_generate_tokens('gen_tiny', ARRAY(SELECT generate_series(1, 38)))", "prompt has 38 tokens, more than the "

@@ -38,6 +38,14 @@ def test_every_kernel_function_is_commented() -> None:
             assert m.group(1).strip(), f"{path.name}: function {m.group(2)} has no comment above it"
 
 
+def test_every_api_error_says_what_to_fix() -> None:
+    """Every pg_llm error the API layer (sql/api) raises carries a HINT; kernels' shape errors name the shapes."""
+    bare = [(f.name, m.group(1)[:80]) for f in sorted((ROOT / "sql" / "api").glob("*.sql"))
+            for m in re.finditer(r"RAISE EXCEPTION '(pg_llm[^']*)'(.*?);\n", f.read_text(), re.S)
+            if "HINT" not in m.group(2)]
+    assert bare == []
+
+
 def test_sqlfmt_refuses_what_sqlglot_cannot_parse() -> None:
     with pytest.raises(SqlGenError):
         sql("SELEC 1 FROM")

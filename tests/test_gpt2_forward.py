@@ -63,8 +63,11 @@ def test_scratch_is_released(conn: psycopg.Connection, tiny) -> None:
 @pytest.mark.parametrize("sql,args,match", [
     ("SELECT llm_logits('nope', ARRAY[1])", (), 'unknown model "nope"'),
     ("SELECT llm_logits('tiny', ARRAY[]::int[])", (), "empty input"),
-    ("SELECT llm_logits('tiny', ARRAY[1, 301])", (), r"token id 301 is outside the vocabulary \[0, 301\)"),
-    ("SELECT llm_logits('tiny', ARRAY[-1])", (), "token id -1 is outside"),
+    ("SELECT llm_logits('tiny', ARRAY[1, 301])", (),
+     r"token id 301 at position 2 is outside the vocabulary \[0, 301\)"),
+    ("SELECT llm_logits('tiny', ARRAY[-1])", (), "token id -1 at position 1 is outside"),
+    ("SELECT llm_logits('tiny', ARRAY[1, NULL, 3])", (), "token id NULL at position 2 is outside"),
+    ("SELECT llm_logits('tiny', '{{1,2},{3,4}}')", (), r"one-dimensional int\[\], got 2 dimensions \[1:2\]\[1:2\]"),
     ("SELECT llm_logits('tiny', %s)", (list(range(38)),), "38 tokens in a sequence, more than its context of 37"),
     ("SELECT llm_loss('tiny', ARRAY[1, 2], ARRAY[1])", (), "2 tokens but 1 targets"),
 ])

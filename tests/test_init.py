@@ -41,3 +41,8 @@ def test_init_errors(conn: psycopg.Connection, cfg: str) -> None:
     conn.execute("SELECT llm_model_init('dup', %s)", (cfg,))
     with pytest.raises(psycopg.errors.RaiseException, match='model "dup" already exists'):
         conn.execute("SELECT llm_model_init('dup', %s)", (cfg,))
+    with pytest.raises(psycopg.errors.RaiseException, match="seed must not be NULL"):
+        conn.execute("SELECT llm_model_init('x', %s, seed => NULL)", (cfg,))
+    with pytest.raises(psycopg.errors.RaiseException, match="a model name has at most 200 bytes, got 10000"):
+        conn.execute("SELECT llm_model_init(%s, %s)", ("é" * 5000, cfg))
+    assert conn.execute("SELECT count(*) FROM llm_model WHERE name = 'x' OR length(name) > 200").fetchone()[0] == 0

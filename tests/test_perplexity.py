@@ -153,7 +153,7 @@ def test_dataset_form(conn: psycopg.Connection, tiny) -> None:
     ("llm_perplexity_tokens('ppl_tiny', ARRAY[5])", "1 tokens: need at least 2"),
     ("llm_perplexity_tokens('ppl_tiny', ARRAY[]::int[])", "0 tokens: need at least 2"),
     ("llm_perplexity_tokens('ppl_tiny', NULL)", "0 tokens: need at least 2"),
-    ("llm_perplexity_tokens('ppl_tiny', ARRAY[5, 301, 6])", r"token id 301 at position 1 is outside the vocabulary"),
+    ("llm_perplexity_tokens('ppl_tiny', ARRAY[5, 301, 6])", r"token id 301 at position 2 is outside the vocabulary"),
     ("llm_perplexity_tokens('ppl_tiny', ARRAY[5, 6], stride => 0)", r"stride must be in \[1, 37\]"),
     ("llm_perplexity_tokens('ppl_tiny', ARRAY[5, 6], stride => 38)", r"stride must be in \[1, 37\]"),
     ("llm_perplexity_tokens('nope', ARRAY[5, 6])", 'unknown model "nope"'),

@@ -64,7 +64,8 @@ def stopped(conn: psycopg.Connection, model: str, within: float) -> None:
     step = conn.execute("SELECT step FROM llm_model WHERE name = %s", (model,)).fetchone()[0]
     logged = [s for (s,) in conn.execute("SELECT step FROM llm_train_log WHERE model = %s ORDER BY step", (model,))]
     assert logged == list(range(1, step + 1))
-    assert conn.execute("SELECT running FROM llm_train_progress WHERE model = %s", (model,)).fetchone()[0] is False
+    progress = conn.execute("SELECT running FROM llm_train_progress WHERE model = %s", (model,)).fetchone()
+    assert progress is None if step == 0 else progress == (False,)  # a first step's claim goes with it
 
 
 def test_statement_timeout_stops_the_select_loop(conn: psycopg.Connection, dsn: str, models: Path) -> None:

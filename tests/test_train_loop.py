@@ -105,6 +105,8 @@ def test_immediate_shutdown_mid_run_then_resume(tmp_path: Path) -> None:
     ("SELECT llm_train('ref', 1, dataset => 'ds', split => 'test')", 'dataset "ds" has no rows in split "test"'),
     ("SELECT llm_train('ghost', 1, dataset => 'ds')", 'unknown model "ghost"'),
     ("SELECT llm_train_step('ref', 'ds', batch_size => 0)", "batch_size must be between 1 and the 8 rows"),
+    ("SELECT llm_eval_loss('ref', 'ds', 'val', 0)", "max_rows must be >= 1, got 0"),
+    ("SELECT llm_eval_loss('ref', 'ds', 'val', -1)", "max_rows must be >= 1, got -1"),
 ])
 def test_bad_input_changes_nothing(conn: psycopg.Connection, models, sql: str, match: str) -> None:
     before = conn.execute("SELECT (SELECT count(*) FROM llm_train_log), (SELECT sum(step) FROM llm_model)").fetchone()
@@ -128,3 +130,19 @@ def test_progress_reads_well(conn: psycopg.Connection, models) -> None:
     tok, eta, pct = conn.execute("SELECT tokens_per_s, eta, pct FROM llm_train_progress WHERE model = 'c'").fetchone()
     assert tok > 0 and tok.as_tuple().exponent == -1
     assert eta is not None and eta.microseconds == 0 and pct == 100
+
+
+@pytest.mark.parametrize("call", ["SELECT llm_train", "CALL llm_train_run"])
+def test_a_failing_first_step_leaves_no_claim(conn: psycopg.Connection, models, call: str) -> None:
+    """A first step that fails at run time (arguments are checked before, this is the data) takes the loop's
+    claim with it: llm_train_progress shows nothing new, no step, no log."""
+    if not conn.execute("SELECT 1 FROM llm_dataset WHERE dataset = 'ragged'").fetchone():
+        synthetic_dataset(conn, "ragged")
+        conn.execute("UPDATE llm_dataset SET tokens = tokens[1:8], targets = targets[1:8] WHERE id = "
+                     "(SELECT min(id) FROM llm_dataset WHERE dataset = 'ragged' AND split = 'train')")
+    import_tiny(conn, models, "fails")
+    with pytest.raises(psycopg.errors.RaiseException, match="rows of different lengths"):
+        conn.execute(f"{call}('fails', 3, dataset => 'ragged', batch_size => 8, warmup_steps => 1)")
+    assert conn.execute("SELECT count(*) FROM llm_train_job WHERE model = 'fails'").fetchone()[0] == 0
+    assert conn.execute("SELECT step FROM llm_model WHERE name = 'fails'").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM llm_train_log WHERE model = 'fails'").fetchone()[0] == 0

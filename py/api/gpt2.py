@@ -27,11 +27,18 @@ def _checks() -> str:
     body = plpgsql("c llm_model_config; v_bad INT;", """
         c := llm_model_get(p_model);
         IF p_tokens IS NULL OR cardinality(p_tokens) = 0 THEN
-          RAISE EXCEPTION 'pg_llm: model "%": empty input: need at least one token id', p_model;
+          RAISE EXCEPTION 'pg_llm: model "%": empty input: need at least one token id', p_model
+            USING HINT = 'Token ids come from llm_encode(text).';
+        END IF;
+        IF array_ndims(p_tokens) > 1 THEN
+          RAISE EXCEPTION 'pg_llm: model "%": token ids must be a one-dimensional int[], got % dimensions %',
+            p_model, array_ndims(p_tokens), array_dims(p_tokens)
+            USING HINT = 'Pass one sequence (or B sequences flattened, with seq_len => T where it applies).';
         END IF;
         IF p_seq_len < 1 OR cardinality(p_tokens) % p_seq_len <> 0 THEN
           RAISE EXCEPTION 'pg_llm: model "%": % tokens are not a whole number of sequences of %', p_model,
-            cardinality(p_tokens), p_seq_len;
+            cardinality(p_tokens), p_seq_len
+            USING HINT = 'A batch is B sequences of seq_len tokens, flattened: cardinality(tokens) = B * seq_len.';
         END IF;
         IF p_seq_len > c.n_ctx THEN
           RAISE EXCEPTION 'pg_llm: model "%": % tokens in a sequence, more than its context of %', p_model,
@@ -41,11 +48,13 @@ def _checks() -> str:
           @bad
         );
         IF v_bad IS NOT NULL THEN
-          RAISE EXCEPTION 'pg_llm: model "%": token id % is outside the vocabulary [0, %)', p_model, v_bad,
-            c.vocab_size;
+          RAISE EXCEPTION 'pg_llm: model "%": token id % at position % is outside the vocabulary [0, %)', p_model,
+            coalesce(p_tokens[v_bad]::TEXT, 'NULL'), v_bad, c.vocab_size
+            USING HINT = 'Positions count from 1; ids come from llm_encode with the model''s tokenizer.';
         END IF;
         RETURN c;
-    """, bad="SELECT t FROM unnest(p_tokens) AS u(t) WHERE t IS NULL OR t < 0 OR t >= c.vocab_size LIMIT 1")
+    """, bad="SELECT u.k FROM unnest(p_tokens) WITH ORDINALITY AS u(t, k) WHERE u.t IS NULL OR u.t < 0 "
+             "OR u.t >= c.vocab_size ORDER BY u.k LIMIT 1")
     return function("llm_gpt2_check_input", "p_model TEXT, p_tokens INT[], p_seq_len INT", "llm_model_config",
                     body, volatility="STABLE",
                     note="Validate a model's input: known model, non-empty, within the context, ids in range.")

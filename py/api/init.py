@@ -30,7 +30,8 @@ def _fill() -> str:
     body = plpgsql("r llm_tensor;", """
         r := llm_input(p_id, 'fill_normal', 'tensor');
         IF p_std IS NULL OR p_std < 0 THEN
-          RAISE EXCEPTION 'pg_llm: fill_normal: std must be >= 0, got %', p_std;
+          RAISE EXCEPTION 'pg_llm: fill_normal: std must be >= 0, got %', p_std
+            USING HINT = 'std 0 fills with the mean; GPT-2 uses initializer_range (0.02).';
         END IF;
         DELETE FROM llm_tile WHERE tensor_id = p_id;
         @fill;
@@ -43,6 +44,10 @@ def _fill() -> str:
 
 def _init() -> str:
     body = plpgsql("c llm_model_config; r RECORD; v_id BIGINT; v_std FLOAT8; v_mean FLOAT8;", """
+        IF seed IS NULL THEN
+          RAISE EXCEPTION 'pg_llm: llm_model_init: seed must not be NULL'
+            USING HINT = 'Leave seed out (0), or pass any integer: the same seed gives the same weights.';
+        END IF;
         PERFORM llm_model_create(model, config, note);
         c := llm_model_config_get(config);
         FOR r IN SELECT p.name, p.shape FROM llm_param_names(config) AS p LOOP

@@ -52,7 +52,7 @@ def _tables() -> str:
                     f"The standard GPT-2 sizes; '{DEFAULT_CONFIG}' is the default."))
     out.append(stmt(f"""
         CREATE TABLE llm_model (
-          name TEXT PRIMARY KEY CHECK (name <> '' AND NOT name LIKE '@%'),
+          name TEXT PRIMARY KEY CHECK (name <> '' AND NOT name LIKE '@%' AND octet_length(name) <= 200),
           config TEXT NOT NULL REFERENCES llm_model_config (name),
           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
           step BIGINT NOT NULL DEFAULT 0,
@@ -124,10 +124,16 @@ def _model_get() -> str:
 def _create_drop() -> str:
     body = plpgsql("r llm_model; c llm_model_config; v_exists BOOLEAN;", """
         IF p_name IS NULL OR p_name = '' THEN
-          RAISE EXCEPTION 'pg_llm: a model needs a non-empty name';
+          RAISE EXCEPTION 'pg_llm: a model needs a non-empty name'
+            USING HINT = 'e.g. SELECT llm_model_create(''my_model'', ''gpt2-small'').';
+        END IF;
+        IF octet_length(p_name) > 200 THEN
+          RAISE EXCEPTION 'pg_llm: a model name has at most 200 bytes, got %', octet_length(p_name)
+            USING HINT = 'Pick a shorter name (tensor names such as h.11.attn.c_attn.weight are stored with it).';
         END IF;
         IF p_name LIKE '@%' THEN
-          RAISE EXCEPTION 'pg_llm: model names starting with "@" are reserved (checkpoint snapshots), got "%"', p_name;
+          RAISE EXCEPTION 'pg_llm: model names starting with "@" are reserved (checkpoint snapshots), got "%"', p_name
+            USING HINT = 'Pick a name that does not start with "@".';
         END IF;
         c := llm_model_config_get(p_config);
         v_exists := EXISTS (
@@ -204,7 +210,8 @@ def _check() -> str:
           @wrong
         );
         IF v_problem IS NOT NULL THEN
-          RAISE EXCEPTION 'pg_llm: model "%" (config %) has tensors of the wrong shape: %', p_name, v_config, v_problem;
+          RAISE EXCEPTION 'pg_llm: model "%" (config %) has tensors of the wrong shape: %', p_name, v_config, v_problem
+            USING HINT = 'Re-import the weights (pg-llm model import --replace), or bind the model to their config.';
         END IF;
         v_problem := (
           @extra

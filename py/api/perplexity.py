@@ -88,7 +88,8 @@ def _tokens() -> str:
         );
         IF v_bad IS NOT NULL THEN
           RAISE EXCEPTION 'pg_llm: llm_perplexity: token id % at position % is outside the vocabulary [0, %) of '
-            'model "%"', coalesce(v_tokens[v_bad]::TEXT, 'NULL'), v_bad - 1, c.vocab_size, model;
+            'model "%"', coalesce(v_tokens[v_bad]::TEXT, 'NULL'), v_bad, c.vocab_size, model
+            USING HINT = 'Positions count from 1; ids come from llm_encode with the model''s tokenizer.';
         END IF;""" + STRIDE + """
         -- a window of n_ctx tokens predicts its last n_ctx - 1 tokens from its first n_ctx - 1
         v := llm_perplexity_windows(model, v_tokens[1:n - 1], v_tokens[2:n], c.n_ctx - 1, v_stride);
@@ -169,7 +170,8 @@ def _dataset() -> str:
           RAISE EXCEPTION 'pg_llm: llm_perplexity: dataset "%" split "%": row id % %', $2, $3,
             coalesce(v_bad_shift, v_bad_id), CASE WHEN v_bad_shift IS NOT NULL
               THEN 'is not a window of a token stream (targets must be tokens shifted by one)'
-              ELSE 'has ids outside the vocabulary [0, ' || c.vocab_size || ') of model "' || model || '"' END;
+              ELSE 'has ids outside the vocabulary [0, ' || c.vocab_size || ') of model "' || model || '"' END
+            USING HINT = 'Load the corpus with the model''s tokenizer (pg-llm corpus load --replace).';
         END IF;
         v_bad := (
           @overlap

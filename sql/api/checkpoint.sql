@@ -236,7 +236,9 @@ BEGIN
   );
   IF v_problem IS NOT NULL THEN
     RAISE EXCEPTION 'pg_llm: checkpoint % (config %) does not fit model "%" (config %): %', r.id, r.config,
-      v_model, c.name, v_problem;
+      v_model, c.name, v_problem
+      USING HINT = format('Load it into a model of config %s: SELECT llm_model_create(''new_name'', %L), '
+                          'then llm_checkpoint_load(''new_name'', %s).', r.config, r.config, r.id);
   END IF;
   PERFORM llm_model_write_lock(v_model);
   -- ---- nothing was written above this line ----

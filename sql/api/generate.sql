@@ -101,7 +101,8 @@ AS $fn$
 BEGIN
   PERFORM llm_sampling_check('llm_sample_keep', temperature, top_k, top_p, 0);
   IF logits IS NULL OR cardinality(logits) = 0 THEN
-    RAISE EXCEPTION 'pg_llm: llm_sample_keep: logits must be a non-empty float4[]';
+    RAISE EXCEPTION 'pg_llm: llm_sample_keep: logits must be a non-empty float4[]'
+      USING HINT = 'Pass one row of logits, e.g. llm_logits(model, tokens).';
   END IF;
   RETURN llm_mk_sample_keep(llm_float4_to_tile(logits), temperature, top_k, top_p, 0, 0);
 END
@@ -117,7 +118,8 @@ AS $fn$
 BEGIN
   PERFORM llm_sampling_check('llm_sample', temperature, top_k, top_p, seed);
   IF logits IS NULL OR cardinality(logits) = 0 THEN
-    RAISE EXCEPTION 'pg_llm: llm_sample: logits must be a non-empty float4[]';
+    RAISE EXCEPTION 'pg_llm: llm_sample: logits must be a non-empty float4[]'
+      USING HINT = 'Pass one row of logits, e.g. llm_logits(model, tokens).';
   END IF;
   RETURN llm_mk_sample(llm_float4_to_tile(logits), temperature, top_k, top_p, seed, step);
 END
@@ -163,14 +165,17 @@ BEGIN
   v_from := coalesce(p_logits_from, n - 1);
   IF p_past IS NULL OR p_past < 0 OR p_past + n > c.n_ctx OR (p_caches IS NULL AND p_past <> 0) THEN
     RAISE EXCEPTION 'pg_llm: model "%": positions % .. % are outside its context of % (or past tokens '
-      'without caches)', p_model, p_past, p_past + n - 1, c.n_ctx;
+      'without caches)', p_model, p_past, p_past + n - 1, c.n_ctx
+      USING HINT = 'p_past counts the tokens already in the caches (0 for a prompt); the sequence must fit '
+        'the context.';
   END IF;
   IF p_caches IS NOT NULL AND cardinality(p_caches) IS DISTINCT FROM c.n_layer THEN
     RAISE EXCEPTION 'pg_llm: model "%": % caches for % layers', p_model, cardinality(p_caches), c.n_layer
       USING HINT = 'Create them with llm_kv_cache_create(model).';
   END IF;
   IF v_from < 0 OR v_from >= n THEN
-    RAISE EXCEPTION 'pg_llm: model "%": logits from row % of % rows', p_model, v_from, n;
+    RAISE EXCEPTION 'pg_llm: model "%": logits from row % of % rows', p_model, v_from, n
+      USING HINT = 'p_logits_from is a 0-based row of this call''s tokens (NULL: the last one).';
   END IF;
   x := llm_add(llm_embedding(llm_param(p_model, 'wte.weight'), p_tokens, NULL, least(256, n)),
                llm_embedding(llm_param(p_model, 'wpe.weight'),
@@ -275,10 +280,12 @@ BEGIN
   c := llm_model_get(p_model);
   PERFORM llm_sampling_check('llm_generate', p_temperature, p_top_k, p_top_p, p_seed);
   IF p_max_new_tokens IS NULL OR p_max_new_tokens < 0 THEN
-    RAISE EXCEPTION 'pg_llm: llm_generate: max_new_tokens must be >= 0, got %', p_max_new_tokens;
+    RAISE EXCEPTION 'pg_llm: llm_generate: max_new_tokens must be >= 0, got %',
+      coalesce(p_max_new_tokens::TEXT, 'NULL') USING HINT = 'How many tokens to add after the prompt.';
   END IF;
   IF p_eos IS NULL OR p_use_cache IS NULL THEN
-    RAISE EXCEPTION 'pg_llm: llm_generate: eos and use_cache must not be NULL';
+    RAISE EXCEPTION 'pg_llm: llm_generate: eos and use_cache must not be NULL'
+      USING HINT = 'Leave them out for the defaults (eos => true stops at <|endoftext|>, use_cache => true).';
   END IF;
   IF cardinality(p_tokens) > c.n_ctx THEN
     RAISE EXCEPTION 'pg_llm: llm_generate: the prompt has % tokens, more than the context of % of model "%"',

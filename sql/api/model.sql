@@ -106,7 +106,7 @@ VALUES
 
 -- A model: a name bound to a config; its parameters are llm_tensor rows (model = name, role = 'param'). step counts optimizer steps taken. Names starting with '@' are reserved (checkpoint snapshots, see llm_checkpoint).
 CREATE TABLE llm_model (
-  name TEXT PRIMARY KEY CHECK (name <> '' AND NOT name LIKE '@%'),
+  name TEXT PRIMARY KEY CHECK (name <> '' AND NOT name LIKE '@%' AND octet_length(name) <= 200),
   config TEXT NOT NULL REFERENCES llm_model_config (
     name
   ),
@@ -223,10 +223,16 @@ DECLARE
   r llm_model; c llm_model_config; v_exists BOOLEAN;
 BEGIN
   IF p_name IS NULL OR p_name = '' THEN
-    RAISE EXCEPTION 'pg_llm: a model needs a non-empty name';
+    RAISE EXCEPTION 'pg_llm: a model needs a non-empty name'
+      USING HINT = 'e.g. SELECT llm_model_create(''my_model'', ''gpt2-small'').';
+  END IF;
+  IF octet_length(p_name) > 200 THEN
+    RAISE EXCEPTION 'pg_llm: a model name has at most 200 bytes, got %', octet_length(p_name)
+      USING HINT = 'Pick a shorter name (tensor names such as h.11.attn.c_attn.weight are stored with it).';
   END IF;
   IF p_name LIKE '@%' THEN
-    RAISE EXCEPTION 'pg_llm: model names starting with "@" are reserved (checkpoint snapshots), got "%"', p_name;
+    RAISE EXCEPTION 'pg_llm: model names starting with "@" are reserved (checkpoint snapshots), got "%"', p_name
+      USING HINT = 'Pick a name that does not start with "@".';
   END IF;
   c := llm_model_config_get(p_config);
   v_exists := EXISTS (
@@ -338,7 +344,8 @@ BEGIN
       v.shape <> p.shape
   );
   IF v_problem IS NOT NULL THEN
-    RAISE EXCEPTION 'pg_llm: model "%" (config %) has tensors of the wrong shape: %', p_name, v_config, v_problem;
+    RAISE EXCEPTION 'pg_llm: model "%" (config %) has tensors of the wrong shape: %', p_name, v_config, v_problem
+      USING HINT = 'Re-import the weights (pg-llm model import --replace), or bind the model to their config.';
   END IF;
   v_problem := (
     SELECT

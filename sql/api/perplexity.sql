@@ -92,7 +92,8 @@ BEGIN
   );
   IF v_bad IS NOT NULL THEN
     RAISE EXCEPTION 'pg_llm: llm_perplexity: token id % at position % is outside the vocabulary [0, %) of '
-      'model "%"', coalesce(v_tokens[v_bad]::TEXT, 'NULL'), v_bad - 1, c.vocab_size, model;
+      'model "%"', coalesce(v_tokens[v_bad]::TEXT, 'NULL'), v_bad, c.vocab_size, model
+      USING HINT = 'Positions count from 1; ids come from llm_encode with the model''s tokenizer.';
   END IF;
   v_stride := coalesce(stride, c.n_ctx);
   IF v_stride < 1 OR v_stride > c.n_ctx THEN
@@ -180,7 +181,8 @@ BEGIN
     RAISE EXCEPTION 'pg_llm: llm_perplexity: dataset "%" split "%": row id % %', $2, $3,
       coalesce(v_bad_shift, v_bad_id), CASE WHEN v_bad_shift IS NOT NULL
         THEN 'is not a window of a token stream (targets must be tokens shifted by one)'
-        ELSE 'has ids outside the vocabulary [0, ' || c.vocab_size || ') of model "' || model || '"' END;
+        ELSE 'has ids outside the vocabulary [0, ' || c.vocab_size || ') of model "' || model || '"' END
+      USING HINT = 'Load the corpus with the model''s tokenizer (pg-llm corpus load --replace).';
   END IF;
   v_bad := (
     SELECT

@@ -15,6 +15,10 @@ DECLARE
   v_sum FLOAT8 := 0; v_n INT := 0; v_tokens INT[]; v_targets INT[]; v_t INT; r RECORD;
 BEGIN
   PERFORM llm_model_get(model);
+  IF max_rows IS NOT NULL AND max_rows < 1 THEN
+    RAISE EXCEPTION 'pg_llm: llm_eval_loss: max_rows must be >= 1, got %', max_rows
+      USING HINT = 'Leave max_rows out (NULL) to evaluate every row of the split.';
+  END IF;
   FOR r IN
     SELECT
       d.tokens,
@@ -75,7 +79,8 @@ BEGIN
         USING HINT = 'Load a corpus first: pg-llm corpus load --name NAME FILES...';
     END IF;
     IF (SELECT count(DISTINCT d.dataset) FROM llm_dataset AS d) > 1 THEN
-      RAISE EXCEPTION 'pg_llm: llm_train: several datasets are loaded; name one with dataset => ...';
+      RAISE EXCEPTION 'pg_llm: llm_train: several datasets are loaded; name one with dataset => ...'
+        USING HINT = 'SELECT dataset FROM llm_datasets lists them.';
     END IF;
   END IF;
   IF p_grad_workers IS NOT NULL OR p_prune_workers IS NOT NULL THEN
@@ -133,8 +138,7 @@ BEGIN
       v_conn := NULL;
     END;
   END IF;
-  COMMIT;
-  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, llm_internal, pg_temp', TRUE);
+  -- no COMMIT here: the claim commits with the first step, so a first step that fails leaves no trace
   LOOP
     v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model);
     EXIT WHEN v_step >= steps;
@@ -187,6 +191,7 @@ AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
   v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_now INT8; v_growth INT8 := 0;
+  v_claim TEXT;
 BEGIN
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
   IF steps IS NULL OR steps < 1 THEN
@@ -202,8 +207,9 @@ BEGIN
   PERFORM llm_train_check('llm_train', dataset, split, batch_size, lr, warmup_steps, coalesce(max_steps, steps), min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
   v_conn := 'pg_llm_train_' || pg_backend_pid();
   PERFORM llm_loopback_connect(v_conn);
-  v_step := (SELECT x.step FROM dblink(v_conn, format('SELECT llm_train_claim(%L, %s, %s)', model, steps,
-             pg_backend_pid())) AS x(step INT));
+  v_claim := format('llm_train_claim(%L, %s, %s)', model, steps, pg_backend_pid());
+  v_step := (SELECT x.step FROM dblink(v_conn, format('SELECT step FROM llm_model WHERE name = %L', model))
+             AS x(step INT));
   PERFORM llm_train_pinned_notice(model, v_step, steps);
   LOOP
     v_step := (SELECT s FROM dblink(v_conn, format('SELECT step FROM llm_model WHERE name = %L', model))
@@ -216,7 +222,8 @@ BEGIN
         'which reclaims them after every step.';
       EXIT;
     END IF;
-    PERFORM llm_loopback_run(v_conn, format('SELECT (llm_train_step(%L, %L, %s, lr => %L, warmup_steps => %L, min_lr => %L, weight_decay => %L, beta1 => %L, beta2 => %L, eps => %L, grad_clip => %L, dropout => %L, grad_accum => %L, seed => %L, max_steps => %s, split => %L, on_behalf_of => %s)).step', model, dataset, batch_size, lr, warmup_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed, coalesce(max_steps, steps), split, pg_backend_pid()));
+    PERFORM llm_loopback_run(v_conn, format('SELECT (llm_train_step(%L, %L, %s, lr => %L, warmup_steps => %L, min_lr => %L, weight_decay => %L, beta1 => %L, beta2 => %L, eps => %L, grad_clip => %L, dropout => %L, grad_accum => %L, seed => %L, max_steps => %s, split => %L, on_behalf_of => %s)).step FROM (SELECT %s OFFSET 0) AS c', model, dataset, batch_size, lr, warmup_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed, coalesce(max_steps, steps), split, pg_backend_pid(), v_claim));
+    v_claim := '1';
     v_now := llm_disk_free();
     v_growth := greatest(v_growth, v_free - v_now);  -- the largest step's: nothing is reclaimed meanwhile
     v_free := v_now;
