@@ -102,3 +102,33 @@ def test_call_loop_trains_on_when_it_cannot_vacuum(conn: psycopg.Connection, mod
         conn.execute("RESET pg_llm.loopback")
     assert conn.execute("SELECT step FROM llm_model").fetchone()[0] == step + 1
     assert len(warnings) == 1 and warnings[0].startswith("pg_llm: llm_train_run cannot vacuum between steps")
+
+
+def test_step_disk_estimate_is_close_to_what_a_step_writes(conn: psycopg.Connection, model: str) -> None:
+    """llm_train_step_bytes (fitted on 2-4 layer models with GPT-2's vocabulary) against the growth of both
+    tile partitions over one step of the tiny model, vacuumed before (FULL: nothing to reuse)."""
+    conn.execute("VACUUM FULL llm_tile_scratch, llm_tile_durable")
+    before = conn.execute("SELECT pg_total_relation_size('llm_tile_scratch') + "
+                          "pg_total_relation_size('llm_tile_durable')").fetchone()[0]
+    step = conn.execute("SELECT step FROM llm_model WHERE name = 'm'").fetchone()[0]
+    conn.execute(f"SELECT llm_train_step('m', 'ds', batch_size => 8, warmup_steps => 2, max_steps => {step + 5})")
+    grew = conn.execute("SELECT pg_total_relation_size('llm_tile_scratch') + "
+                        "pg_total_relation_size('llm_tile_durable')").fetchone()[0] - before
+    estimate = conn.execute("SELECT llm_internal.llm_train_step_need('m', 'ds', 8, 1)").fetchone()[0]
+    assert 0.5 < grew / estimate < 2, (grew, estimate)
+
+
+def test_a_step_too_big_for_the_disk_or_the_cap_is_refused(conn: psycopg.Connection, model: str) -> None:
+    before = conn.execute("SELECT (SELECT count(*) FROM llm_train_log), (SELECT step FROM llm_model)").fetchone()
+    for setting, value, match in [("pg_llm.max_step_disk", "1kB", r"writes about \d+ kB of disk, more than "
+                                   r"pg_llm.max_step_disk \(1024 bytes\)"),
+                                  ("pg_llm.min_free_disk", "1000 TB", "pg_llm.min_free_disk keeps 1000 TB")]:
+        conn.execute(f"SET {setting} = '{value}'")
+        try:
+            with pytest.raises(psycopg.errors.RaiseException, match=match) as e:
+                conn.execute(f"SELECT llm_train_step('m', {ARGS})")
+            assert "Lower batch_size" in e.value.diag.message_hint
+        finally:
+            conn.execute(f"RESET {setting}")
+    after = conn.execute("SELECT (SELECT count(*) FROM llm_train_log), (SELECT step FROM llm_model)").fetchone()
+    assert before == after

@@ -117,6 +117,7 @@ STEP = f"""
     PERFORM llm_model_writable(model, 'llm_train_step');
     PERFORM llm_train_guard(model, on_behalf_of);
     PERFORM {check_call("llm_train_step")};
+    PERFORM llm_train_disk_check('llm_train_step', model, dataset, batch_size, grad_accum);
     IF on_behalf_of IS NOT NULL AND NOT EXISTS (SELECT 1 FROM llm_train_job AS j
                                                 WHERE j.model = llm_train_step.model AND j.pid = on_behalf_of) THEN
       RAISE EXCEPTION 'pg_llm: llm_train_step: on_behalf_of % is not the pid of this model''s training loop',

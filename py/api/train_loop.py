@@ -126,6 +126,7 @@ def _procedure() -> str:
         v_free := llm_disk_free();
         v_growth := 0;
         dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train_run")}
+        v_growth := llm_train_step_need(model, dataset, batch_size, grad_accum);  -- the first step's: estimated
         v_first := llm_train_claim(model, steps, pg_backend_pid());
         IF NOT pg_has_role((SELECT c.relowner FROM pg_class AS c WHERE c.oid = 'llm_tile_durable'::REGCLASS),
                            'USAGE') THEN
@@ -190,6 +191,7 @@ def _function() -> str:
         v_claim TEXT;
     """, f"""
         dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train")}
+        v_growth := llm_train_step_need(model, dataset, batch_size, grad_accum);  -- the first step's: estimated
         v_conn := 'pg_llm_train_' || pg_backend_pid();
         PERFORM llm_loopback_connect(v_conn);
         v_claim := format('llm_train_claim(%L, %s, %s)', model, steps, pg_backend_pid());

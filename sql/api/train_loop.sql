@@ -122,6 +122,7 @@ BEGIN
       USING HINT = 'eval_every => 0 (the default) never evaluates.';
   END IF;
   PERFORM llm_train_check('llm_train_run', dataset, split, batch_size, lr, warmup_steps, coalesce(max_steps, steps), min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
+  v_growth := llm_train_step_need(model, dataset, batch_size, grad_accum);  -- the first step's: estimated
   v_first := llm_train_claim(model, steps, pg_backend_pid());
   IF NOT pg_has_role((SELECT c.relowner FROM pg_class AS c WHERE c.oid = 'llm_tile_durable'::REGCLASS),
                      'USAGE') THEN
@@ -205,6 +206,7 @@ BEGIN
       USING HINT = 'eval_every => 0 (the default) never evaluates.';
   END IF;
   PERFORM llm_train_check('llm_train', dataset, split, batch_size, lr, warmup_steps, coalesce(max_steps, steps), min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
+  v_growth := llm_train_step_need(model, dataset, batch_size, grad_accum);  -- the first step's: estimated
   v_conn := 'pg_llm_train_' || pg_backend_pid();
   PERFORM llm_loopback_connect(v_conn);
   v_claim := format('llm_train_claim(%L, %s, %s)', model, steps, pg_backend_pid());

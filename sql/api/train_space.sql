@@ -46,6 +46,80 @@ BEGIN
 END
 $fn$;
 
+-- About how many bytes of disk one training step of p_tokens tokens per micro-batch writes.
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_step_bytes(p_model TEXT, p_tokens BIGINT, p_grad_accum INT)
+RETURNS BIGINT
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+SELECT
+  CAST((
+    4 * (
+      p_grad_accum * (
+        2.2 * p_tokens * c.vocab_size + 45.0 * p_tokens * c.n_layer * c.n_embd
+      ) + 1.4 * s.params
+    ) + 12 * s.params
+  ) AS BIGINT)
+FROM llm_model AS m
+JOIN llm_model_config AS c
+  ON c.name = m.config
+CROSS JOIN LATERAL (
+  SELECT
+    COALESCE(SUM(CAST(llm_rows(v.shape) AS BIGINT) * llm_cols(v.shape)), 0) AS params
+  FROM llm_tensor AS v
+  WHERE
+    v.model = m.name AND v.role = 'param' AND v.id > 0
+) AS s
+WHERE
+  m.name = p_model
+$fn$;
+
+-- llm_train_step_bytes of a step of batch_size windows of a dataset (its block size).
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_step_need(p_model TEXT, p_dataset TEXT, p_batch_size INT, p_grad_accum INT)
+RETURNS BIGINT
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+SELECT
+  llm_train_step_bytes(p_model, CAST(p_batch_size AS BIGINT) * COALESCE(MAX(s.block_size), 1), p_grad_accum)
+FROM llm_dataset_source AS s
+WHERE
+  s.dataset = p_dataset
+$fn$;
+
+-- Refuse a step before it starts when its estimated disk (llm_train_step_bytes) exceeds pg_llm.max_step_disk or would leave less than pg_llm.min_free_disk free.
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_disk_check(p_caller TEXT, p_model TEXT, p_dataset TEXT, p_batch_size INT, p_grad_accum INT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+DECLARE
+  v_t INT; v_need BIGINT; v_cap BIGINT; v_free BIGINT; v_min BIGINT;
+BEGIN
+  v_t := (SELECT max(s.block_size) FROM llm_dataset_source AS s WHERE s.dataset = p_dataset);
+  v_need := llm_train_step_need(p_model, p_dataset, p_batch_size, p_grad_accum);
+  v_cap := pg_size_bytes(nullif(current_setting('pg_llm.max_step_disk', TRUE), ''));
+  IF v_need > v_cap THEN
+    RAISE EXCEPTION 'pg_llm: %: a step of % x % tokens writes about % of disk, more than '
+      'pg_llm.max_step_disk (%)', p_caller, p_batch_size * p_grad_accum, v_t, pg_size_pretty(v_need),
+      pg_size_pretty(v_cap)
+      USING HINT = 'Lower batch_size, or raise pg_llm.max_step_disk (SET pg_llm.max_step_disk = ''32GB'').';
+  END IF;
+  v_free := llm_disk_free();
+  v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
+                                  '1GB'));
+  IF v_free - v_need < v_min THEN
+    RAISE EXCEPTION 'pg_llm: %: a step of % x % tokens writes about % of disk; % is free and '
+      'pg_llm.min_free_disk keeps %', p_caller, p_batch_size * p_grad_accum, v_t, pg_size_pretty(v_need),
+      pg_size_pretty(v_free), pg_size_pretty(v_min)
+      USING HINT = 'Lower batch_size, or free disk space (or lower pg_llm.min_free_disk).';
+  END IF;
+END
+$fn$;
+
 -- A libpq conninfo value, quoted: any role, database or path is one value, never keywords.
 CREATE OR REPLACE FUNCTION llm_internal.llm_conninfo_quote(p_value TEXT)
 RETURNS TEXT
