@@ -184,3 +184,27 @@ def test_every_relation_has_its_privileges(conn: psycopg.Connection, tmp_path: P
         WHERE c.relnamespace IN ('public'::regnamespace, 'llm_internal'::regnamespace) AND c.relname LIKE 'llm%'
           AND c.relkind IN ('r', 'p', 'v', 'u') AND NOT c.relispartition""")}
     assert rels == set(TABLES)
+
+
+def test_a_trainer_imports_and_loads_with_the_client(conn: psycopg.Connection, roles: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    """pg-llm model import and corpus load as a trainer: COPY FROM refuses tables under row-level security, so
+    the loaders copy into a temporary table first; weights equal the superuser's import of the same files."""
+    from pg_llm.loader.corpus import CorpusError, load_corpus
+
+    (tmp_path / "c.txt").write_text("Words a trainer loads into a dataset of its own, then trains on.")
+    conn.execute(f"SET ROLE {roles['alice']}")
+    try:
+        import_tiny(conn, tmp_path, "alice_import")  # the same seed as 'adm'
+        load_corpus(conn, "alice_corpus", [str(tmp_path / "c.txt")], block_size=4)
+        with pytest.raises(psycopg.errors.Error, match='model "adm" belongs to role'):
+            import_tiny(conn, tmp_path / "again", "adm")  # --replace: drop it first, which is its owner's
+        with pytest.raises(CorpusError, match="belongs to role"):
+            load_corpus(conn, "ds", [str(tmp_path / "c.txt")], block_size=4, replace=True)
+    finally:
+        conn.execute("RESET ROLE")
+    assert same(snapshot(conn, "alice_import", ("param",)), snapshot(conn, "adm", ("param",)))
+    assert conn.execute("SELECT owner::text FROM llm_dataset_source WHERE dataset = 'alice_corpus'"
+                        ).fetchone()[0] == roles["alice"]
+    as_role(conn, roles["alice"], "SELECT llm_model_drop('alice_import')")
+    as_role(conn, roles["alice"], "SELECT llm_dataset_drop('alice_corpus')")

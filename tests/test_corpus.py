@@ -5,6 +5,7 @@ whole Shakespeare corpus when make setup fetched it."""
 from __future__ import annotations
 
 import io
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,8 @@ def test_errors_write_nothing(db: psycopg.Connection, tmp_path: Path, monkeypatc
              ([str(tmp_path / "short.txt")], {}, "needs at least 1025"),
              ([str(tmp_path / "short.txt")], {"block_size": 2, "tokenizer": "nope"}, "does not exist"),
              ([str(tmp_path / "short.txt")], {"val_fraction": 1.0}, "val-fraction"),
-             ([str(tmp_path / "short.txt")], {"block_size": 0}, "must be positive")]
+             ([str(tmp_path / "short.txt")], {"block_size": 0}, "must be positive"),
+             ([str(tmp_path / "short.txt")], {"block_size": 2, "stride": 0}, "must be positive")]
     for paths, kw, message in cases:
         with pytest.raises((CorpusError, psycopg.Error, ValueError), match=message):
             load_corpus(db, "bad", paths, **kw)
@@ -153,3 +155,22 @@ def test_shakespeare(db: psycopg.Connection, ref) -> None:
     assert db.execute("""SELECT count(*) FROM (SELECT split, pos, tokens FROM llm_dataset WHERE dataset = 'shakespeare'
                          EXCEPT SELECT split, pos, tokens FROM llm_dataset WHERE dataset = 'shakespeare-sql') AS d"""
                       ).fetchone()[0] == 0
+
+
+def test_another_roles_dataset_is_not_replaced(db: psycopg.Connection, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("A few words for a dataset of another role.")
+    load_corpus(db, "theirs", [str(tmp_path / "a.txt")], block_size=2)
+    role = "corpus_trainer_" + uuid.uuid4().hex[:6]
+    db.execute(f"CREATE ROLE {role} IN ROLE llm_trainer")
+    db.execute(f"SET ROLE {role}")
+    try:
+        with pytest.raises(CorpusError, match="dataset 'theirs' belongs to role"):
+            load_corpus(db, "theirs", [str(tmp_path / "a.txt")], block_size=1, replace=True)
+        load_corpus(db, "mine", [str(tmp_path / "a.txt")], block_size=2)  # a trainer loads its own
+    finally:
+        db.execute("RESET ROLE")
+    owners = dict(db.execute("SELECT dataset, owner::TEXT FROM llm_dataset_source "
+                             "WHERE dataset IN ('theirs', 'mine')").fetchall())
+    assert owners == {"theirs": "postgres", "mine": role} or owners["mine"] == role
+    db.execute("SELECT llm_dataset_drop('mine')")
+    db.execute(f"DROP ROLE {role}")

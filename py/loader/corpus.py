@@ -26,6 +26,7 @@ import numpy as np
 import psycopg
 from tqdm import tqdm
 
+from pg_llm.loader.tensors import copy_into
 from pg_llm.loader.tokenizer import ClientEncoder
 
 
@@ -171,9 +172,8 @@ def _copy_rows(conn: psycopg.Connection, name: str, h: str, parts: dict[str, np.
         for split, part in parts.items():
             starts = windows(len(part), block_size, stride)
             for b in range(0, len(starts), batch_rows):
-                with cur.copy("COPY llm_dataset (dataset, split, tokens, targets, source_hash, pos) FROM STDIN "
-                              "(FORMAT BINARY)") as cp:
-                    cp.set_types(["text", "text", "int4[]", "int4[]", "text", "int8"])
+                with copy_into(cur, "llm_dataset", "dataset, split, tokens, targets, source_hash, pos",
+                               ["text", "text", "int4[]", "int4[]", "text", "int8"]) as cp:
                     for s in starts[b:b + batch_rows]:
                         w = part[s:s + block_size + 1].tolist()
                         cp.write_row((name, split, w[:-1], w[1:], h, int(s)))
@@ -188,7 +188,7 @@ def load_corpus(conn: psycopg.Connection, name: str, paths: list[str], *, block_
                 progress: bool = False) -> LoadResult:
     """Read, encode, cut and insert a corpus (see the module docstring). Nothing is written on error."""
     t0 = time.time()
-    stride = stride or block_size
+    stride = block_size if stride is None else stride
     if block_size < 1 or stride < 1:
         raise CorpusError("--block-size and --stride must be positive")
     if not 0 <= val_fraction < 1:
@@ -201,6 +201,10 @@ def load_corpus(conn: psycopg.Connection, name: str, paths: list[str], *, block_
         raise CorpusError("empty input: no text to load (" + (", ".join(n for n, _ in docs) or "no files") + ")")
     h = source_hash(texts, tokenizer, block_size, stride, val_fraction)
     with conn.transaction():
+        other = conn.execute("SELECT s.owner::TEXT FROM llm_dataset_source AS s WHERE s.dataset = %s "
+                             "AND NOT llm_internal.llm_may_own(s.owner) LIMIT 1", (name,)).fetchone()
+        if other:  # row-level security would hide its rows from --replace: say so instead
+            raise CorpusError(f"dataset {name!r} belongs to role {other[0]}: load under another --name")
         if replace:
             conn.execute("DELETE FROM llm_dataset_source WHERE dataset = %s", (name,))
         _check_dataset(conn, name, tokenizer, block_size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import psycopg
@@ -41,12 +42,32 @@ def check_finite(name: str, arr: np.ndarray) -> None:
         raise ValueError(f"tensor {name!r} has {bad} NaN/Inf values; nothing was written")
 
 
+@contextmanager
+def copy_into(cur: psycopg.Cursor, table: str, columns: str, types: list[str]) -> Iterator[psycopg.Copy]:
+    """Binary COPY FROM STDIN into `table` (columns). Where row-level security applies to the role (a trainer
+    writing rows of its own: COPY FROM refuses that), the rows go to a temporary table first, then into
+    `table` with one INSERT ... SELECT, whose every row the policies check."""
+    if not cur.execute("SELECT row_security_active(%s)", (table,)).fetchone()[0]:
+        with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(types)
+            yield cp
+        return
+    tmp = f"pg_temp.pg_llm_copy_{table}"
+    cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS pg_llm_copy_{table} AS SELECT {columns} FROM {table} WITH NO DATA")
+    try:
+        with cur.copy(f"COPY {tmp} ({columns}) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(types)
+            yield cp
+        cur.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {tmp}")
+    finally:
+        cur.execute(f"DROP TABLE IF EXISTS {tmp}")
+
+
 def write_tiles(conn: psycopg.Connection, tensor_id: int, arr: np.ndarray, tile: tuple[int, int]) -> int:
     """COPY every tile of arr into llm_tile for an existing tensor id. Returns bytes written."""
     n = 0
     with conn.cursor() as cur:
-        with cur.copy("COPY llm_tile (tensor_id, tr, tc, data) FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(["int8", "int4", "int4", "bytea"])
+        with copy_into(cur, "llm_tile", "tensor_id, tr, tc, data", ["int8", "int4", "int4", "bytea"]) as cp:
             for tr, tc, data in iter_tiles(arr, tile):
                 cp.write_row((tensor_id, tr, tc, data))
                 n += len(data)
