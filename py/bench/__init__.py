@@ -221,6 +221,6 @@ def server_setup_sql(schema: str) -> str:
     return f"""
         CREATE SCHEMA IF NOT EXISTS {schema};
         CREATE OR REPLACE FUNCTION {schema}.blas(threads INT DEFAULT 0) RETURNS TEXT LANGUAGE plpython3u
-        SET search_path = pg_catalog, public, pg_temp AS $fn$
+        SET search_path = pg_catalog, public, llm_internal, pg_temp AS $fn$
 {body}
 $fn$;"""

@@ -142,7 +142,10 @@ ALTER TABLE llm_train_log ENABLE ROW LEVEL SECURITY;
 
 CREATE POLICY may_read ON llm_train_log FOR SELECT TO llm_reader USING (true);
 
-CREATE POLICY may_scratch ON llm_tensor FOR ALL TO llm_reader
+CREATE POLICY may_scratch_insert ON llm_tensor FOR INSERT TO llm_reader
+  WITH CHECK (llm_tensor.id < 0 AND llm_tensor.backend_pid = pg_backend_pid());
+
+CREATE POLICY may_scratch_update ON llm_tensor FOR UPDATE TO llm_reader
   USING (llm_tensor.id < 0
   AND (
     llm_tensor.backend_pid = pg_backend_pid()
@@ -156,7 +159,32 @@ CREATE POLICY may_scratch ON llm_tensor FOR ALL TO llm_reader
   ))
   WITH CHECK (llm_tensor.id < 0 AND llm_tensor.backend_pid = pg_backend_pid());
 
-CREATE POLICY may_durable ON llm_tensor FOR ALL TO llm_trainer
+CREATE POLICY may_scratch_delete ON llm_tensor FOR DELETE TO llm_reader
+  USING (llm_tensor.id < 0
+  AND (
+    llm_tensor.backend_pid = pg_backend_pid()
+    OR NOT EXISTS(
+      SELECT
+        1
+      FROM pg_stat_activity AS a
+      WHERE
+        a.pid = llm_tensor.backend_pid
+    )
+  ));
+
+CREATE POLICY may_durable_insert ON llm_tensor FOR INSERT TO llm_trainer
+  WITH CHECK (llm_tensor.id > 0
+  AND CASE
+    WHEN llm_tensor.model = ''
+    THEN llm_may_own(llm_tensor.owner)
+    ELSE llm_tensor.model IN (
+      SELECT
+        w.name
+      FROM llm_writable_models() AS w
+    )
+  END);
+
+CREATE POLICY may_durable_update ON llm_tensor FOR UPDATE TO llm_trainer
   USING (llm_tensor.id > 0
   AND CASE
     WHEN llm_tensor.model = ''
@@ -178,7 +206,29 @@ CREATE POLICY may_durable ON llm_tensor FOR ALL TO llm_trainer
     )
   END);
 
-CREATE POLICY may_scratch ON llm_tile FOR ALL TO llm_reader
+CREATE POLICY may_durable_delete ON llm_tensor FOR DELETE TO llm_trainer
+  USING (llm_tensor.id > 0
+  AND CASE
+    WHEN llm_tensor.model = ''
+    THEN llm_may_own(llm_tensor.owner)
+    ELSE llm_tensor.model IN (
+      SELECT
+        w.name
+      FROM llm_writable_models() AS w
+    )
+  END);
+
+CREATE POLICY may_scratch_insert ON llm_tile FOR INSERT TO llm_reader
+  WITH CHECK (llm_tile.tensor_id < 0
+  AND EXISTS(
+    SELECT
+      1
+    FROM llm_tensor AS t
+    WHERE
+      t.id = llm_tile.tensor_id AND t.backend_pid = pg_backend_pid()
+  ));
+
+CREATE POLICY may_scratch_update ON llm_tile FOR UPDATE TO llm_reader
   USING (llm_tile.tensor_id < 0
   AND EXISTS(
     SELECT
@@ -188,7 +238,57 @@ CREATE POLICY may_scratch ON llm_tile FOR ALL TO llm_reader
       t.id = llm_tile.tensor_id AND t.backend_pid = pg_backend_pid()
   ));
 
-CREATE POLICY may_durable ON llm_tile FOR ALL TO llm_trainer
+CREATE POLICY may_scratch_delete ON llm_tile FOR DELETE TO llm_reader
+  USING (llm_tile.tensor_id < 0
+  AND EXISTS(
+    SELECT
+      1
+    FROM llm_tensor AS t
+    WHERE
+      t.id = llm_tile.tensor_id AND t.backend_pid = pg_backend_pid()
+  ));
+
+CREATE POLICY may_durable_insert ON llm_tile FOR INSERT TO llm_trainer
+  WITH CHECK (llm_tile.tensor_id > 0
+  AND EXISTS(
+    SELECT
+      1
+    FROM llm_tensor AS t
+    WHERE
+      t.id = llm_tile.tensor_id
+      AND t.id > 0
+      AND CASE
+        WHEN t.model = ''
+        THEN llm_may_own(t.owner)
+        ELSE t.model IN (
+          SELECT
+            w.name
+          FROM llm_writable_models() AS w
+        )
+      END
+  ));
+
+CREATE POLICY may_durable_update ON llm_tile FOR UPDATE TO llm_trainer
+  USING (llm_tile.tensor_id > 0
+  AND EXISTS(
+    SELECT
+      1
+    FROM llm_tensor AS t
+    WHERE
+      t.id = llm_tile.tensor_id
+      AND t.id > 0
+      AND CASE
+        WHEN t.model = ''
+        THEN llm_may_own(t.owner)
+        ELSE t.model IN (
+          SELECT
+            w.name
+          FROM llm_writable_models() AS w
+        )
+      END
+  ));
+
+CREATE POLICY may_durable_delete ON llm_tile FOR DELETE TO llm_trainer
   USING (llm_tile.tensor_id > 0
   AND EXISTS(
     SELECT
@@ -221,7 +321,25 @@ CREATE POLICY may_train ON llm_model FOR UPDATE TO llm_trainer
 CREATE POLICY may_drop ON llm_model FOR DELETE TO llm_trainer
   USING (llm_may_own(llm_model.owner));
 
-CREATE POLICY may_owner ON llm_model_grant FOR ALL TO llm_trainer
+CREATE POLICY may_owner_insert ON llm_model_grant FOR INSERT TO llm_trainer
+  WITH CHECK (EXISTS(
+    SELECT
+      1
+    FROM llm_model AS m
+    WHERE
+      m.name = llm_model_grant.model AND llm_may_own(m.owner)
+  ));
+
+CREATE POLICY may_owner_update ON llm_model_grant FOR UPDATE TO llm_trainer
+  USING (EXISTS(
+    SELECT
+      1
+    FROM llm_model AS m
+    WHERE
+      m.name = llm_model_grant.model AND llm_may_own(m.owner)
+  ));
+
+CREATE POLICY may_owner_delete ON llm_model_grant FOR DELETE TO llm_trainer
   USING (EXISTS(
     SELECT
       1
@@ -261,14 +379,42 @@ CREATE POLICY may_drop ON llm_checkpoint FOR DELETE TO llm_trainer
     FROM llm_writable_models() AS w
   ));
 
-CREATE POLICY may_train ON llm_train_log FOR ALL TO llm_trainer
+CREATE POLICY may_train_insert ON llm_train_log FOR INSERT TO llm_trainer
+  WITH CHECK (llm_train_log.model IN (
+    SELECT
+      w.name
+    FROM llm_writable_models() AS w
+  ));
+
+CREATE POLICY may_train_update ON llm_train_log FOR UPDATE TO llm_trainer
   USING (llm_train_log.model IN (
     SELECT
       w.name
     FROM llm_writable_models() AS w
   ));
 
-CREATE POLICY may_train ON llm_train_job FOR ALL TO llm_trainer
+CREATE POLICY may_train_delete ON llm_train_log FOR DELETE TO llm_trainer
+  USING (llm_train_log.model IN (
+    SELECT
+      w.name
+    FROM llm_writable_models() AS w
+  ));
+
+CREATE POLICY may_train_insert ON llm_train_job FOR INSERT TO llm_trainer
+  WITH CHECK (llm_train_job.model IN (
+    SELECT
+      w.name
+    FROM llm_writable_models() AS w
+  ));
+
+CREATE POLICY may_train_update ON llm_train_job FOR UPDATE TO llm_trainer
+  USING (llm_train_job.model IN (
+    SELECT
+      w.name
+    FROM llm_writable_models() AS w
+  ));
+
+CREATE POLICY may_train_delete ON llm_train_job FOR DELETE TO llm_trainer
   USING (llm_train_job.model IN (
     SELECT
       w.name
@@ -284,7 +430,29 @@ CREATE POLICY may_change ON llm_dataset_source FOR UPDATE TO llm_trainer
 CREATE POLICY may_drop ON llm_dataset_source FOR DELETE TO llm_trainer
   USING (llm_may_own(llm_dataset_source.owner));
 
-CREATE POLICY may_owner ON llm_dataset FOR ALL TO llm_trainer
+CREATE POLICY may_owner_insert ON llm_dataset FOR INSERT TO llm_trainer
+  WITH CHECK (EXISTS(
+    SELECT
+      1
+    FROM llm_dataset_source AS s
+    WHERE
+      s.dataset = llm_dataset.dataset
+      AND s.source_hash = llm_dataset.source_hash
+      AND llm_may_own(s.owner)
+  ));
+
+CREATE POLICY may_owner_update ON llm_dataset FOR UPDATE TO llm_trainer
+  USING (EXISTS(
+    SELECT
+      1
+    FROM llm_dataset_source AS s
+    WHERE
+      s.dataset = llm_dataset.dataset
+      AND s.source_hash = llm_dataset.source_hash
+      AND llm_may_own(s.owner)
+  ));
+
+CREATE POLICY may_owner_delete ON llm_dataset FOR DELETE TO llm_trainer
   USING (EXISTS(
     SELECT
       1
