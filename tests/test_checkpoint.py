@@ -146,6 +146,9 @@ def test_errors_change_nothing(conn: psycopg.Connection, ck: str, other: str) ->
     gone = conn.execute("SELECT llm_checkpoint_save('gone')").fetchone()[0]
     conn.execute("SELECT llm_model_drop('gone')")
     assert conn.execute("SELECT model_exists FROM llm_checkpoints WHERE id = %s", (gone,)).fetchone()[0] is False
+    conn.execute("SELECT llm_model_create('gone', 'ck')")  # a new model under the old name is not the saved one
+    assert conn.execute("SELECT model_exists FROM llm_checkpoints WHERE id = %s", (gone,)).fetchone()[0] is False
+    conn.execute("SELECT llm_model_drop('gone')")
 
     def fails(sql: str, args: tuple, msg: str, hint: str | None = None) -> None:
         before = fingerprint(conn)

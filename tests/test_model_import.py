@@ -277,7 +277,7 @@ def test_errors_change_nothing(conn: psycopg.Connection, tiny: tuple[Path, GPT2L
                                tmp_path: Path, case: str) -> None:
     ps = params(tiny[1])
     if case == "no_path":
-        path, msg = tmp_path / "nowhere", "no such checkpoint"
+        path, msg = tmp_path / "nowhere", "nowhere does not exist: model weights are a Hugging Face directory"
     elif case in ("truncated", "garbage"):
         path = tmp_path / "copy"
         shutil.copytree(tiny[0], path)
@@ -386,3 +386,37 @@ def test_gpt2_small_round_trip(conn: psycopg.Connection, tmp_path: Path) -> None
     sd = GPT2LMHeadModel.from_pretrained(tmp_path / "out").state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
     conn.execute("SELECT llm_model_drop('small')")
+
+
+def test_export_writes_the_tokenizer_transformers_loads(db: psycopg.Connection, imported: str,
+                                                        tmp_path: Path) -> None:
+    """Beside the weights, the config's tokenizer as GPT-2 tokenizer files: AutoTokenizer encodes like llm_encode
+    (an export without them made transformers build an empty tokenizer: 'Hello world' -> [])."""
+    from transformers import AutoTokenizer
+
+    r = export_model(db, imported, tmp_path / "with_tok")
+    assert r.tokenizer == "gpt2"
+    tok = AutoTokenizer.from_pretrained(tmp_path / "with_tok")
+    for text in ["Hello world", " naïve café, 12,345 tokens!\n\n  indented<|endoftext|>x", "日本語 and émojis 🤖"]:
+        ids = db.execute("SELECT llm_encode(%s)", (text,)).fetchone()[0]
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == text
+    assert tok.eos_token_id == 50256 and tok.model_max_length == 37
+
+
+def test_an_export_generates_in_a_transformers_pipeline(db: psycopg.Connection, tmp_path: Path) -> None:
+    """pipeline('text-generation', model=export_dir) loads weights and tokenizer and decodes greedily what
+    llm_generate does (a model with GPT-2's vocabulary, initialized in SQL)."""
+    from transformers import pipeline
+
+    db.execute("INSERT INTO llm_model_config (name, n_layer, n_head, n_embd, n_ctx, vocab_size) "
+               "VALUES ('pipe', 2, 2, 32, 32, 50257) ON CONFLICT DO NOTHING")
+    db.execute("SELECT llm_model_init('pipe_m', 'pipe', seed => 4)")
+    export_model(db, "pipe_m", tmp_path / "pipe")
+    gen = pipeline("text-generation", model=str(tmp_path / "pipe"), device="cpu")
+    prompt = "To be, or not"
+    got = gen(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    ours = db.execute("SELECT llm_generate('pipe_m', %s, max_new_tokens => 6, temperature => 0)",
+                      (prompt,)).fetchone()[0]
+    assert got == prompt + ours and len(ours) > 0
+    db.execute("SELECT llm_model_drop('pipe_m')")

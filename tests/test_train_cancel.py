@@ -96,3 +96,15 @@ def test_terminating_the_caller_stops_its_loopback(conn: psycopg.Connection, dsn
         t.join(5)
         assert not t.is_alive() and "error" in out
         stopped(conn, "terminate", within=5)  # client_connection_check_interval = 1 s in the loopback session
+
+
+@pytest.mark.parametrize("loop", ["CALL llm_train_run", "SELECT llm_train"])
+def test_a_cancelled_loop_says_so_in_a_few_lines(dsn: str, models: Path, loop: str) -> None:
+    """The CONTEXT of a cancel inside a step names the functions, not the generated statement it hit (a kernel's
+    INSERT ... SELECT used to fill ~35 lines)."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SET statement_timeout = '1500ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled) as e:
+            c.execute(f"{loop}('cancel', {STEPS}, {ARGS})")
+    context = e.value.diag.context or ""
+    assert len(context.splitlines()) <= 6 and "INSERT INTO" not in context and "format(" not in context, context

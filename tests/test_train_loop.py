@@ -80,11 +80,15 @@ def test_immediate_shutdown_mid_run_then_resume(tmp_path: Path) -> None:
             import_tiny(conn, tmp_path, "c")
             conn.execute(f"CALL llm_train_run('ref', 12, {ARGS})")
             ref = snapshot(conn, "ref")
+        lock = psycopg.connect(dsn)  # not a context manager: it is still open when the server goes down
         with psycopg.connect(dsn, autocommit=True) as conn:
             t, out = run_async(dsn, f"CALL llm_train_run('c', 12, {ARGS})")
             wait_for_step(conn, "c", 2)
+            # step 4 waits on this row lock, however fast steps are: the run cannot end before the crash
+            lock.execute("SELECT 1 FROM llm_model WHERE name = 'c' FOR NO KEY UPDATE")
             conn.execute("CHECKPOINT")  # while step 3 runs: its dirty tile pages are flushed mid-step
         cluster.stop("immediate")
+        lock.close()
         t.join(60)
         assert "error" in out
         cluster.start()
@@ -146,3 +150,24 @@ def test_a_failing_first_step_leaves_no_claim(conn: psycopg.Connection, models, 
     assert conn.execute("SELECT count(*) FROM llm_train_job WHERE model = 'fails'").fetchone()[0] == 0
     assert conn.execute("SELECT step FROM llm_model WHERE name = 'fails'").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM llm_train_log WHERE model = 'fails'").fetchone()[0] == 0
+
+
+def test_a_resumed_run_keeps_its_schedule(conn: psycopg.Connection, models) -> None:
+    """max_steps defaults to the loop's steps on a first run; resuming keeps that schedule (nanoGPT's
+    lr_decay_iters): extending 3 steps to 5 runs steps 4-5 at min_lr and says so, max_steps => N stretches it."""
+    import_tiny(conn, models, "sched")
+    args = "dataset => 'ds', batch_size => 2, lr => 1e-3, warmup_steps => 1, dropout => 0.0, seed => 3"
+    conn.execute(f"CALL llm_train_run('sched', 3, {args})")
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+    conn.execute(f"SELECT llm_train('sched', 5, {args})")
+    conn.execute(f"SELECT llm_train('sched', 6, {args}, max_steps => 8)")
+    logged = conn.execute("SELECT step, lr, max_steps FROM llm_train_log WHERE model = 'sched' ORDER BY step"
+                          ).fetchall()
+    horizon = [3, 3, 3, 3, 3, 8]
+    assert [m for _, _, m in logged] == horizon
+    want = [conn.execute("SELECT llm_lr_at(%s, 1e-3, 1, %s, NULL)", (s, h)).fetchone()[0]
+            for s, h in zip(range(1, 7), horizon, strict=True)]
+    assert [lr for _, lr, _ in logged] == pytest.approx(want, rel=1e-12)
+    assert logged[3][1] == logged[4][1] == pytest.approx(1e-4)  # min_lr: 0.1 x lr
+    assert any('model "sched" resumes on the lr schedule it was trained with (max_steps 3)' in n for n in notices)

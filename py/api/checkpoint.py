@@ -50,6 +50,7 @@ def _table() -> str:
           moments TEXT[] NOT NULL DEFAULT '{}',
           store TEXT NOT NULL UNIQUE,
           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+          model_created_at TIMESTAMPTZ NOT NULL,
           """ + OWNER + """,
           CHECK (store = '@ckpt/' || id)
         )""", "A saved model state: parameters, AdamW moments (the roles in `moments`) and the optimizer step. "
@@ -101,8 +102,10 @@ def _save() -> str:
         JOIN llm_tile AS t ON t.tensor_id = s.id
         WHERE s.model = v_model AND s.role IN {STATE} AND s.id > 0"""
     ins = """
-        INSERT INTO llm_checkpoint (id, model, config, step, note, n_params, n_tensors, moments, store)
-        VALUES (v_id, v_model, c.name, v_step, llm_checkpoint_save.note, v_params, v_n, v_moments, v_store)"""
+        INSERT INTO llm_checkpoint (id, model, config, step, note, n_params, n_tensors, moments, store,
+                                    model_created_at)
+        VALUES (v_id, v_model, c.name, v_step, llm_checkpoint_save.note, v_params, v_n, v_moments, v_store,
+                (SELECT m.created_at FROM llm_model AS m WHERE m.name = v_model))"""
     n_tensors = f"""
         SELECT count(*) FROM llm_tensor AS v WHERE v.model = v_model AND v.role IN {STATE} AND v.id > 0"""
     body = CONFLICT + plpgsql("""
@@ -246,15 +249,16 @@ def _views() -> str:
     out = [stmt("""
         CREATE VIEW llm_checkpoints AS
         SELECT k.id, k.model, k.config, k.step, k.note, k.n_params, k.n_tensors, k.moments,
-               coalesce(s.bytes, 0) AS bytes, EXISTS (SELECT 1 FROM llm_model AS m WHERE m.name = k.model)
-               AS model_exists, k.created_at, k.owner
+               coalesce(s.bytes, 0) AS bytes, EXISTS (SELECT 1 FROM llm_model AS m WHERE m.name = k.model
+                                                      AND m.created_at = k.model_created_at) AS model_exists,
+               k.created_at, k.owner
         FROM llm_checkpoint AS k
         LEFT JOIN LATERAL (
           SELECT sum(4 * llm_rows(v.shape)::BIGINT * llm_cols(v.shape))::BIGINT AS bytes
           FROM llm_tensor AS v
           WHERE v.model = k.store AND v.id > 0
-        ) AS s ON TRUE""", "Every checkpoint with its model, step, sizes, the moments it holds and whether its "
-                           "model still exists.")]
+        ) AS s ON TRUE""", "Every checkpoint with its model, step, sizes, the moments it holds and whether the "
+                           "model it was saved from still exists (not a model re-created under its name).")]
     out.append(stmt("""
         CREATE VIEW llm_param AS
         SELECT v.model, v.name, v.shape, t.tr, t.tc, llm_tile_to_float4(t.data) AS vals

@@ -54,7 +54,7 @@ def _tables() -> str:
         CREATE TABLE llm_model (
           name TEXT PRIMARY KEY CHECK (name <> '' AND NOT name LIKE '@%' AND octet_length(name) <= 200),
           config TEXT NOT NULL REFERENCES llm_model_config (name),
-          created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+          created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),  -- tells a re-created model apart
           step BIGINT NOT NULL DEFAULT 0,
           note TEXT,
           {OWNER}

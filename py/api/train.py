@@ -8,6 +8,8 @@ the tape are scratch and dropped when the step ends.
 """
 from __future__ import annotations
 
+import textwrap
+
 from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
 from pg_llm.ops.common import KERNEL_SETTINGS
@@ -35,8 +37,10 @@ def _tables() -> str:
               batch_size INT NOT NULL,
               seed BIGINT NOT NULL,
               logged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+              max_steps INT,
               PRIMARY KEY (model, step)
-            )""", "One row per completed optimizer step (committed with the step's parameter update)."),
+            )""", "One row per completed optimizer step (committed with the step's parameter update); max_steps "
+                  "is the length of the lr schedule the step was on (a resumed loop keeps it)."),
         stmt("""
             CREATE TABLE llm_train_job (
               model TEXT PRIMARY KEY REFERENCES llm_model (name) ON DELETE CASCADE,
@@ -158,11 +162,23 @@ STEP = f"""
     DELETE FROM llm_tape AS tp WHERE tp.tape = v_tape;
     DELETE FROM llm_tape_grad AS tg WHERE tg.tape = v_tape;
     PERFORM llm_scratch_release(v_tape);
-    INSERT INTO llm_train_log AS l (model, step, loss, lr, grad_norm, tokens, seconds, dataset, batch_size, seed)
+    INSERT INTO llm_train_log AS l (model, step, loss, lr, grad_norm, tokens, seconds, dataset, batch_size, seed,
+                                    max_steps)
     VALUES (model, v_step, v_loss, v_lr, v_norm, v_ntok,
-            extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed)
+            extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed, coalesce(max_steps, v_step))
     RETURNING * INTO v_log;
     RETURN v_log;
+"""
+
+
+# An error or a cancel deep in a step's kernels used to print the generated statement it was in (~35 lines of
+# CONTEXT): the step re-raises it with its message, detail, hint and SQLSTATE, and only the functions above.
+SHORT_CONTEXT = """
+    EXCEPTION WHEN OTHERS OR query_canceled THEN  -- OTHERS alone leaves cancels out
+      GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+        v_state = RETURNED_SQLSTATE;
+      PERFORM llm_reraise(v_msg, v_detail, v_hint, v_state);
+    END;
 """
 
 
@@ -171,8 +187,8 @@ def _step() -> str:
         v_t0 TIMESTAMPTZ; v_step INT; v_tape BIGINT; v_t INT; r RECORD; st RECORD;
         v_tokens INT[]; v_targets INT[]; v_loss FLOAT8 := 0; v_ntok BIGINT := 0;
         v_params BIGINT[]; v_grads BIGINT[]; v_norm FLOAT8; v_coef FLOAT8; v_lr FLOAT8; v_name TEXT;
-        v_log llm_train_log;
-    """, STEP)
+        v_log llm_train_log; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
+    """, "BEGIN\n" + textwrap.indent(textwrap.dedent(STEP).strip("\n"), "  ") + textwrap.dedent(SHORT_CONTEXT))
     return function("llm_train_step", "model TEXT, dataset TEXT, batch_size INT DEFAULT 8, " + HYPER
                     + ", split TEXT DEFAULT 'train', on_behalf_of INT DEFAULT NULL", "llm_train_log", body,
                     settings=KERNEL_SETTINGS,

@@ -58,6 +58,26 @@ def _claim() -> str:
                     note="Register a training loop (pid) as the model's trainer; error when another one runs.")
 
 
+def _horizon() -> str:
+    body = plpgsql("v_max INT;", """
+        v_max := (SELECT l.max_steps FROM llm_train_log AS l WHERE l.model = p_model ORDER BY l.step DESC LIMIT 1);
+        IF v_max IS NULL THEN
+          RETURN p_steps;  -- a new run: its schedule spans its own steps
+        END IF;
+        IF v_max <> p_steps THEN
+          RAISE NOTICE 'pg_llm: model "%" resumes on the lr schedule it was trained with (max_steps %): steps '
+            'after it run at min_lr', p_model, v_max
+            USING HINT = format('Pass max_steps => %s to stretch the schedule to this run''s %s steps.', p_steps,
+                                p_steps);
+        END IF;
+        RETURN v_max;
+    """)
+    return function("llm_train_horizon", "p_model TEXT, p_steps INT", "INT", body,
+                    note="""The max_steps a loop defaults to: a model's last logged schedule when it resumes (so
+                    extending a 20-step run to 24 steps does not reshape the cosine of the steps already planned,
+                    as nanoGPT's lr_decay_iters), else the loop's own steps.""")
+
+
 def _hints() -> str:
     body = plpgsql("", """
         PERFORM llm_model_get(p_model);
@@ -125,7 +145,8 @@ def _procedure() -> str:
         v_conn := 'pg_llm_vacuum_' || pg_backend_pid();
         v_free := llm_disk_free();
         v_growth := 0;
-        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train_run")}
+        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+        max_steps := coalesce(max_steps, llm_train_horizon(model, steps));{loop_check("llm_train_run")}
         v_growth := llm_train_step_need(model, dataset, batch_size, grad_accum);  -- the first step's: estimated
         v_first := llm_train_claim(model, steps, pg_backend_pid());
         IF NOT pg_has_role((SELECT c.relowner FROM pg_class AS c WHERE c.oid = 'llm_tile_durable'::REGCLASS),
@@ -188,9 +209,10 @@ def _function() -> str:
     body = plpgsql("""
         v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
         v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_now INT8; v_growth INT8 := 0;
-        v_claim TEXT;
+        v_claim TEXT; v_sql TEXT;
     """, f"""
-        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train")}
+        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+        max_steps := coalesce(max_steps, llm_train_horizon(model, steps));{loop_check("llm_train")}
         v_growth := llm_train_step_need(model, dataset, batch_size, grad_accum);  -- the first step's: estimated
         v_conn := 'pg_llm_train_' || pg_backend_pid();
         PERFORM llm_loopback_connect(v_conn);
@@ -209,7 +231,8 @@ def _function() -> str:
               'which reclaims them after every step.';
             EXIT;
           END IF;
-          PERFORM llm_loopback_run(v_conn, {remote_step});
+          v_sql := {remote_step};
+          PERFORM llm_loopback_run(v_conn, v_sql);  -- v_sql: a cancel's CONTEXT shows this line, not the format
           v_claim := '1';
           v_now := llm_disk_free();
           v_growth := greatest(v_growth, v_free - v_now);  -- the largest step's: nothing is reclaimed meanwhile
@@ -241,4 +264,4 @@ def _function() -> str:
 
 
 def emit() -> str:
-    return "\n".join([comment(__doc__ or ""), _eval(), _claim(), _hints(), _procedure(), _function()])
+    return "\n".join([comment(__doc__ or ""), _eval(), _claim(), _horizon(), _hints(), _procedure(), _function()])

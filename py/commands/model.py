@@ -30,7 +30,8 @@ def _export(args: argparse.Namespace) -> int:
         r = export_model(conn, args.name, args.out_dir, force=args.force, progress=not args.quiet,
                          checkpoint=args.checkpoint)
     src = f" (checkpoint {args.checkpoint})" if args.checkpoint is not None else ""
-    print(f"exported model {r.model!r}{src} to {r.out_dir}: {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB "
+    tok = f", tokenizer {r.tokenizer!r}" if r.tokenizer else " (no tokenizer files: its tokenizer is not imported)"
+    print(f"exported model {r.model!r}{src} to {r.out_dir}: {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB{tok} "
           f"in {r.seconds:.1f} s")
     return 0
 

@@ -232,8 +232,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """A Hugging Face GPT-2 directory, a .safetensors/.bin file (with config.json beside it, if any), or an .npz."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"no such checkpoint: {p} does not exist (expected a Hugging Face directory with "
-                              "config.json and model.safetensors, a .safetensors/.bin file, or an .npz)")
+        raise CheckpointError(f"{p} does not exist: model weights are a Hugging Face directory (with "
+                              "config.json and model.safetensors), a .safetensors/.bin file or an .npz")
     d = p if p.is_dir() else p.parent
     cfg_json = _config_json(d / "config.json") if (d / "config.json").exists() else None
     try:

@@ -28,6 +28,7 @@ from pg_llm.config import STANDARD, GPT2Config
 from pg_llm.kernels.npz import infer_standard, shape_problems
 from pg_llm.loader.checkpoint import Checkpoint, CheckpointError, Entry, open_checkpoint, safetensors_header
 from pg_llm.loader.tensors import read_tensor, write_tensor
+from pg_llm.loader.tokenizer_export import write_hf_tokenizer
 
 ARCH = ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size", "tied_embeddings", "layer_norm_epsilon",
         "activation")
@@ -52,6 +53,7 @@ class ExportResult:
     tensors: int
     bytes: int
     seconds: float
+    tokenizer: str | None = None  # the database tokenizer written beside the weights (None: it has none)
 
 
 def _arch(c: GPT2Config) -> tuple:
@@ -254,7 +256,8 @@ def tensor_ids(conn: psycopg.Connection, owner: str, cfg: GPT2Config, roles: tup
 def export_model(conn: psycopg.Connection, name: str, out_dir: str | os.PathLike, *, force: bool = False,
                  progress: bool = False, checkpoint: int | None = None) -> ExportResult:
     """Write model `name` (or its in-database checkpoint `checkpoint`, see llm_checkpoint_save) as a Hugging
-    Face directory: config.json + model.safetensors (float32)."""
+    Face directory: config.json + model.safetensors (float32), and the config's tokenizer as GPT-2 tokenizer
+    files when the database has it (AutoTokenizer.from_pretrained then encodes as llm_encode)."""
     t0 = time.monotonic()
     out = Path(out_dir).expanduser()
     weights, config_path = out / "model.safetensors", out / "config.json"
@@ -264,7 +267,9 @@ def export_model(conn: psycopg.Connection, name: str, out_dir: str | os.PathLike
     with conn.transaction():
         if top:  # one consistent snapshot even while a training run updates the model
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        owner, _, cfg, _ = resolve_source(conn, name, checkpoint)
+        owner, cfg_name, cfg, _ = resolve_source(conn, name, checkpoint)
+        tok = conn.execute("SELECT c.tokenizer FROM llm_model_config AS c JOIN llm_tokenizer AS t "
+                           "ON t.name = c.tokenizer WHERE c.name = %s", (cfg_name,)).fetchone()
         what = f"checkpoint {checkpoint} of model {name!r}" if checkpoint is not None else f"model {name!r}"
         ids = tensor_ids(conn, owner, cfg, what=what)
         shapes = cfg.param_shapes()
@@ -283,5 +288,7 @@ def export_model(conn: psycopg.Connection, name: str, out_dir: str | os.PathLike
             os.replace(tmp, weights)
         finally:
             tmp.unlink(missing_ok=True)
+        if tok:
+            write_hf_tokenizer(conn, tok[0], out, cfg.n_ctx)
     config_path.write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    return ExportResult(name, out, len(shapes), total, time.monotonic() - t0)
+    return ExportResult(name, out, len(shapes), total, time.monotonic() - t0, tok[0] if tok else None)

@@ -37,6 +37,7 @@ CREATE TABLE llm_checkpoint (
   moments TEXT[] NOT NULL DEFAULT '{}',
   store TEXT NOT NULL UNIQUE,
   created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  model_created_at TIMESTAMPTZ NOT NULL,
   owner REGROLE NOT NULL DEFAULT CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE),
   CHECK (store = '@ckpt/' || id)
 );
@@ -131,7 +132,8 @@ BEGIN
     n_params,
     n_tensors,
     moments,
-    store
+    store,
+    model_created_at
   )
   VALUES
     (
@@ -143,7 +145,14 @@ BEGIN
       v_params,
       v_n,
       v_moments,
-      v_store
+      v_store,
+      (
+        SELECT
+          m.created_at
+        FROM llm_model AS m
+        WHERE
+          m.name = v_model
+      )
     );  -- first: the store is the checkpoint's, so row-level security lets its saver write its tensors
   INSERT INTO llm_tensor (
     id,
@@ -357,7 +366,7 @@ BEGIN
 END
 $fn$;
 
--- Every checkpoint with its model, step, sizes, the moments it holds and whether its model still exists.
+-- Every checkpoint with its model, step, sizes, the moments it holds and whether the model it was saved from still exists (not a model re-created under its name).
 CREATE VIEW llm_checkpoints AS
 SELECT
   k.id,
@@ -374,7 +383,7 @@ SELECT
       1
     FROM llm_model AS m
     WHERE
-      m.name = k.model
+      m.name = k.model AND m.created_at = k.model_created_at
   ) AS model_exists,
   k.created_at,
   k.owner

@@ -110,7 +110,7 @@ CREATE TABLE llm_model (
   config TEXT NOT NULL REFERENCES llm_model_config (
     name
   ),
-  created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), /* tells a re-created model apart */
   step BIGINT NOT NULL DEFAULT 0,
   note TEXT,
   owner REGROLE NOT NULL DEFAULT CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE)

@@ -7,7 +7,7 @@
 -- step s is derived from (seed, s), so the step number is the RNG position: resuming at step s replays exactly
 -- what an uninterrupted run would have done. Parameters and moments are durable; activations, gradients and
 -- the tape are scratch and dropped when the step ends.
--- One row per completed optimizer step (committed with the step's parameter update).
+-- One row per completed optimizer step (committed with the step's parameter update); max_steps is the length of the lr schedule the step was on (a resumed loop keeps it).
 CREATE TABLE llm_train_log (
   model TEXT NOT NULL REFERENCES llm_model (
     name
@@ -23,6 +23,7 @@ CREATE TABLE llm_train_log (
   batch_size INT NOT NULL,
   seed BIGINT NOT NULL,
   logged_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  max_steps INT,
   PRIMARY KEY (model, step)
 );
 
@@ -202,58 +203,65 @@ DECLARE
   v_t0 TIMESTAMPTZ; v_step INT; v_tape BIGINT; v_t INT; r RECORD; st RECORD;
   v_tokens INT[]; v_targets INT[]; v_loss FLOAT8 := 0; v_ntok BIGINT := 0;
   v_params BIGINT[]; v_grads BIGINT[]; v_norm FLOAT8; v_coef FLOAT8; v_lr FLOAT8; v_name TEXT;
-  v_log llm_train_log;
+  v_log llm_train_log; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
 BEGIN
-  v_t0 := clock_timestamp();
-  PERFORM llm_model_get(model);
-  PERFORM llm_model_writable(model, 'llm_train_step');
-  PERFORM llm_train_guard(model, on_behalf_of);
-  PERFORM llm_train_check('llm_train_step', dataset, split, batch_size, lr, warmup_steps, max_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
-  PERFORM llm_train_disk_check('llm_train_step', model, dataset, batch_size, grad_accum);
-  IF on_behalf_of IS NOT NULL AND NOT EXISTS (SELECT 1 FROM llm_train_job AS j
-                                              WHERE j.model = llm_train_step.model AND j.pid = on_behalf_of) THEN
-    RAISE EXCEPTION 'pg_llm: llm_train_step: on_behalf_of % is not the pid of this model''s training loop',
-      on_behalf_of USING
-      HINT = 'on_behalf_of is internal (SELECT llm_train passes it to its loopback steps): leave it out.';
-  END IF;
-  v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model FOR UPDATE) + 1;
-  v_tape := llm_scratch_mark();
-  FOR micro IN 1 .. grad_accum LOOP
-    v_tokens := '{}'; v_targets := '{}'; v_t := NULL;
-    FOR r IN SELECT * FROM llm_train_batch(dataset, split, batch_size, seed, v_step, micro) LOOP
-      IF v_t IS NULL THEN v_t := cardinality(r.tokens); END IF;
-      IF cardinality(r.tokens) <> v_t OR cardinality(r.targets) <> v_t THEN
-        RAISE EXCEPTION 'pg_llm: dataset "%": rows of different lengths (% and %) in one batch', dataset, v_t,
-          cardinality(r.tokens) USING HINT = 'Load the corpus with one --block-size.';
-      END IF;
-      v_tokens := v_tokens || r.tokens; v_targets := v_targets || r.targets;
+  BEGIN
+    v_t0 := clock_timestamp();
+    PERFORM llm_model_get(model);
+    PERFORM llm_model_writable(model, 'llm_train_step');
+    PERFORM llm_train_guard(model, on_behalf_of);
+    PERFORM llm_train_check('llm_train_step', dataset, split, batch_size, lr, warmup_steps, max_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
+    PERFORM llm_train_disk_check('llm_train_step', model, dataset, batch_size, grad_accum);
+    IF on_behalf_of IS NOT NULL AND NOT EXISTS (SELECT 1 FROM llm_train_job AS j
+                                                WHERE j.model = llm_train_step.model AND j.pid = on_behalf_of) THEN
+      RAISE EXCEPTION 'pg_llm: llm_train_step: on_behalf_of % is not the pid of this model''s training loop',
+        on_behalf_of USING
+        HINT = 'on_behalf_of is internal (SELECT llm_train passes it to its loopback steps): leave it out.';
+    END IF;
+    v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model FOR UPDATE) + 1;
+    v_tape := llm_scratch_mark();
+    FOR micro IN 1 .. grad_accum LOOP
+      v_tokens := '{}'; v_targets := '{}'; v_t := NULL;
+      FOR r IN SELECT * FROM llm_train_batch(dataset, split, batch_size, seed, v_step, micro) LOOP
+        IF v_t IS NULL THEN v_t := cardinality(r.tokens); END IF;
+        IF cardinality(r.tokens) <> v_t OR cardinality(r.targets) <> v_t THEN
+          RAISE EXCEPTION 'pg_llm: dataset "%": rows of different lengths (% and %) in one batch', dataset, v_t,
+            cardinality(r.tokens) USING HINT = 'Load the corpus with one --block-size.';
+        END IF;
+        v_tokens := v_tokens || r.tokens; v_targets := v_targets || r.targets;
+      END LOOP;
+      v_loss := v_loss + llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
+        llm_site_seed(seed, v_step::TEXT || ':' || micro::TEXT), 1.0 / grad_accum) / grad_accum;
+      v_ntok := v_ntok + cardinality(v_tokens);
     END LOOP;
-    v_loss := v_loss + llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
-      llm_site_seed(seed, v_step::TEXT || ':' || micro::TEXT), 1.0 / grad_accum) / grad_accum;
-    v_ntok := v_ntok + cardinality(v_tokens);
-  END LOOP;
-  v_params := ARRAY(SELECT v.id FROM llm_tensor AS v WHERE v.model = llm_train_step.model AND v.role = 'param'
-                    AND v.id > 0 ORDER BY v.id);
-  v_grads := ARRAY(SELECT llm_grad_of(v_tape, p) FROM unnest(v_params) AS p);
-  v_norm := llm_global_grad_norm(ARRAY(SELECT g FROM unnest(v_grads) AS g WHERE g IS NOT NULL));
-  v_coef := llm_clip_coef(v_norm, grad_clip);
-  v_lr := llm_lr_at(v_step, lr, warmup_steps, coalesce(max_steps, v_step), min_lr);
-  FOR i IN 1 .. cardinality(v_params) LOOP
-    CONTINUE WHEN v_grads[i] IS NULL;  -- like torch: a parameter without a gradient is not updated
-    v_name := (SELECT v.name FROM llm_tensor AS v WHERE v.id = v_params[i]);
-    st := llm_adamw_state(v_params[i]);
-    PERFORM llm_adamw_step(v_params[i], v_grads[i], st.m_id, st.v_id, v_step, v_lr, beta1, beta2, eps,
-      CASE WHEN llm_param_decays(v_name) THEN weight_decay ELSE 0 END, v_coef);
-  END LOOP;
-  PERFORM llm_model_write_lock(model);  -- readers in flight finish first: none sees half of this step
-  UPDATE llm_model AS m SET step = v_step WHERE m.name = model;
-  DELETE FROM llm_tape AS tp WHERE tp.tape = v_tape;
-  DELETE FROM llm_tape_grad AS tg WHERE tg.tape = v_tape;
-  PERFORM llm_scratch_release(v_tape);
-  INSERT INTO llm_train_log AS l (model, step, loss, lr, grad_norm, tokens, seconds, dataset, batch_size, seed)
-  VALUES (model, v_step, v_loss, v_lr, v_norm, v_ntok,
-          extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed)
-  RETURNING * INTO v_log;
-  RETURN v_log;
+    v_params := ARRAY(SELECT v.id FROM llm_tensor AS v WHERE v.model = llm_train_step.model AND v.role = 'param'
+                      AND v.id > 0 ORDER BY v.id);
+    v_grads := ARRAY(SELECT llm_grad_of(v_tape, p) FROM unnest(v_params) AS p);
+    v_norm := llm_global_grad_norm(ARRAY(SELECT g FROM unnest(v_grads) AS g WHERE g IS NOT NULL));
+    v_coef := llm_clip_coef(v_norm, grad_clip);
+    v_lr := llm_lr_at(v_step, lr, warmup_steps, coalesce(max_steps, v_step), min_lr);
+    FOR i IN 1 .. cardinality(v_params) LOOP
+      CONTINUE WHEN v_grads[i] IS NULL;  -- like torch: a parameter without a gradient is not updated
+      v_name := (SELECT v.name FROM llm_tensor AS v WHERE v.id = v_params[i]);
+      st := llm_adamw_state(v_params[i]);
+      PERFORM llm_adamw_step(v_params[i], v_grads[i], st.m_id, st.v_id, v_step, v_lr, beta1, beta2, eps,
+        CASE WHEN llm_param_decays(v_name) THEN weight_decay ELSE 0 END, v_coef);
+    END LOOP;
+    PERFORM llm_model_write_lock(model);  -- readers in flight finish first: none sees half of this step
+    UPDATE llm_model AS m SET step = v_step WHERE m.name = model;
+    DELETE FROM llm_tape AS tp WHERE tp.tape = v_tape;
+    DELETE FROM llm_tape_grad AS tg WHERE tg.tape = v_tape;
+    PERFORM llm_scratch_release(v_tape);
+    INSERT INTO llm_train_log AS l (model, step, loss, lr, grad_norm, tokens, seconds, dataset, batch_size, seed,
+                                    max_steps)
+    VALUES (model, v_step, v_loss, v_lr, v_norm, v_ntok,
+            extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed, coalesce(max_steps, v_step))
+    RETURNING * INTO v_log;
+    RETURN v_log;
+  EXCEPTION WHEN OTHERS OR query_canceled THEN  -- OTHERS alone leaves cancels out
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+      v_state = RETURNED_SQLSTATE;
+    PERFORM llm_reraise(v_msg, v_detail, v_hint, v_state);
+  END;
 END
 $fn$;

@@ -62,6 +62,32 @@ BEGIN
 END
 $fn$;
 
+-- The max_steps a loop defaults to: a model's last logged schedule when it resumes (so
+--                     extending a 20-step run to 24 steps does not reshape the cosine of the steps already planned,
+--                     as nanoGPT's lr_decay_iters), else the loop's own steps.
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_horizon(p_model TEXT, p_steps INT)
+RETURNS INT
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+DECLARE
+  v_max INT;
+BEGIN
+  v_max := (SELECT l.max_steps FROM llm_train_log AS l WHERE l.model = p_model ORDER BY l.step DESC LIMIT 1);
+  IF v_max IS NULL THEN
+    RETURN p_steps;  -- a new run: its schedule spans its own steps
+  END IF;
+  IF v_max <> p_steps THEN
+    RAISE NOTICE 'pg_llm: model "%" resumes on the lr schedule it was trained with (max_steps %): steps '
+      'after it run at min_lr', p_model, v_max
+      USING HINT = format('Pass max_steps => %s to stretch the schedule to this run''s %s steps.', p_steps,
+                          p_steps);
+  END IF;
+  RETURN v_max;
+END
+$fn$;
+
 -- Resolve a training call's dataset (default: the only one) and report ignored playbook arguments; the rest is llm_train_check's, right after.
 CREATE OR REPLACE FUNCTION llm_internal.llm_train_prepare(p_model TEXT, p_dataset TEXT, p_split TEXT, p_grad_workers INT, p_prune_workers INT)
 RETURNS TEXT
@@ -111,6 +137,7 @@ BEGIN
   v_free := llm_disk_free();
   v_growth := 0;
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+  max_steps := coalesce(max_steps, llm_train_horizon(model, steps));
   IF steps IS NULL OR steps < 1 THEN
     RAISE EXCEPTION 'pg_llm: llm_train_run: steps must be >= 1, got %', coalesce(steps::TEXT, 'NULL')
       USING HINT = 'steps is how many steps the model should have made '
@@ -192,9 +219,10 @@ AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
   v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_now INT8; v_growth INT8 := 0;
-  v_claim TEXT;
+  v_claim TEXT; v_sql TEXT;
 BEGIN
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
+  max_steps := coalesce(max_steps, llm_train_horizon(model, steps));
   IF steps IS NULL OR steps < 1 THEN
     RAISE EXCEPTION 'pg_llm: llm_train: steps must be >= 1, got %', coalesce(steps::TEXT, 'NULL')
       USING HINT = 'steps is how many steps the model should have made '
@@ -224,7 +252,8 @@ BEGIN
         'which reclaims them after every step.';
       EXIT;
     END IF;
-    PERFORM llm_loopback_run(v_conn, format('SELECT (llm_train_step(%L, %L, %s, lr => %L, warmup_steps => %L, min_lr => %L, weight_decay => %L, beta1 => %L, beta2 => %L, eps => %L, grad_clip => %L, dropout => %L, grad_accum => %L, seed => %L, max_steps => %s, split => %L, on_behalf_of => %s)).step FROM (SELECT %s OFFSET 0) AS c', model, dataset, batch_size, lr, warmup_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed, coalesce(max_steps, steps), split, pg_backend_pid(), v_claim));
+    v_sql := format('SELECT (llm_train_step(%L, %L, %s, lr => %L, warmup_steps => %L, min_lr => %L, weight_decay => %L, beta1 => %L, beta2 => %L, eps => %L, grad_clip => %L, dropout => %L, grad_accum => %L, seed => %L, max_steps => %s, split => %L, on_behalf_of => %s)).step FROM (SELECT %s OFFSET 0) AS c', model, dataset, batch_size, lr, warmup_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed, coalesce(max_steps, steps), split, pg_backend_pid(), v_claim);
+    PERFORM llm_loopback_run(v_conn, v_sql);  -- v_sql: a cancel's CONTEXT shows this line, not the format
     v_claim := '1';
     v_now := llm_disk_free();
     v_growth := greatest(v_growth, v_free - v_now);  -- the largest step's: nothing is reclaimed meanwhile
