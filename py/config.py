@@ -198,6 +198,15 @@ class TrainConfig:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
+    def sql_types(cls) -> dict[str, str]:
+        return {f.name: f.metadata["sql"] for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The non-NULL defaults (NULL ones mean something: see each field's what)."""
+        return {f.name: f.default for f in fields(cls) if f.default is not None}
+
+    @classmethod
     def sql_args(cls) -> str:
         """'lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, ...' for a function's argument list."""
         return ", ".join(f"{f.name} {f.metadata['sql']} DEFAULT {'NULL' if f.default is None else repr(f.default)}"

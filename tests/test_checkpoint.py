@@ -125,7 +125,7 @@ def test_load_forgets_later_train_log(conn: psycopg.Connection, ck: str) -> None
     cid = conn.execute("SELECT llm_checkpoint_save(%s)", (ck,)).fetchone()[0]
     cols = conn.execute("""SELECT column_name, data_type FROM information_schema.columns WHERE table_name =
         'llm_train_log' AND is_nullable = 'NO' AND column_default IS NULL""").fetchall()
-    dummy = {"text": "x", "integer": 1, "bigint": 1, "double precision": 1.0, "real": 1.0}
+    dummy = {"text": "x", "integer": 1, "bigint": 1, "double precision": 1.0, "real": 1.0, "jsonb": "{}"}
     for s in range(1, 12):
         vals = {c: dummy.get(t, 1) for c, t in cols} | {"model": ck, "step": s}
         conn.execute(f"INSERT INTO llm_train_log ({', '.join(vals)}) VALUES ({', '.join(['%s'] * len(vals))})",

@@ -25,7 +25,7 @@ def add_log(conn: psycopg.Connection, model: str, rows: list[dict[str, object]])
                  "WHERE name = %s)", (model, model))
     extra = conn.execute("""SELECT column_name, data_type FROM information_schema.columns
         WHERE table_name = 'llm_train_log' AND is_nullable = 'NO' AND column_default IS NULL""").fetchall()
-    dummy = {"text": "synthetic", "integer": 8, "bigint": 8, "double precision": 0.0}
+    dummy = {"text": "synthetic", "integer": 8, "bigint": 8, "double precision": 0.0, "jsonb": "{}"}
     for r in rows:
         vals = {c: dummy.get(t, 0) for c, t in extra} | {"grad_norm": 1.0, "tokens": 1024, "seconds": 0.5} | r
         conn.execute(f"INSERT INTO llm_train_log ({', '.join(vals)}) VALUES ({', '.join(['%s'] * len(vals))})",

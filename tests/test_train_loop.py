@@ -162,8 +162,8 @@ def test_a_resumed_run_keeps_its_schedule(conn: psycopg.Connection, models) -> N
     conn.add_notice_handler(lambda d: notices.append(d.message_primary))
     conn.execute(f"SELECT llm_train('sched', 5, {args})")
     conn.execute(f"SELECT llm_train('sched', 6, {args}, max_steps => 8)")
-    logged = conn.execute("SELECT step, lr, max_steps FROM llm_train_log WHERE model = 'sched' ORDER BY step"
-                          ).fetchall()
+    logged = conn.execute("SELECT step, lr, (schedule ->> 'max_steps')::INT FROM llm_train_log "
+                          "WHERE model = 'sched' ORDER BY step").fetchall()
     horizon = [3, 3, 3, 3, 3, 8]
     assert [m for _, _, m in logged] == horizon
     want = [conn.execute("SELECT llm_lr_at(%s, 1e-3, 1, %s, NULL)", (s, h)).fetchone()[0]
@@ -171,3 +171,21 @@ def test_a_resumed_run_keeps_its_schedule(conn: psycopg.Connection, models) -> N
     assert [lr for _, lr, _ in logged] == pytest.approx(want, rel=1e-12)
     assert logged[3][1] == logged[4][1] == pytest.approx(1e-4)  # min_lr: 0.1 x lr
     assert any('model "sched" resumes on the lr schedule it was trained with (max_steps 3)' in n for n in notices)
+
+
+def test_a_resumed_run_keeps_its_arguments_unless_told(conn: psycopg.Connection, models) -> None:
+    """Left out on resume, lr, batch and seed are the run's (not the defaults); passed, they change it and a
+    NOTICE says what changed."""
+    import_tiny(conn, models, "keep")
+    conn.execute("CALL llm_train_run('keep', 2, dataset => 'ds', batch_size => 3, lr => 2e-3, warmup_steps => 1, "
+                 "dropout => 0.0, seed => 9)")
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+    conn.execute("SELECT llm_train('keep', 3)")  # everything from the run: dataset, batch 3, lr, seed ...
+    conn.execute("SELECT llm_train('keep', 4, lr => 1e-3, batch_size => 2)")
+    rows = conn.execute("SELECT step, batch_size, seed, schedule ->> 'lr', schedule ->> 'max_steps' "
+                        "FROM llm_train_log WHERE model = 'keep' ORDER BY step").fetchall()
+    assert rows == [(1, 3, 9, "0.002", "2"), (2, 3, 9, "0.002", "2"), (3, 3, 9, "0.002", "2"),
+                    (4, 2, 9, "0.001", "2")]
+    changed = [n for n in notices if "resumes its run with" in n]
+    assert changed == ['pg_llm: model "keep" resumes its run with batch_size 2 (was 3), lr 0.001 (was 0.002)']

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import textwrap
 
+from pg_llm.api.train_resume import schedule_of
 from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
 from pg_llm.ops.common import KERNEL_SETTINGS
@@ -37,10 +38,10 @@ def _tables() -> str:
               batch_size INT NOT NULL,
               seed BIGINT NOT NULL,
               logged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-              max_steps INT,
+              schedule JSONB NOT NULL,
               PRIMARY KEY (model, step)
-            )""", "One row per completed optimizer step (committed with the step's parameter update); max_steps "
-                  "is the length of the lr schedule the step was on (a resumed loop keeps it)."),
+            )""", "One row per completed optimizer step (committed with the step's parameter update); schedule "
+                  "holds the hyperparameters, dataset and batch it ran with (a resumed loop keeps them)."),
         stmt("""
             CREATE TABLE llm_train_job (
               model TEXT PRIMARY KEY REFERENCES llm_model (name) ON DELETE CASCADE,
@@ -163,9 +164,10 @@ STEP = f"""
     DELETE FROM llm_tape_grad AS tg WHERE tg.tape = v_tape;
     PERFORM llm_scratch_release(v_tape);
     INSERT INTO llm_train_log AS l (model, step, loss, lr, grad_norm, tokens, seconds, dataset, batch_size, seed,
-                                    max_steps)
+                                    schedule)
     VALUES (model, v_step, v_loss, v_lr, v_norm, v_ntok,
-            extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed, coalesce(max_steps, v_step))
+            extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed,
+            {schedule_of("coalesce(max_steps, v_step)")})
     RETURNING * INTO v_log;
     RETURN v_log;
 """

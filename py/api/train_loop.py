@@ -5,7 +5,8 @@ commits in its own transaction even though a SELECT cannot COMMIT). Both resume 
 """
 from __future__ import annotations
 
-from pg_llm.api.train import HYPER, check_call
+from pg_llm.api.train import check_call
+from pg_llm.api.train_resume import prologue
 from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, procedure
 
@@ -13,8 +14,10 @@ SQL_FILE = "api/train_loop.sql"
 ORDER = 87
 
 HYPER_NAMES = TrainConfig.names()
-LOOP_ARGS = ("model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, " + HYPER
-             + ", eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', "
+# NULL: the run's own value when the model resumes a run (api/train_resume.py), else the default
+LOOP_ARGS = ("model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT NULL, "
+             + ", ".join(f"{n} {t} DEFAULT NULL" for n, t in TrainConfig.sql_types().items())
+             + ", eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT NULL, "
                "grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL")
 
 
@@ -56,26 +59,6 @@ def _claim() -> str:
     """)
     return function("llm_train_claim", "p_model TEXT, p_steps INT, p_pid INT", "INT", body,
                     note="Register a training loop (pid) as the model's trainer; error when another one runs.")
-
-
-def _horizon() -> str:
-    body = plpgsql("v_max INT;", """
-        v_max := (SELECT l.max_steps FROM llm_train_log AS l WHERE l.model = p_model ORDER BY l.step DESC LIMIT 1);
-        IF v_max IS NULL THEN
-          RETURN p_steps;  -- a new run: its schedule spans its own steps
-        END IF;
-        IF v_max <> p_steps THEN
-          RAISE NOTICE 'pg_llm: model "%" resumes on the lr schedule it was trained with (max_steps %): steps '
-            'after it run at min_lr', p_model, v_max
-            USING HINT = format('Pass max_steps => %s to stretch the schedule to this run''s %s steps.', p_steps,
-                                p_steps);
-        END IF;
-        RETURN v_max;
-    """)
-    return function("llm_train_horizon", "p_model TEXT, p_steps INT", "INT", body,
-                    note="""The max_steps a loop defaults to: a model's last logged schedule when it resumes (so
-                    extending a 20-step run to 24 steps does not reshape the cosine of the steps already planned,
-                    as nanoGPT's lr_decay_iters), else the loop's own steps.""")
 
 
 def _hints() -> str:
@@ -138,15 +121,15 @@ def loop_check(caller: str) -> str:
 def _procedure() -> str:
     declare = """
         v_first INT; v_t0 TIMESTAMPTZ; v_log @extschema@.llm_train_log; v_val FLOAT8; v_stop TEXT; v_conn TEXT;
-        v_step INT; v_free INT8; v_now INT8; v_growth INT8;
+        v_step INT; v_free INT8; v_now INT8; v_growth INT8; v_sched JSONB;
     """
     body = f"""
         v_t0 := clock_timestamp();
         v_conn := 'pg_llm_vacuum_' || pg_backend_pid();
         v_free := llm_disk_free();
         v_growth := 0;
-        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
-        max_steps := coalesce(max_steps, llm_train_horizon(model, steps));{loop_check("llm_train_run")}
+{prologue()}
+        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train_run")}
         v_growth := llm_train_step_need(model, dataset, batch_size, grad_accum);  -- the first step's: estimated
         v_first := llm_train_claim(model, steps, pg_backend_pid());
         IF NOT pg_has_role((SELECT c.relowner FROM pg_class AS c WHERE c.oid = 'llm_tile_durable'::REGCLASS),
@@ -209,10 +192,10 @@ def _function() -> str:
     body = plpgsql("""
         v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
         v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_now INT8; v_growth INT8 := 0;
-        v_claim TEXT; v_sql TEXT;
+        v_claim TEXT; v_sql TEXT; v_sched JSONB;
     """, f"""
-        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
-        max_steps := coalesce(max_steps, llm_train_horizon(model, steps));{loop_check("llm_train")}
+{prologue()}
+        dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);{loop_check("llm_train")}
         v_growth := llm_train_step_need(model, dataset, batch_size, grad_accum);  -- the first step's: estimated
         v_conn := 'pg_llm_train_' || pg_backend_pid();
         PERFORM llm_loopback_connect(v_conn);
@@ -264,4 +247,4 @@ def _function() -> str:
 
 
 def emit() -> str:
-    return "\n".join([comment(__doc__ or ""), _eval(), _claim(), _horizon(), _hints(), _procedure(), _function()])
+    return "\n".join([comment(__doc__ or ""), _eval(), _claim(), _hints(), _procedure(), _function()])

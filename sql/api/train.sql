@@ -7,7 +7,7 @@
 -- step s is derived from (seed, s), so the step number is the RNG position: resuming at step s replays exactly
 -- what an uninterrupted run would have done. Parameters and moments are durable; activations, gradients and
 -- the tape are scratch and dropped when the step ends.
--- One row per completed optimizer step (committed with the step's parameter update); max_steps is the length of the lr schedule the step was on (a resumed loop keeps it).
+-- One row per completed optimizer step (committed with the step's parameter update); schedule holds the hyperparameters, dataset and batch it ran with (a resumed loop keeps them).
 CREATE TABLE llm_train_log (
   model TEXT NOT NULL REFERENCES llm_model (
     name
@@ -23,7 +23,7 @@ CREATE TABLE llm_train_log (
   batch_size INT NOT NULL,
   seed BIGINT NOT NULL,
   logged_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
-  max_steps INT,
+  schedule JSONB NOT NULL,
   PRIMARY KEY (model, step)
 );
 
@@ -253,9 +253,10 @@ BEGIN
     DELETE FROM llm_tape_grad AS tg WHERE tg.tape = v_tape;
     PERFORM llm_scratch_release(v_tape);
     INSERT INTO llm_train_log AS l (model, step, loss, lr, grad_norm, tokens, seconds, dataset, batch_size, seed,
-                                    max_steps)
+                                    schedule)
     VALUES (model, v_step, v_loss, v_lr, v_norm, v_ntok,
-            extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed, coalesce(max_steps, v_step))
+            extract(EPOCH FROM clock_timestamp() - v_t0), dataset, batch_size, seed,
+            jsonb_strip_nulls(jsonb_build_object('lr', lr, 'warmup_steps', warmup_steps, 'max_steps', coalesce(max_steps, v_step), 'min_lr', min_lr, 'weight_decay', weight_decay, 'beta1', beta1, 'beta2', beta2, 'eps', eps, 'grad_clip', grad_clip, 'dropout', dropout, 'grad_accum', grad_accum, 'seed', seed, 'dataset', dataset, 'batch_size', batch_size, 'split', split)))
     RETURNING * INTO v_log;
     RETURN v_log;
   EXCEPTION WHEN OTHERS OR query_canceled THEN  -- OTHERS alone leaves cancels out

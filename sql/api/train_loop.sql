@@ -62,32 +62,6 @@ BEGIN
 END
 $fn$;
 
--- The max_steps a loop defaults to: a model's last logged schedule when it resumes (so
---                     extending a 20-step run to 24 steps does not reshape the cosine of the steps already planned,
---                     as nanoGPT's lr_decay_iters), else the loop's own steps.
-CREATE OR REPLACE FUNCTION llm_internal.llm_train_horizon(p_model TEXT, p_steps INT)
-RETURNS INT
-LANGUAGE plpgsql
-VOLATILE
-SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
-AS $fn$
-DECLARE
-  v_max INT;
-BEGIN
-  v_max := (SELECT l.max_steps FROM llm_train_log AS l WHERE l.model = p_model ORDER BY l.step DESC LIMIT 1);
-  IF v_max IS NULL THEN
-    RETURN p_steps;  -- a new run: its schedule spans its own steps
-  END IF;
-  IF v_max <> p_steps THEN
-    RAISE NOTICE 'pg_llm: model "%" resumes on the lr schedule it was trained with (max_steps %): steps '
-      'after it run at min_lr', p_model, v_max
-      USING HINT = format('Pass max_steps => %s to stretch the schedule to this run''s %s steps.', p_steps,
-                          p_steps);
-  END IF;
-  RETURN v_max;
-END
-$fn$;
-
 -- Resolve a training call's dataset (default: the only one) and report ignored playbook arguments; the rest is llm_train_check's, right after.
 CREATE OR REPLACE FUNCTION llm_internal.llm_train_prepare(p_model TEXT, p_dataset TEXT, p_split TEXT, p_grad_workers INT, p_prune_workers INT)
 RETURNS TEXT
@@ -122,13 +96,13 @@ $fn$;
 --                      loses at most the step in progress); resumes at llm_model.step up to `steps`. After
 --                      each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
 --                      procedure), so disk use stays flat; it stops with a WARNING before the disk fills.
-CREATE OR REPLACE PROCEDURE llm_train_run(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
+CREATE OR REPLACE PROCEDURE llm_train_run(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT NULL, lr FLOAT8 DEFAULT NULL, warmup_steps INT DEFAULT NULL, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT NULL, beta1 FLOAT8 DEFAULT NULL, beta2 FLOAT8 DEFAULT NULL, eps FLOAT8 DEFAULT NULL, grad_clip FLOAT8 DEFAULT NULL, dropout FLOAT8 DEFAULT NULL, grad_accum INT DEFAULT NULL, seed BIGINT DEFAULT NULL, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT NULL, grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
   v_caller_path TEXT;
   v_first INT; v_t0 TIMESTAMPTZ; v_log @extschema@.llm_train_log; v_val FLOAT8; v_stop TEXT; v_conn TEXT;
-  v_step INT; v_free INT8; v_now INT8; v_growth INT8;
+  v_step INT; v_free INT8; v_now INT8; v_growth INT8; v_sched JSONB;
 BEGIN
   v_caller_path := pg_catalog.current_setting('search_path');
   PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, llm_internal, pg_temp', TRUE);
@@ -136,8 +110,24 @@ BEGIN
   v_conn := 'pg_llm_vacuum_' || pg_backend_pid();
   v_free := llm_disk_free();
   v_growth := 0;
+
+  v_sched := llm_train_resume(model, steps, jsonb_strip_nulls(jsonb_build_object('lr', lr, 'warmup_steps', warmup_steps, 'max_steps', max_steps, 'min_lr', min_lr, 'weight_decay', weight_decay, 'beta1', beta1, 'beta2', beta2, 'eps', eps, 'grad_clip', grad_clip, 'dropout', dropout, 'grad_accum', grad_accum, 'seed', seed, 'dataset', dataset, 'batch_size', batch_size, 'split', split)));
+  lr := (v_sched ->> 'lr')::FLOAT8;
+  warmup_steps := (v_sched ->> 'warmup_steps')::INT;
+  max_steps := (v_sched ->> 'max_steps')::INT;
+  min_lr := (v_sched ->> 'min_lr')::FLOAT8;
+  weight_decay := (v_sched ->> 'weight_decay')::FLOAT8;
+  beta1 := (v_sched ->> 'beta1')::FLOAT8;
+  beta2 := (v_sched ->> 'beta2')::FLOAT8;
+  eps := (v_sched ->> 'eps')::FLOAT8;
+  grad_clip := (v_sched ->> 'grad_clip')::FLOAT8;
+  dropout := (v_sched ->> 'dropout')::FLOAT8;
+  grad_accum := (v_sched ->> 'grad_accum')::INT;
+  seed := (v_sched ->> 'seed')::BIGINT;
+  dataset := (v_sched ->> 'dataset')::TEXT;
+  batch_size := (v_sched ->> 'batch_size')::INT;
+  split := (v_sched ->> 'split')::TEXT;
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
-  max_steps := coalesce(max_steps, llm_train_horizon(model, steps));
   IF steps IS NULL OR steps < 1 THEN
     RAISE EXCEPTION 'pg_llm: llm_train_run: steps must be >= 1, got %', coalesce(steps::TEXT, 'NULL')
       USING HINT = 'steps is how many steps the model should have made '
@@ -210,7 +200,7 @@ $fn$;
 --                     if the server needs it). Resumes at llm_model.step up to `steps`; returns the last loss.
 --                     Its snapshot keeps what the steps rewrite on disk until it returns (see train_space): it stops
 --                     with a WARNING before the disk fills; CALL llm_train_run reclaims after every step.
-CREATE OR REPLACE FUNCTION llm_train(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT 'train', grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
+CREATE OR REPLACE FUNCTION llm_train(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT NULL, lr FLOAT8 DEFAULT NULL, warmup_steps INT DEFAULT NULL, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT NULL, beta1 FLOAT8 DEFAULT NULL, beta2 FLOAT8 DEFAULT NULL, eps FLOAT8 DEFAULT NULL, grad_clip FLOAT8 DEFAULT NULL, dropout FLOAT8 DEFAULT NULL, grad_accum INT DEFAULT NULL, seed BIGINT DEFAULT NULL, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT NULL, grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
@@ -219,10 +209,25 @@ AS $fn$
 DECLARE
   v_first INT; v_t0 TIMESTAMPTZ := clock_timestamp(); v_log llm_train_log; v_val FLOAT8; v_conn TEXT;
   v_loss FLOAT8; v_step INT; v_stop TEXT; v_free INT8 := llm_disk_free(); v_now INT8; v_growth INT8 := 0;
-  v_claim TEXT; v_sql TEXT;
+  v_claim TEXT; v_sql TEXT; v_sched JSONB;
 BEGIN
+  v_sched := llm_train_resume(model, steps, jsonb_strip_nulls(jsonb_build_object('lr', lr, 'warmup_steps', warmup_steps, 'max_steps', max_steps, 'min_lr', min_lr, 'weight_decay', weight_decay, 'beta1', beta1, 'beta2', beta2, 'eps', eps, 'grad_clip', grad_clip, 'dropout', dropout, 'grad_accum', grad_accum, 'seed', seed, 'dataset', dataset, 'batch_size', batch_size, 'split', split)));
+  lr := (v_sched ->> 'lr')::FLOAT8;
+  warmup_steps := (v_sched ->> 'warmup_steps')::INT;
+  max_steps := (v_sched ->> 'max_steps')::INT;
+  min_lr := (v_sched ->> 'min_lr')::FLOAT8;
+  weight_decay := (v_sched ->> 'weight_decay')::FLOAT8;
+  beta1 := (v_sched ->> 'beta1')::FLOAT8;
+  beta2 := (v_sched ->> 'beta2')::FLOAT8;
+  eps := (v_sched ->> 'eps')::FLOAT8;
+  grad_clip := (v_sched ->> 'grad_clip')::FLOAT8;
+  dropout := (v_sched ->> 'dropout')::FLOAT8;
+  grad_accum := (v_sched ->> 'grad_accum')::INT;
+  seed := (v_sched ->> 'seed')::BIGINT;
+  dataset := (v_sched ->> 'dataset')::TEXT;
+  batch_size := (v_sched ->> 'batch_size')::INT;
+  split := (v_sched ->> 'split')::TEXT;
   dataset := llm_train_prepare(model, dataset, split, grad_workers, prune_workers);
-  max_steps := coalesce(max_steps, llm_train_horizon(model, steps));
   IF steps IS NULL OR steps < 1 THEN
     RAISE EXCEPTION 'pg_llm: llm_train: steps must be >= 1, got %', coalesce(steps::TEXT, 'NULL')
       USING HINT = 'steps is how many steps the model should have made '
