@@ -76,8 +76,9 @@ def test_call_loop_reclaims_what_each_step_rewrites(conn: psycopg.Connection, mo
     conn.execute(f"CALL llm_train_run('m', {step + 3}, {ARGS})")
     settled = durable_bytes(conn)
     conn.execute(f"CALL llm_train_run('m', {step + 11}, {ARGS})")
-    # 8 more steps rewrite 8 x 12 bytes per parameter; vacuumed after each step, they reuse the same pages
-    assert durable_bytes(conn) - settled < 12 * params, (settled, durable_bytes(conn), params)
+    # 8 more steps rewrite 8 x 12 bytes per parameter (96 x params without VACUUM); vacuumed after each step they
+    # reuse the same pages, up to about one step's worth not yet reusable (measured once 1.04 x 12 x params)
+    assert durable_bytes(conn) - settled < 2 * 12 * params, (settled, durable_bytes(conn), params)
     assert conn.execute("SELECT step FROM llm_model").fetchone()[0] == step + 11
 
 
