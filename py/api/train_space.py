@@ -29,10 +29,17 @@ def _disk_free() -> str:
         note="Bytes free for PostgreSQL on the disk holding the data directory (os.statvfs).")
 
 
+def _min_free() -> str:
+    return function("llm_min_free_disk", "", "BIGINT", f"""
+        SELECT pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
+                                      '{MIN_FREE_DEFAULT}'))""",
+                    language="sql", volatility="STABLE",
+                    note=f"pg_llm.min_free_disk in bytes (default {MIN_FREE_DEFAULT}): what training leaves free.")
+
+
 def _room() -> str:
-    body = plpgsql("v_min BIGINT;", f"""
-        v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
-                                        '{MIN_FREE_DEFAULT}'));
+    body = plpgsql("v_min BIGINT;", """
+        v_min := llm_min_free_disk();
         IF p_free - p_growth >= v_min THEN
           RETURN NULL;
         END IF;
@@ -64,7 +71,7 @@ def _estimate() -> str:
         SELECT llm_train_step_bytes(p_model, p_batch_size::BIGINT * coalesce(max(s.block_size), 1), p_grad_accum)
         FROM llm_dataset_source AS s WHERE s.dataset = p_dataset""", language="sql", volatility="STABLE",
         note="llm_train_step_bytes of a step of batch_size windows of a dataset (its block size).")
-    body = plpgsql("v_t INT; v_need BIGINT; v_cap BIGINT; v_free BIGINT; v_min BIGINT;", f"""
+    body = plpgsql("v_t INT; v_need BIGINT; v_cap BIGINT; v_free BIGINT; v_min BIGINT;", """
         v_t := (SELECT max(s.block_size) FROM llm_dataset_source AS s WHERE s.dataset = p_dataset);
         v_need := llm_train_step_need(p_model, p_dataset, p_batch_size, p_grad_accum);
         v_cap := pg_size_bytes(nullif(current_setting('pg_llm.max_step_disk', TRUE), ''));
@@ -75,8 +82,7 @@ def _estimate() -> str:
             USING HINT = 'Lower batch_size, or raise pg_llm.max_step_disk (SET pg_llm.max_step_disk = ''32GB'').';
         END IF;
         v_free := llm_disk_free();
-        v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
-                                        '{MIN_FREE_DEFAULT}'));
+        v_min := llm_min_free_disk();
         IF v_free - v_need < v_min THEN
           RAISE EXCEPTION 'pg_llm: %: a step of % x % tokens writes about % of disk; % is free and '
             'pg_llm.min_free_disk keeps %', p_caller, p_batch_size * p_grad_accum, v_t, pg_size_pretty(v_need),
@@ -184,4 +190,5 @@ def _pinned_notice() -> str:
 
 
 def emit() -> str:
-    return "\n".join([comment(__doc__ or ""), _disk_free(), _room(), _estimate(), _loopback(), _pinned_notice()])
+    return "\n".join([comment(__doc__ or ""), _disk_free(), _min_free(), _room(), _estimate(), _loopback(),
+                      _pinned_notice()])

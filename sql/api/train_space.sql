@@ -24,6 +24,17 @@ s = os.statvfs('.')  # a backend's working directory is the data directory
 return s.f_bavail * s.f_frsize
 $fn$;
 
+-- pg_llm.min_free_disk in bytes (default 1GB): what training leaves free.
+CREATE OR REPLACE FUNCTION llm_internal.llm_min_free_disk()
+RETURNS BIGINT
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+SELECT
+  pg_size_bytes(COALESCE(NULLIF(current_setting('pg_llm.min_free_disk', TRUE), ''), '1GB'))
+$fn$;
+
 -- NULL when one more step of p_growth bytes leaves pg_llm.min_free_disk (default
 --                     1GB) free on the data directory's disk; else the reason to stop.
 CREATE OR REPLACE FUNCTION llm_internal.llm_train_room(p_loop TEXT, p_step BIGINT, p_free BIGINT, p_growth BIGINT)
@@ -35,8 +46,7 @@ AS $fn$
 DECLARE
   v_min BIGINT;
 BEGIN
-  v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
-                                  '1GB'));
+  v_min := llm_min_free_disk();
   IF p_free - p_growth >= v_min THEN
     RETURN NULL;
   END IF;
@@ -109,8 +119,7 @@ BEGIN
       USING HINT = 'Lower batch_size, or raise pg_llm.max_step_disk (SET pg_llm.max_step_disk = ''32GB'').';
   END IF;
   v_free := llm_disk_free();
-  v_min := pg_size_bytes(coalesce(nullif(current_setting('pg_llm.min_free_disk', TRUE), ''),
-                                  '1GB'));
+  v_min := llm_min_free_disk();
   IF v_free - v_need < v_min THEN
     RAISE EXCEPTION 'pg_llm: %: a step of % x % tokens writes about % of disk; % is free and '
       'pg_llm.min_free_disk keeps %', p_caller, p_batch_size * p_grad_accum, v_t, pg_size_pretty(v_need),
