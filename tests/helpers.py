@@ -1,6 +1,9 @@
 """Small helpers shared by kernel tests: put numpy arrays in, get tensors out."""
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -74,3 +77,20 @@ class FakePlpy:
     @staticmethod
     def error(msg: str, hint: str | None = None) -> None:
         raise FakePlpy.Error(msg if hint is None else f"{msg} (HINT: {hint})")
+
+
+@contextmanager
+def made_roles(conn: psycopg.Connection, roles: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Roles for the test (key -> CREATE ROLE options, e.g. 'IN ROLE llm_trainer'), under unique names (roles are
+    cluster-wide); yields key -> name and drops them (and what they own) afterwards."""
+    tag = uuid.uuid4().hex[:8]
+    names = {k: f"{k}_{tag}" for k in roles}
+    for k, options in roles.items():
+        conn.execute(f"CREATE ROLE {names[k]} {options}")
+    try:
+        yield names
+    finally:
+        conn.execute("RESET ROLE")
+        for name in names.values():
+            conn.execute(f"DROP OWNED BY {name}")
+            conn.execute(f"DROP ROLE {name}")

@@ -2,7 +2,6 @@
 trains what it owns or was granted, and nothing a role may not change changes, through the API or plain SQL."""
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from pg_llm.gen.surface import PUBLIC
 from pg_llm.loader.tokenizer import ensure_gpt2
 
 from gpt2_fixtures import import_tiny
+from helpers import made_roles
 from train_fixtures import same, snapshot, synthetic_dataset
 
 STEP = "dataset => 'ds', batch_size => 2, lr => 1e-3, warmup_steps => 1, max_steps => 4, dropout => 0.1, seed => 3"
@@ -25,17 +25,9 @@ def roles(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory) ->
     ensure_gpt2(conn)
     import_tiny(conn, tmp_path_factory.mktemp("access"), "adm")
     synthetic_dataset(conn, "ds")
-    tag = uuid.uuid4().hex[:6]
-    made = {"nobody": f"nobody_{tag}", "reader": f"reader_{tag}", "alice": f"alice_{tag}", "bob": f"bob_{tag}"}
-    member = {"nobody": "", "reader": " IN ROLE llm_reader", "alice": " IN ROLE llm_trainer",
-              "bob": " IN ROLE llm_trainer"}
-    for key, role in made.items():
-        conn.execute(f"CREATE ROLE {role}{member[key]}")
-    yield made
-    conn.execute("RESET ROLE")
-    for role in made.values():
-        conn.execute(f"DROP OWNED BY {role}")
-        conn.execute(f"DROP ROLE {role}")
+    with made_roles(conn, {"nobody": "", "reader": "IN ROLE llm_reader", "alice": "IN ROLE llm_trainer",
+                           "bob": "IN ROLE llm_trainer"}) as made:
+        yield made
 
 
 def as_role(conn: psycopg.Connection, role: str, sql: str, *args: object) -> list[tuple]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pg_llm.loader.state import export_state
 from pg_llm.loader.tensors import read_tensor
 
 from gpt2_fixtures import import_tiny
+from helpers import made_roles
 
 
 def params(conn: psycopg.Connection, model: str) -> dict[str, np.ndarray]:
@@ -155,17 +155,10 @@ def test_import_errors_change_nothing(conn: psycopg.Connection, src: str, shared
 @pytest.fixture
 def roles(conn: psycopg.Connection) -> Iterator[dict[str, str]]:
     """Non-superuser trainers (cluster-wide: unique names), two of them allowed to read or write server files."""
-    tag = uuid.uuid4().hex[:8]
-    names = {"plain": f"npz_plain_{tag}", "reader": f"npz_reader_{tag}", "writer": f"npz_writer_{tag}"}
-    for kind, r in names.items():
-        conn.execute(f"CREATE ROLE {r} NOSUPERUSER IN ROLE llm_trainer")
-        if kind != "plain":
-            conn.execute(f"GRANT pg_{'read' if kind == 'reader' else 'write'}_server_files TO {r}")
-    yield names
-    conn.execute("RESET ROLE")
-    for r in names.values():
-        conn.execute(f"DROP OWNED BY {r}")
-        conn.execute(f"DROP ROLE {r}")
+    with made_roles(conn, {"npz_plain": "IN ROLE llm_trainer",
+                           "npz_reader": "IN ROLE llm_trainer, pg_read_server_files",
+                           "npz_writer": "IN ROLE llm_trainer, pg_write_server_files"}) as made:
+        yield {"plain": made["npz_plain"], "reader": made["npz_reader"], "writer": made["npz_writer"]}
 
 
 def test_server_file_privileges(conn: psycopg.Connection, src: str, shared_dir: Path, roles: dict[str, str]) -> None:
