@@ -46,6 +46,14 @@ def test_every_api_error_says_what_to_fix() -> None:
     assert bare == []
 
 
+def test_every_api_function_is_documented() -> None:
+    """docs/sql-api.md names every function of the API (surface.PUBLIC; an op's _backward goes with the op)."""
+    from pg_llm.gen.surface import PUBLIC
+
+    doc = (ROOT / "docs" / "sql-api.md").read_text()
+    assert sorted(n for n in PUBLIC if not re.search(rf"\b{n.removesuffix('_backward')}\b", doc)) == []
+
+
 def test_sqlfmt_refuses_what_sqlglot_cannot_parse() -> None:
     with pytest.raises(SqlGenError):
         sql("SELEC 1 FROM")
