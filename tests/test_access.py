@@ -168,7 +168,7 @@ def test_bpe_cache_is_filled_only_with_what_the_tokenizer_computes(conn: psycopg
     assert conn.execute("SELECT count(*) FROM llm_bpe_cache WHERE piece = ' asdfghjkl'").fetchone()[0] == 1
 
 
-def test_every_relation_has_its_privileges(conn: psycopg.Connection, tmp_path: Path) -> None:
+def test_every_relation_has_its_privileges(conn: psycopg.Connection) -> None:
     from pg_llm.api.privileges import TABLES
 
     rels = {r[0] for r in conn.execute("""

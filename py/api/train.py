@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import textwrap
 
-from pg_llm.api.train_resume import schedule_of
+from pg_llm.api.train_resume import DEFAULTS, schedule_of
 from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
 from pg_llm.ops.common import KERNEL_SETTINGS
@@ -191,8 +191,9 @@ def _step() -> str:
         v_params BIGINT[]; v_grads BIGINT[]; v_norm FLOAT8; v_coef FLOAT8; v_lr FLOAT8; v_name TEXT;
         v_log llm_train_log; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
     """, "BEGIN\n" + textwrap.indent(textwrap.dedent(STEP).strip("\n"), "  ") + textwrap.dedent(SHORT_CONTEXT))
-    return function("llm_train_step", "model TEXT, dataset TEXT, batch_size INT DEFAULT 8, " + HYPER
-                    + ", split TEXT DEFAULT 'train', on_behalf_of INT DEFAULT NULL", "llm_train_log", body,
+    return function("llm_train_step", f"model TEXT, dataset TEXT, batch_size INT DEFAULT {DEFAULTS['batch_size']}, "
+                    + HYPER + f", split TEXT DEFAULT '{DEFAULTS['split']}', on_behalf_of INT DEFAULT NULL",
+                    "llm_train_log", body,
                     settings=KERNEL_SETTINGS,
                     note="""One optimizer step (AdamW, clip, warmup+cosine lr, dropout) on a seeded mini-batch
                     of llm_dataset; returns and logs its llm_train_log row. max_steps NULL = this step.

@@ -12,7 +12,7 @@ import psycopg
 from pg_llm.bench import Context, Table, Timed, random_dataset
 
 OPTIONAL = False
-CONFIG = "n_layer = 2, n_head = 4, n_embd = 256, n_ctx = 128, vocab_size = 50257"
+CONFIG = dict(n_layer=2, n_head=4, n_embd=256, n_ctx=128, vocab_size=50257)
 T, BATCH = 64, 2
 
 
@@ -30,10 +30,10 @@ def run(ctx: Context) -> Table:
     cfg, data = f"{ctx.model}_access", f"{ctx.model}_access_ds"
     conn.execute(f"DELETE FROM llm_model_config WHERE name = '{cfg}' AND NOT EXISTS "
                  f"(SELECT 1 FROM llm_model WHERE config = '{cfg}')")
-    conn.execute(f"INSERT INTO llm_model_config (name, n_layer, n_head, n_embd, n_ctx, vocab_size) "
-                 f"SELECT '{cfg}', 2, 4, 256, 128, 50257 WHERE NOT EXISTS "
-                 f"(SELECT 1 FROM llm_model_config WHERE name = '{cfg}')")
-    random_dataset(conn, data, rows=16, block=T, vocab=50257, seed=1)
+    conn.execute(f"INSERT INTO llm_model_config (name, {', '.join(CONFIG)}) "
+                 f"SELECT %s, {', '.join(['%s'] * len(CONFIG))} WHERE NOT EXISTS "
+                 f"(SELECT 1 FROM llm_model_config WHERE name = %s)", (cfg, *CONFIG.values(), cfg))
+    random_dataset(conn, data, rows=16, block=T, vocab=CONFIG["vocab_size"], seed=1)
     conn.execute(f"CREATE ROLE {reader} IN ROLE llm_reader")
     conn.execute(f"CREATE ROLE {trainer} IN ROLE llm_trainer")
     # inference reads a model nobody trains meanwhile: a step's new weights would miss one session's weight cache
@@ -72,7 +72,8 @@ def run(ctx: Context) -> Table:
     for i, name in enumerate(names):
         base = res[names[i - i % 2]].median
         table.add(name, f"{res[name].median:.3f}", f"{res[name].median / base:.2f}x")
-    table.notes.append(f"model: {CONFIG}; the trainer's model is its own (same seed), inference reads a "
+    sizes = ", ".join(f"{k} = {v}" for k, v in CONFIG.items())
+    table.notes.append(f"model: {sizes}; the trainer's model is its own (same seed), inference reads a "
                        "third model (the owner's, not trained meanwhile); row-level security costs what the 'vs "
                        "owner' column shows.")
     return table

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import psycopg
 
-FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
-
-def write_hf_tokenizer(conn: psycopg.Connection, tokenizer: str, out: Path, n_ctx: int) -> list[str]:
-    """Write the four files for database tokenizer `tokenizer` into out; returns their names."""
+def write_hf_tokenizer(conn: psycopg.Connection, tokenizer: str, out: Path, n_ctx: int) -> None:
+    """Write the four files for database tokenizer `tokenizer` into out."""
     vocab = conn.execute("SELECT printable, id, special FROM llm_bpe_vocab WHERE tokenizer = %s ORDER BY id",
                          (tokenizer,)).fetchall()
     if not vocab:
@@ -30,4 +28,3 @@ def write_hf_tokenizer(conn: psycopg.Connection, tokenizer: str, out: Path, n_ct
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": n_ctx, "add_prefix_space": False,
         "add_bos_token": False, **tokens}, indent=2) + "\n")
-    return list(FILES)

@@ -110,7 +110,7 @@ DECLARE
   v_t INT; v_need BIGINT; v_cap BIGINT; v_free BIGINT; v_min BIGINT;
 BEGIN
   v_t := (SELECT max(s.block_size) FROM llm_dataset_source AS s WHERE s.dataset = p_dataset);
-  v_need := llm_train_step_need(p_model, p_dataset, p_batch_size, p_grad_accum);
+  v_need := llm_train_step_bytes(p_model, p_batch_size::BIGINT * coalesce(v_t, 1), p_grad_accum);
   v_cap := pg_size_bytes(nullif(current_setting('pg_llm.max_step_disk', TRUE), ''));
   IF v_need > v_cap THEN
     RAISE EXCEPTION 'pg_llm: %: a step of % x % tokens writes about % of disk, more than '
