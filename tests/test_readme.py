@@ -79,3 +79,32 @@ def test_readme_walkthrough_runs_as_written(server: Server, tmp_path: Path) -> N
             ran.append(text)
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert sum(t.startswith(("SELECT", "CALL", "INSERT")) for t in ran) == sum(k == "sql" for k, _, _ in walkthrough())
+
+
+def readme_sh_blocks() -> list[list[str]]:
+    """The ```sh blocks of README, as lists of commands (comments dropped)."""
+    readme = (ROOT / "README.md").read_text()
+    return [[ln.split("  #", 1)[0].strip() for ln in b.split("```", 1)[0].splitlines() if ln.strip()]
+            for b in readme.split("```sh\n")[1:]]
+
+
+def test_readme_dev_cluster_block_runs() -> None:
+    """README's `make db` block (its Quick start block, `make setup` and `make test`, is what .ci/run runs): the
+    dev cluster starts, psql reaches pg_llm through both spellings of its URL, `make db-stop` stops it. A dev
+    cluster that was running before the test is left running (make db-stop runs where it was not: CI)."""
+    from pg_llm.harness import devdb
+
+    setup, dev = readme_sh_blocks()[:2]
+    assert setup == ["make setup", "make test"]
+    assert [c.split()[0] for c in dev] == ["make", "psql", "make"]
+    was_running = devdb._cluster().is_running()
+    readme = (ROOT / "README.md").read_text()
+    other_psql = re.search(r'or: (psql "\$\(.*?\)")', readme)
+    assert other_psql, "README names a second way to reach the dev database"
+    for cmd in [*dev[:2], other_psql.group(1), *([] if was_running else dev[2:])]:
+        stdin = "SELECT llm_encode('Hello world');\n" if cmd.startswith("psql") else None
+        p = subprocess.run(["bash", "-c", cmd], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (cmd, p.stdout, p.stderr)
+        if stdin:
+            assert "{15496,995}" in p.stdout, (cmd, p.stdout)
+    assert devdb._cluster().is_running() == was_running
