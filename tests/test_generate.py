@@ -269,15 +269,50 @@ def test_bad_input(conn: psycopg.Connection, tiny, call: str, match: str) -> Non
     assert scratch(conn) == before
 
 
-def test_zero_new_tokens_and_cancel_leave_nothing(conn: psycopg.Connection, tiny) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_zero_new_tokens_and_cancel_leave_nothing(conn: psycopg.Connection, tiny, fused: bool) -> None:
+    """A cancel stops both loops: the fused one (one call, weights cached: ~1,000 tokens of a 1-layer model with
+    a 1,024-token context take ~0.2-0.5 s) and the SQL one (35 tokens of gen_tiny take > 150 ms)."""
     before = scratch(conn)
     assert conn.execute("SELECT llm_generate_tokens('gen_tiny', ARRAY[4, 5], max_new_tokens => 0)"
                         ).fetchone()[0] == [4, 5]
-    conn.execute("SET statement_timeout = '40ms'")  # 35 tokens take ~150 ms warm (fused decoding, weight cache)
+    if fused:
+        conn.execute("INSERT INTO llm_model_config (name, n_layer, n_head, n_embd, n_ctx, vocab_size) "
+                     "VALUES ('gen-long', 1, 2, 32, 1024, 301) ON CONFLICT DO NOTHING")
+        conn.execute("SELECT llm_model_init('gen_long', 'gen-long', seed => 1) WHERE NOT EXISTS "
+                     "(SELECT FROM llm_models WHERE name = 'gen_long')")
+        call, timeout = "llm_generate_tokens('gen_long', ARRAY[4, 5], max_new_tokens => 1020)", "30ms"
+        conn.execute(f"SELECT {call.replace('1020', '2')}")  # weights cached: the timeout hits the loop
+    else:
+        conn.execute("SET pg_llm.fused_decode = off")
+        call, timeout = "llm_generate_tokens('gen_tiny', ARRAY[4, 5], max_new_tokens => 35)", "40ms"
+    conn.execute(f"SET statement_timeout = '{timeout}'")
     try:
         with pytest.raises(psycopg.errors.QueryCanceled):  # cancelled mid-generation: rolled back, no leak
-            conn.execute("SELECT llm_generate_tokens('gen_tiny', ARRAY[4, 5], max_new_tokens => 35)")
+            conn.execute(f"SELECT {call}")
     finally:
         conn.execute("RESET statement_timeout")
+        conn.execute("RESET pg_llm.fused_decode")
     assert scratch(conn) == before
     assert conn.execute("SELECT count(*) FROM llm_tensor WHERE role = 'cache'").fetchone()[0] == 0
+
+
+def test_fused_generation_equals_the_sql_loop(conn: psycopg.Connection, texty) -> None:
+    """The one-call generation (ops/decode.py, the default) and the SQL loop over llm_gpt2_forward_cached
+    (pg_llm.fused_decode = off) draw the same tokens and raise the same per-token NOTICEs."""
+    q = ("SELECT token_id, token FROM llm_generate_stream('gen_text', 'The king said', max_new_tokens => 15, "
+         "temperature => 0.9, top_k => 50, top_p => 0.9, seed => 11, eos => true)")
+    out = {}
+    for mode in ("on", "off"):
+        notices: list[str] = []
+
+        def handler(d: psycopg.errors.Diagnostic, seen: list[str] = notices) -> None:
+            seen.append(d.message_primary or "")
+        conn.add_notice_handler(handler)
+        try:
+            conn.execute("SELECT set_config('pg_llm.fused_decode', %s, FALSE)", (mode,))
+            out[mode] = (conn.execute(q).fetchall(), notices)
+        finally:
+            conn.execute("RESET pg_llm.fused_decode")
+            conn.remove_notice_handler(handler)
+    assert out["on"] == out["off"] and len(out["on"][0]) == 15 and len(out["on"][1]) == 15

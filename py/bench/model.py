@@ -1,120 +1,102 @@
-"""Bench section `model`: GPT-2 small (random weights) generation speed with the KV cache at two prefix lengths.
+"""Bench section `model`: generation against transformers `generate` (KV cache on both sides), same run.
 
-A seeded transformers GPT2LMHeadModel(GPT2Config()) is written to a temporary directory and imported once as
-the model `ctx.model` (dropped at the end). Each measurement prefills a random prompt of `prefix` tokens into
-the per-layer caches (llm_gpt2_forward_cached), then times decoding steps one by one from the client, each
-exactly what llm_generate_steps does per token: a one-row cached forward, greedy sampling of the logits row
-(llm_mk_sample) and the release of the step's activations. With the cache a step reads every weight once
-plus 8 * C bytes per cached position and layer, so ms/token should barely move from prefix 16 to 512; without
-it (use_cache => false) a step is a forward of the whole sequence.
-
-Slow (about 3 minutes, 1.5 with --quick), so opt-in: it runs with `--only model` or PG_LLM_BENCH_MODEL=1 and
-otherwise prints a one-line table saying how to run it (OPTIONAL marks it for a framework that knows the flag).
+Seeded random transformers GPT2LMHeadModel checkpoints (GPT-2 small, and a 2-layer 64-wide model over GPT-2's
+vocabulary) are imported once (dropped at the end). For each case pg_llm runs `SELECT llm_generate_tokens(...)`
+(the user's call: one fused llm_mk_gpt2_generate call, ops/decode.py) and transformers runs
+model.generate(..., max_new_tokens=N, min_new_tokens=N) with torch.set_num_threads(the server's BLAS threads):
+- warm: the same session again (weights in the backend's weight cache), interleaved with transformers;
+- cold: the first call of a new session (PL/Python and numpy start, every weight read from its tiles);
+- greedy tokens are compared with transformers' (equal = token for token);
+- per token: (time of N new tokens - time of 1) / (N - 1), the cost of a decoding step without the prefill.
 """
 from __future__ import annotations
 
-import os
-import statistics
-import sys
+import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pg_llm.bench import Context, Table
+from pg_llm.bench import Context, Table, Timed, server_setup_sql
 
-OPTIONAL = True
-PREFIXES = (16, 512)
-STEP = """
-    SELECT llm_internal.llm_mk_sample((SELECT string_agg(t.data, ''::BYTEA ORDER BY t.tr, t.tc) FROM llm_tile AS t
-                          WHERE t.tensor_id = %(logits)s), 0, 0, 1.0, 0, %(step)s)"""
+NEW = 64
+CASES = (("gpt2-small", {}, 16, 0.0), ("gpt2-small", {}, 16, 0.8), ("gpt2-small", {}, 512, 0.0),
+         ("tiny-2x64", {"n_layer": 2, "n_head": 2, "n_embd": 64}, 16, 0.0))
+SQL = "SELECT llm_generate_tokens(%s, %s, max_new_tokens => %s, temperature => %s, top_k => %s, seed => 1)"
 
 
-def _import(ctx: Context) -> None:
+def _import(ctx: Context, name: str, overrides: dict[str, int]) -> Any:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pg_llm.loader.model import import_model
 
-    ctx.log("model: building a random GPT-2 small checkpoint (seed 0)")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config()).eval()
-    with tempfile.TemporaryDirectory(prefix="pg_llm_bench_gpt2_") as tmp:
+    model = GPT2LMHeadModel(GPT2Config(**overrides)).eval()
+    model.generation_config.eos_token_id = None  # pg_llm's default: no stop at <|endoftext|>
+    with tempfile.TemporaryDirectory(prefix="pg_llm_bench_gen_") as tmp:
         model.save_pretrained(tmp)
-        del model
-        r = import_model(ctx.conn, Path(tmp), ctx.model, replace=True)
-    ctx.log(f"model: imported {r.params / 1e6:.0f}M parameters as {ctx.model!r} in {r.seconds:.0f} s")
+        r = import_model(ctx.conn, Path(tmp), f"{ctx.model}_{name}", replace=True)
+    ctx.log(f"model: imported {name} ({r.params / 1e6:.1f}M parameters) in {r.seconds:.0f} s")
+    return model
 
 
-def _decode(ctx: Context, prompt: list[int], steps: int, use_cache: bool) -> tuple[float | None, list[float]]:
-    """(prefill seconds or None, seconds of each decoding step)."""
-    conn = ctx.conn
-    mark = conn.execute("SELECT llm_scratch_mark()").fetchone()[0]
-    try:
-        seq, prefill, times = list(prompt), None, []
-        caches = (conn.execute("SELECT llm_internal.llm_kv_cache_create(%s)", (ctx.model,)).fetchone()[0]
-                  if use_cache else None)
-        for i in range(steps + (1 if use_cache else 0)):
-            t0 = time.perf_counter()
-            step_mark = conn.execute("SELECT llm_scratch_mark()").fetchone()[0]
-            if use_cache:
-                new = seq if i == 0 else seq[-1:]
-                logits = conn.execute("SELECT llm_internal.llm_gpt2_forward_cached(%s, %s, %s, %s)",
-                                      (ctx.model, new, len(seq) - len(new), caches)).fetchone()[0]
-            else:
-                logits = conn.execute("SELECT llm_internal.llm_gpt2_forward_cached(%s, %s)",
-                                      (ctx.model, seq)).fetchone()[0]
-            seq.append(conn.execute(STEP, {"logits": logits, "step": i}).fetchone()[0])
-            conn.execute("SELECT llm_scratch_release(%s)", (step_mark,))
-            dt = time.perf_counter() - t0
-            if use_cache and i == 0:
-                prefill = dt
-            else:
-                times.append(dt)
-        return prefill, times
-    finally:
-        conn.execute("SELECT llm_scratch_release(%s)", (mark,))
+def _hf(model: Any, prompt: list[int], new: int, temperature: float) -> list[int]:
+    import torch
 
-
-def requested(argv: list[str]) -> bool:
-    """--only model / --only=model on the command line, or PG_LLM_BENCH_MODEL=1."""
-    only = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--only"] + \
-        [a.split("=", 1)[1] for a in argv if a.startswith("--only=")]
-    return "model" in only or os.environ.get("PG_LLM_BENCH_MODEL") == "1"
+    kw: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_k": 40} if temperature else \
+        {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                             use_cache=True, **kw)
+    return out[0].tolist()
 
 
 def run(ctx: Context) -> list[Table]:
-    if not requested(sys.argv):
-        t = Table("GPT-2 small generation", ["status"])
-        t.add("skipped (slow): run with --only model or PG_LLM_BENCH_MODEL=1")
-        return [t]
-    _import(ctx)
-    steps = 3 if ctx.quick else 8
+    import torch
+
+    ctx.conn.execute(server_setup_sql(ctx.schema))
+    server = json.loads(ctx.conn.execute(f"SELECT {ctx.schema}.blas(0)").fetchone()[0])
+    threads = int(server.get("threads") or 1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    t = Table(f"Generation: llm_generate_tokens vs transformers generate ({NEW} new tokens, KV cache)",
+              ["model", "prompt", "sampling", "pg warm tok/s", "transformers tok/s", "ratio", "pg cold s",
+               "pg warm s", "pg ms/token", "hf ms/token", "greedy equal"])
+    models: dict[str, Any] = {}
     rng = np.random.default_rng(0)
-    t = Table("GPT-2 small generation (random weights, greedy, one session)",
-              ["prefix", "KV cache", "prefill s", "ms/token", "tokens/s", "steps"])
-    per_token: dict[tuple[int, bool], float] = {}
     try:
-        for prefix in PREFIXES:
+        for name, overrides, prefix, temp in CASES:
+            if name not in models:
+                models[name] = _import(ctx, name, overrides)
+            model, pg = models[name], f"{ctx.model}_{name}"
             prompt = rng.integers(0, 50257, prefix).tolist()
-            for use_cache in (True, False):
-                n = steps if use_cache else (2 if prefix > 64 else max(2, steps // 2))
-                ctx.log(f"model: prefix {prefix}, cache {use_cache}: {n} steps")
-                prefill, times = _decode(ctx, prompt, n, use_cache)
-                med = statistics.median(times)
-                per_token[(prefix, use_cache)] = med
-                t.add(prefix, "yes" if use_cache else "no", prefill, med * 1e3, 1 / med, n)
+            top_k = 40 if temp else 0
+            with ctx.connect() as cold:
+                t0 = time.perf_counter()
+                first = cold.execute(SQL, (pg, prompt, NEW, temp, top_k)).fetchone()[0]
+                cold_s = time.perf_counter() - t0
+
+            def pg_run(n: int = NEW) -> list[int]:
+                return ctx.conn.execute(SQL, (pg, prompt, n, temp, top_k)).fetchone()[0]  # noqa: B023
+
+            pg_run(1)
+            st = ctx.compare({"pg": Timed(pg_run), "hf": Timed(lambda: _hf(model, prompt, NEW, temp)),  # noqa: B023
+                              "pg1": Timed(lambda: pg_run(1)),
+                              "hf1": Timed(lambda: _hf(model, prompt, 1, temp))}, runs=3)  # noqa: B023
+            equal = "-" if temp else ("yes" if pg_run() == _hf(model, prompt, NEW, 0.0) == first else "NO")
+            pg_s, hf_s = st["pg"].median, st["hf"].median
+            t.add(name, prefix, f"T={temp}, top_k={top_k}" if temp else "greedy", NEW / pg_s, NEW / hf_s,
+                  f"{hf_s / pg_s:.2f}x", cold_s, pg_s, (pg_s - st["pg1"].median) / (NEW - 1) * 1e3,
+                  (hf_s - st["hf1"].median) / (NEW - 1) * 1e3, equal)
     finally:
-        ctx.conn.execute("SELECT llm_model_drop(%s, TRUE)", (ctx.model,))
-    lo, hi = (per_token[(p, True)] for p in PREFIXES)
-    t.notes.append(f"with the cache a token costs {hi / lo:.2f}x as much at prefix {PREFIXES[1]} as at "
-                   f"{PREFIXES[0]}; without it {per_token[(PREFIXES[1], False)] / hi:.1f}x the cached cost at "
-                   f"{PREFIXES[1]}.")
-    t.notes.append("a step = one-row forward through 12 layers (one fused llm_mk_gpt2_block_step call per layer) + "
-                   "tied LM head + greedy sampling + scratch release; prefill = the prompt in one pass + first token.")
-    tensors, entries, size, hits, misses = ctx.conn.execute(
-        "SELECT tensors, entries, bytes, hits, misses FROM llm_weight_cache_stats()").fetchone()
-    t.notes.append(f"weights (and KV cache rows) come from the session's weight cache (ops/weight_cache.py): {tensors} "
-                   f"tensors, {size / 2**20:.0f} MiB held, {hits} hits, {misses} misses over the whole section.")
+        torch.set_num_threads(saved)
+        for name in models:
+            ctx.conn.execute("SELECT llm_model_drop(%s, TRUE)", (f"{ctx.model}_{name}",))
+    t.notes.append(f"ratio = transformers s / pg_llm s (above 1: pg_llm faster); medians of 3 interleaved runs; "
+                   f"torch with {threads} thread(s), the server's OpenBLAS threads.")
+    t.notes.append("cold = a new connection's first llm_generate_tokens (PL/Python boot, numpy import, the weights "
+                   "read from llm_tile into the backend's weight cache).")
     return [t]

@@ -10,6 +10,24 @@ from pg_llm.kernels.runtime import error
 from pg_llm.kernels.tiles import F32, floats, whole
 
 
+def attend(q: np.ndarray, kvs: np.ndarray, past: int, n_head: int) -> np.ndarray:
+    """Causal attention of n new rows q (n, C) at positions past .. past+n-1 over the cache kvs (past + n, 2C) of
+    [k | v] rows, float32: y (n, C)."""
+    rows, C = q.shape
+    hd = C // n_head
+    total = past + rows
+    qh = q.reshape(rows, n_head, hd).transpose(1, 0, 2)  # (H, n, hd)
+    k = kvs[:, :C].reshape(total, n_head, hd).transpose(1, 2, 0)  # (H, hd, total)
+    v = kvs[:, C:].reshape(total, n_head, hd).transpose(1, 0, 2)  # (H, total, hd)
+    att = np.matmul(qh, k) * np.float32(1.0 / np.sqrt(hd))
+    if rows > 1:
+        mask = np.arange(total)[None, :] <= (past + np.arange(rows))[:, None]
+        att = np.where(mask, att, np.float32(-np.inf))
+    att = np.exp(att - att.max(axis=-1, keepdims=True))
+    att /= att.sum(axis=-1, keepdims=True)
+    return np.matmul(att, v).transpose(1, 0, 2).reshape(rows, C)
+
+
 def attention_cached(tiles: Sequence[bytes], kv: bytes | np.ndarray, rows: int, cols: int, th: int, tw: int,
                      past: int, n_head: int) -> Iterator[tuple[int, int, int, bytes]]:
     """(t, tr, tc, data): t = 0 for y's tiles (n x C, tile th x min(tw, C)), t = 1 for the new cache rows
@@ -18,23 +36,13 @@ def attention_cached(tiles: Sequence[bytes], kv: bytes | np.ndarray, rows: int, 
     f = F32
     qkv = whole(tiles, rows, cols, th, tw, 'attention_cached')
     C = cols // 3
-    hd = C // n_head
     old = kv if isinstance(kv, np.ndarray) else floats(kv)
     if old.size != past * 2 * C:
         error('pg_llm: attention_cached: the cache holds %d floats, expected %d positions of 2 x %d'
               % (old.size, past, C))
     new_kv = np.ascontiguousarray(qkv[:, C:])
     kvs = np.vstack([old.reshape(past, 2 * C), new_kv])  # (past + rows, 2C)
-    total = past + rows
-    q = qkv[:, :C].reshape(rows, n_head, hd).transpose(1, 0, 2)  # (H, n, hd)
-    k = kvs[:, :C].reshape(total, n_head, hd).transpose(1, 2, 0)  # (H, hd, total)
-    v = kvs[:, C:].reshape(total, n_head, hd).transpose(1, 0, 2)  # (H, total, hd)
-    att = np.matmul(q, k) * np.float32(1.0 / np.sqrt(hd))
-    mask = np.arange(total)[None, :] <= (past + np.arange(rows))[:, None]
-    att = np.where(mask, att, np.float32(-np.inf))
-    att = np.exp(att - att.max(axis=-1, keepdims=True))
-    att /= att.sum(axis=-1, keepdims=True)
-    y = np.matmul(att, v).transpose(1, 0, 2).reshape(rows, C)
+    y = attend(qkv[:, :C], kvs, past, n_head)
     otw = min(tw, C)
     for r in range(0, rows, th):
         for c in range(0, C, otw):

@@ -1,6 +1,7 @@
-"""The fused decoding step (the SQL side: py/ops/block_step.py): one GPT-2 block for one new position with a
-key/value cache, in one call, from the same numpy functions as the kernel chain (layernorm_block, np.matmul on
-the same assembled weight blocks, float32 bias and residual adds, attention_cached, gelu)."""
+"""The fused GPT-2 block over arrays (block_rows: n new rows against a key/value cache), behind the one-token
+decoding step (the SQL side: py/ops/block_step.py) and the fused generation (kernels/decode.py); the same numpy
+functions as the kernel chain (layernorm_rows, np.matmul on the same assembled weight blocks, float32 bias and
+residual adds, attend, gelu)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from pg_llm.kernels.attention_cache import attention_cached
-from pg_llm.kernels.gelu import gelu_tile
-from pg_llm.kernels.layernorm import layernorm_block
+from pg_llm.kernels.attention_cache import attend
+from pg_llm.kernels.gelu import gelu
+from pg_llm.kernels.layernorm import layernorm_rows
 from pg_llm.kernels.runtime import error
 from pg_llm.kernels.tiles import block, floats
 from pg_llm.kernels.weight_cache import cache_budget, cached_rows, cached_tensors
@@ -24,21 +25,27 @@ def block_shapes(w: Sequence[np.ndarray], C: int) -> list[tuple]:
     return [(i, m.shape, s) for i, (m, s) in enumerate(zip(w, want, strict=True)) if m.shape != s]
 
 
+def block_rows(x: np.ndarray, w: Sequence[np.ndarray], kv: np.ndarray, past: int, n_head: int,
+               eps: float) -> np.ndarray:
+    """One pre-LayerNorm GPT-2 block for n new rows x (n, C) float32 at positions past .. past+n-1, w the 12
+    parameters in BLOCK_PARAMS order as float32 arrays, kv the layer's cache (>= past + n, 2C) holding rows
+    0 .. past-1: rows past .. past+n-1 get the new [k | v]. Returns y (n, C)."""
+    n, C = x.shape
+    ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
+    qkv = np.matmul(layernorm_rows(x, ln1g, ln1b, eps), wqkv) + bqkv
+    kv[past:past + n] = qkv[:, C:]
+    x = x + (np.matmul(attend(qkv[:, :C], kv[:past + n], past, n_head), wo) + bo)
+    h = gelu(np.matmul(layernorm_rows(x, ln2g, ln2b, eps), wfc) + bfc)
+    return x + (np.matmul(h, wp) + bp)
+
+
 def gpt2_block_step(x: np.ndarray, w: Sequence[np.ndarray], kv: np.ndarray, past: int, n_head: int,
                     eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """One pre-LayerNorm GPT-2 block for one new position: x (1, C) float32, w the 12 parameters in BLOCK_PARAMS
-    order as float32 arrays, kv the cached [k | v] rows (past, 2C). Returns (y (1, C), new cache row (2C,))."""
-    C = x.shape[1]
-    ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
-
-    def ln(v: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return floats(layernorm_block([v.tobytes()], g.tobytes(), b.tobytes(), 1, C, eps)[0]).reshape(1, C)
-    qkv = np.matmul(ln(x, ln1g, ln1b), wqkv) + bqkv
-    (_, _, _, a), (_, _, _, row) = attention_cached([qkv.tobytes()], kv, 1, 3 * C, 1, 3 * C, past, n_head)
-    x = x + (np.matmul(floats(a).reshape(1, C), wo) + bo)
-    h = np.matmul(ln(x, ln2g, ln2b), wfc) + bfc
-    h = floats(gelu_tile(h.tobytes())).reshape(1, -1)
-    return x + (np.matmul(h, wp) + bp), floats(row)
+    """block_rows for one new position: x (1, C), kv the cached [k | v] rows (past, 2C). Returns (y (1, C), new
+    cache row (2C,))."""
+    kvs = np.empty((past + 1, kv.shape[1]), dtype=np.float32)
+    kvs[:past] = kv
+    return block_rows(x, w, kvs, past, n_head, eps), kvs[past]
 
 
 def step_kernel(plpy: Any, GD: dict, x: bytes, params: Sequence[int], cache: int, past: int, n_head: int,

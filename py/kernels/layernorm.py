@@ -10,15 +10,21 @@ from pg_llm.kernels.runtime import error
 from pg_llm.kernels.tiles import F32, floats, hstack
 
 
+def layernorm_rows(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """Rows of x normalized in float64, scaled by g and shifted by b, as float32 (the layernorm of every path)."""
+    x = x.astype(np.float64)
+    xc = x - x.mean(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
+    return (xc * rstd * g.reshape(-1) + b.reshape(-1)).astype(F32)
+
+
 def layernorm_block(x_tiles: Sequence[bytes], g_row: bytes, b_row: bytes, rows: int, cols: int,
                     eps: float) -> list[bytes]:
     """One tile-row block (rows x cols, tiles ordered by column) normalized row-wise; returns its tiles."""
-    x = hstack(x_tiles, rows).astype(np.float64)
+    x = hstack(x_tiles, rows)
     if x.shape[1] != cols:
         error('pg_llm: layernorm: a tile-row block has %d columns, expected %d (missing tiles?)' % (x.shape[1], cols))
-    xc = x - x.mean(axis=1, keepdims=True)
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
-    y = (xc * rstd * floats(g_row) + floats(b_row)).astype(F32)
+    y = layernorm_rows(x, floats(g_row), floats(b_row), eps)
     out, c0 = [], 0
     for t in x_tiles:
         w = len(t) // (4 * rows)
