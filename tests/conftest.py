@@ -96,3 +96,12 @@ def close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-5) -> None:
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
     err = float(np.abs(actual - expected).max(initial=0.0))
     assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
+
+
+@pytest.fixture(params=["fused", "chain"])
+def forward_path(request: pytest.FixtureRequest, conn: psycopg.Connection) -> Iterator[str]:
+    """Both inference paths: the fused forward (ops/score.py, the default) and the kernel chain
+    (pg_llm.fused_forward = off, the training forward's), each held to the same reference."""
+    conn.execute("SELECT set_config('pg_llm.fused_forward', %s, FALSE)", ("on" if request.param == "fused" else "off",))
+    yield request.param
+    conn.execute("RESET pg_llm.fused_forward")

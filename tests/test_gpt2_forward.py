@@ -19,7 +19,7 @@ def ref_logits(model, tokens: list[int]) -> np.ndarray:
         return model(torch.tensor([tokens])).logits[0].numpy()
 
 
-def test_logits_last_position(conn: psycopg.Connection, tiny, rng: np.random.Generator) -> None:
+def test_logits_last_position(conn: psycopg.Connection, tiny, rng: np.random.Generator, forward_path: str) -> None:
     tokens = rng.integers(0, 301, 23).tolist()
     got = np.array(conn.execute("SELECT llm_logits('tiny', %s)", (tokens,)).fetchone()[0])
     want = ref_logits(tiny, tokens)[-1]
@@ -27,7 +27,8 @@ def test_logits_last_position(conn: psycopg.Connection, tiny, rng: np.random.Gen
     assert np.abs(got - want).max() <= 1e-4
 
 
-def test_logits_all_positions_full_context(conn: psycopg.Connection, tiny, rng: np.random.Generator) -> None:
+def test_logits_all_positions_full_context(conn: psycopg.Connection, tiny, rng: np.random.Generator,
+                                           forward_path: str) -> None:
     tokens = rng.integers(0, 301, 37).tolist()
     rows = conn.execute("SELECT pos, logits FROM llm_logits_all('tiny', %s) ORDER BY pos", (tokens,)).fetchall()
     assert [p for p, _ in rows] == list(range(37))
@@ -35,7 +36,7 @@ def test_logits_all_positions_full_context(conn: psycopg.Connection, tiny, rng: 
     assert np.abs(got - ref_logits(tiny, tokens)).max() <= 1e-4
 
 
-def test_loss_matches_reference(conn: psycopg.Connection, tiny, rng: np.random.Generator) -> None:
+def test_loss_matches_reference(conn: psycopg.Connection, tiny, rng: np.random.Generator, forward_path: str) -> None:
     seq = rng.integers(0, 301, 30).tolist()
     tokens, targets = seq[:-1], seq[1:]
     got = conn.execute("SELECT llm_loss('tiny', %s, %s, training => false)", (tokens, targets)).fetchone()[0]
@@ -43,7 +44,7 @@ def test_loss_matches_reference(conn: psycopg.Connection, tiny, rng: np.random.G
     assert abs(got - want) / want <= 1e-5
 
 
-def test_batched_sequences(conn: psycopg.Connection, tiny, rng: np.random.Generator) -> None:
+def test_batched_sequences(conn: psycopg.Connection, tiny, rng: np.random.Generator, forward_path: str) -> None:
     seqs = rng.integers(0, 301, (3, 11))
     targets = rng.integers(0, 301, (3, 11))
     got = conn.execute("SELECT llm_loss('tiny', %s, %s, seq_len => 11)",

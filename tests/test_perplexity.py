@@ -53,7 +53,7 @@ def ppl(conn: psycopg.Connection, sql: str, *args: object) -> tuple[float, int, 
 
 
 @pytest.mark.parametrize("stride", [None, 37, 16, 5, 1])
-def test_tokens_match_reference(conn: psycopg.Connection, tiny, stride: int | None) -> None:
+def test_tokens_match_reference(conn: psycopg.Connection, tiny, stride: int | None, forward_path: str) -> None:
     seq = np.random.default_rng(3).integers(0, VOCAB, 100).tolist()  # 2.7 contexts long
     got = ppl(conn, "llm_perplexity_tokens('ppl_tiny', %s, stride => %s)", seq, stride)
     want = reference(tiny, seq, stride or N_CTX)

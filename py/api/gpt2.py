@@ -16,6 +16,7 @@ import textwrap
 from pg_llm.config import BLOCK, LN_F, UNTIED_HEAD, WPE, WTE
 from pg_llm.gen.emit import comment, function, plpgsql
 from pg_llm.ops.common import KERNEL_SETTINGS
+from pg_llm.ops.score import FUSED
 
 SQL_FILE = "api/gpt2.sql"
 ORDER = 80
@@ -126,7 +127,13 @@ def _forward() -> str:
 
 def _api() -> str:
     out = []
-    body = plpgsql("v_mark BIGINT; v_logits BIGINT; v_out FLOAT4[];", """
+    body = plpgsql("c llm_model_config; v_mark BIGINT; v_logits BIGINT; v_out FLOAT4[];", f"""
+        IF {FUSED} THEN  -- one call on the cached weights (ops/score.py)
+          c := llm_gpt2_check_input(model, tokens, greatest(cardinality(tokens), 1));
+          PERFORM llm_model_read_lock(model);
+          RETURN llm_tile_to_float4(llm_mk_gpt2_logits(llm_gpt2_param_ids(model), tokens, cardinality(tokens) - 1,
+                                                       c.n_head, c.layer_norm_epsilon));
+        END IF;
         v_mark := llm_scratch_mark();
         v_logits := llm_gpt2_forward(model, tokens, p_rows => ARRAY[cardinality(tokens) - 1]);
         v_out := (SELECT r.vals FROM llm_tensor_rows(v_logits, 0, 1) AS r);
@@ -135,7 +142,16 @@ def _api() -> str:
     """)
     out.append(function("llm_logits", "model TEXT, tokens INT[]", "FLOAT4[]", body, settings=KERNEL_SETTINGS,
                         note="Logits of the last position (vocab floats) for one sequence of token ids."))
-    body = plpgsql("v_mark BIGINT; v_logits BIGINT;", """
+    body = plpgsql("c llm_model_config; v_mark BIGINT; v_logits BIGINT; v_all BYTEA;", f"""
+        IF {FUSED} THEN
+          c := llm_gpt2_check_input(model, tokens, greatest(cardinality(tokens), 1));
+          PERFORM llm_model_read_lock(model);
+          v_all := llm_mk_gpt2_logits(llm_gpt2_param_ids(model), tokens, 0, c.n_head, c.layer_norm_epsilon);
+          RETURN QUERY SELECT i.i, llm_tile_to_float4(substring(v_all FROM i.i * c.vocab_size * 4 + 1
+                                                                FOR c.vocab_size * 4))
+                       FROM generate_series(0, cardinality(tokens) - 1) AS i(i);
+          RETURN;
+        END IF;
         v_mark := llm_scratch_mark();
         v_logits := llm_gpt2_forward(model, tokens);
         RETURN QUERY SELECT r.row_index, r.vals FROM llm_tensor_rows(v_logits) AS r;
@@ -143,7 +159,8 @@ def _api() -> str:
     """)
     out.append(function("llm_logits_all", "model TEXT, tokens INT[]", "TABLE(pos INT, logits FLOAT4[])", body,
                         settings=KERNEL_SETTINGS, note="Logits of every position of one sequence of token ids."))
-    body = plpgsql("v_mark BIGINT; v_logits BIGINT; v_loss FLOAT8;", """
+    body = plpgsql("c llm_model_config; n INT; v_bad INT; v_nll FLOAT8[]; v_mark BIGINT; v_logits BIGINT; "
+                   "v_loss FLOAT8;", f"""
         IF cardinality(targets) IS DISTINCT FROM cardinality(tokens) THEN
           RAISE EXCEPTION 'pg_llm: llm_loss: % tokens but % targets', cardinality(tokens), cardinality(targets)
             USING HINT = 'targets[i] is the id that should follow tokens[i]: same length.';
@@ -152,12 +169,32 @@ def _api() -> str:
           RAISE EXCEPTION 'pg_llm: llm_loss(training => true) needs the training extension (dropout)'
             USING HINT = 'Use training => false for evaluation.';
         END IF;
+        IF {FUSED} THEN  -- sequences of seq_len as windows scoring every row (ops/score.py)
+          c := llm_gpt2_check_input(model, tokens, coalesce(seq_len, cardinality(tokens)));
+          n := coalesce(seq_len, cardinality(tokens));
+          v_bad := (
+            @bad
+          );
+          IF v_bad IS NOT NULL THEN
+            RAISE EXCEPTION 'pg_llm: llm_loss: target % at position % is outside the vocabulary [0, %) of model "%"',
+              coalesce(targets[v_bad]::TEXT, 'NULL'), v_bad, c.vocab_size, model
+              USING HINT = 'targets[i] is the token id that should follow tokens[i] (positions count from 1).';
+          END IF;
+          PERFORM llm_model_read_lock(model);
+          v_nll := llm_mk_gpt2_window_nll(llm_gpt2_param_ids(model), tokens, targets,
+                                          ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n)),
+                                          ARRAY(SELECT generate_series(n, cardinality(tokens), n)),
+                                          ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n)),
+                                          c.n_head, c.layer_norm_epsilon);
+          RETURN (SELECT sum(u.v) FROM unnest(v_nll) AS u(v)) / cardinality(tokens);
+        END IF;
         v_mark := llm_scratch_mark();
         v_logits := llm_gpt2_forward(model, tokens, seq_len);
         v_loss := llm_cross_entropy(v_logits, targets);
         PERFORM llm_scratch_release(v_mark);
         RETURN v_loss;
-    """)
+    """, bad="SELECT u.k FROM unnest(targets) WITH ORDINALITY AS u(t, k) WHERE u.t IS NULL OR u.t < 0 "
+             "OR u.t >= c.vocab_size ORDER BY u.k LIMIT 1")
     out.append(function("llm_loss", "model TEXT, tokens INT[], targets INT[], training BOOLEAN DEFAULT FALSE, "
                         "seq_len INT DEFAULT NULL", "FLOAT8", body, settings=KERNEL_SETTINGS,
                         note="Mean negative log-likelihood per token of targets given tokens (B*T of them, "

@@ -58,6 +58,7 @@ class Gpt2Bench:
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.conn = ctx, ctx.conn
         self.models: list[str] = []
+        self.chain_conn = ctx.connect()
         self.datasets: list[str] = []
         self.conn.execute(server_setup_sql(ctx.schema))
         server = json.loads(self.conn.execute(f"SELECT {ctx.schema}.blas(0)").fetchone()[0])
@@ -73,6 +74,7 @@ class Gpt2Bench:
         import torch
 
         torch.set_num_threads(self.torch_threads)
+        self.chain_conn.close()
         if self.client_threads:
             blas_probe(int(self.client_threads))
         for m in self.models:
@@ -119,17 +121,19 @@ class Gpt2Bench:
         params = ref.cast(ref.normalize_params(load_file(path / "model.safetensors")), cfg, np.float32)
         tm = GPT2LMHeadModel.from_pretrained(path).eval()
         t = Table("GPT-2 small forward, one sequence of T tokens (random weights)",
-                  ["T", "pg_llm s", "pg_llm tok/s", "llm_logits s", "llm_logits_all s", "numpy s", "numpy tok/s",
-                   "torch s", "torch tok/s", "pg / numpy", "pg / torch"])
+                  ["T", "llm_logits s", "llm_perplexity s", "llm_logits_all s", "chain s", "numpy s", "torch s",
+                   "torch tok/s", "logits / torch", "perplexity / torch", "chain / torch"])
         for T in T_FORWARD[:1] if self.ctx.quick else T_FORWARD:
             self.ctx.log(f"gpt2: forward T={T}")
             st = self.forward_at(T, model, lambda idx: ref.forward(params, idx, cfg), tm)
-            pg, nump, tor = (st[k].median for k in ("pg", "numpy", "torch"))
-            t.add(T, pg, T / pg, st["last"].median, st["all"].median if "all" in st else None, nump, T / nump, tor,
-                  T / tor, pg / nump, pg / tor)
-        t.notes += ["pg_llm s = SELECT llm_gpt2_forward + llm_scratch_release (all T x 50257 logits computed, left "
-                    "in the server); llm_logits s = the last position's logits (the API: one row projected on wte); "
-                    "llm_logits_all s also returns every logit row as float4[] to the client.",
+            pg, last, ppl, nump, tor = (st[k].median for k in ("pg", "last", "ppl", "numpy", "torch"))
+            t.add(T, last, ppl, st["all"].median if "all" in st else None, pg, nump, tor, T / tor,
+                  f"{last / tor:.2f}", f"{ppl / tor:.2f}", f"{pg / tor:.2f}")
+        t.notes += ["llm_logits = the last position's logits (the API; one fused call, ops/score.py: only that row "
+                    "is projected on wte); llm_perplexity = llm_perplexity_tokens of the T tokens (every row's "
+                    "logits, chunked, and their NLL); llm_logits_all also returns every logit row as float4[] to "
+                    "the client; chain = llm_gpt2_forward + llm_scratch_release (the training forward's kernel "
+                    "chain, every T x 50257 logit written as tiles); torch computes every logit.",
                     f"{self.threads} BLAS threads for the server's numpy, the client's numpy and torch "
                     f"(torch.set_num_threads({self.threads})); T=1024: median of 2 runs, no warm-up."]
         return t
@@ -144,9 +148,13 @@ class Gpt2Bench:
         def torch_fwd() -> None:
             with torch.inference_mode():
                 tm(x)
-        fns = {"pg": Timed(lambda: self.conn.execute(fwd, (model, toks))), "numpy": Timed(lambda: numpy_fwd(idx)),
+        # the chain in a session of its own: its weight-cache entries (matmul panels) would evict the fused calls'
+        chain = self.chain_conn
+        fns = {"pg": Timed(lambda: chain.execute(fwd, (model, toks))), "numpy": Timed(lambda: numpy_fwd(idx)),
                "torch": Timed(torch_fwd),
-               "last": Timed(lambda: self.conn.execute("SELECT llm_logits(%s, %s)", (model, toks)).fetchone())}
+               "last": Timed(lambda: self.conn.execute("SELECT llm_logits(%s, %s)", (model, toks)).fetchone()),
+               "ppl": Timed(lambda: self.conn.execute("SELECT * FROM llm_perplexity_tokens(%s, %s)",
+                                                      (model, toks)).fetchone())}
         if T <= 128:
             fns["all"] = Timed(lambda: self.conn.execute("SELECT * FROM llm_logits_all(%s, %s)",
                                                          (model, toks)).fetchall())

@@ -9,23 +9,34 @@ import numpy as np
 from pg_llm.kernels.runtime import error
 from pg_llm.kernels.tiles import F32, floats, whole
 
+QUERY_BLOCK = 256  # query rows at a time: a block attends only to the keys up to its last row
+
 
 def attend(q: np.ndarray, kvs: np.ndarray, past: int, n_head: int) -> np.ndarray:
     """Causal attention of n new rows q (n, C) at positions past .. past+n-1 over the cache kvs (past + n, 2C) of
-    [k | v] rows, float32: y (n, C)."""
+    [k | v] rows, float32: y (n, C). Blocks of QUERY_BLOCK query rows never touch the keys after their last row
+    (the masked half of a prefill is skipped), softmax in place, normalized after the product with v."""
     rows, C = q.shape
     hd = C // n_head
     total = past + rows
     qh = q.reshape(rows, n_head, hd).transpose(1, 0, 2)  # (H, n, hd)
     k = kvs[:, :C].reshape(total, n_head, hd).transpose(1, 2, 0)  # (H, hd, total)
     v = kvs[:, C:].reshape(total, n_head, hd).transpose(1, 0, 2)  # (H, total, hd)
-    att = np.matmul(qh, k) * np.float32(1.0 / np.sqrt(hd))
-    if rows > 1:
-        mask = np.arange(total)[None, :] <= (past + np.arange(rows))[:, None]
-        att = np.where(mask, att, np.float32(-np.inf))
-    att = np.exp(att - att.max(axis=-1, keepdims=True))
-    att /= att.sum(axis=-1, keepdims=True)
-    return np.matmul(att, v).transpose(1, 0, 2).reshape(rows, C)
+    y = np.empty((rows, n_head, hd), dtype=np.float32)
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for r0 in range(0, rows, QUERY_BLOCK):
+        r1 = min(r0 + QUERY_BLOCK, rows)
+        end = past + r1  # keys 0 .. end-1 are visible to some row of the block
+        att = np.matmul(qh[:, r0:r1], k[:, :, :end])
+        att *= scale
+        if r1 - r0 > 1:  # only the block's own keys can be in the future of one of its rows
+            att[:, :, past + r0:][:, np.triu(np.ones((r1 - r0, r1 - r0), dtype=bool), 1)] = -np.inf
+        att -= att.max(axis=-1, keepdims=True)
+        np.exp(att, out=att)
+        out = np.matmul(att, v[:, :end])  # (H, r, hd)
+        out /= att.sum(axis=-1, keepdims=True)
+        y[r0:r1] = out.transpose(1, 0, 2)
+    return y.reshape(rows, C)
 
 
 def attention_cached(tiles: Sequence[bytes], kv: bytes | np.ndarray, rows: int, cols: int, th: int, tw: int,

@@ -4,7 +4,7 @@ functions as the kernel chain (layernorm_rows, np.matmul on the same assembled w
 residual adds, attend, gelu)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,18 +25,33 @@ def block_shapes(w: Sequence[np.ndarray], C: int) -> list[tuple]:
     return [(i, m.shape, s) for i, (m, s) in enumerate(zip(w, want, strict=True)) if m.shape != s]
 
 
+def gpt2_block(x: np.ndarray, w: Sequence[np.ndarray], eps: float,
+               attn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """One pre-LayerNorm GPT-2 block over rows x (n, C) float32, w the 12 parameters in BLOCK_PARAMS order as
+    float32 arrays; attn(qkv (n, 3C)) -> (n, C) is the attention of these rows (cached, packed, ...)."""
+    ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
+
+    def linear(a: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        y = np.matmul(a, weight)
+        y += bias  # in place: the same float32 sums as y + bias
+        return y
+    a = linear(attn(linear(layernorm_rows(x, ln1g, ln1b, eps), wqkv, bqkv)), wo, bo)
+    a += x  # x + (...), bit for bit (addition commutes)
+    h = linear(gelu(linear(layernorm_rows(a, ln2g, ln2b, eps), wfc, bfc)), wp, bp)
+    h += a
+    return h
+
+
 def block_rows(x: np.ndarray, w: Sequence[np.ndarray], kv: np.ndarray, past: int, n_head: int,
                eps: float) -> np.ndarray:
-    """One pre-LayerNorm GPT-2 block for n new rows x (n, C) float32 at positions past .. past+n-1, w the 12
-    parameters in BLOCK_PARAMS order as float32 arrays, kv the layer's cache (>= past + n, 2C) holding rows
-    0 .. past-1: rows past .. past+n-1 get the new [k | v]. Returns y (n, C)."""
+    """gpt2_block() for n new rows x at positions past .. past+n-1 against the layer's cache kv (>= past + n, 2C)
+    holding rows 0 .. past-1: rows past .. past+n-1 get the new [k | v]. Returns y (n, C)."""
     n, C = x.shape
-    ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
-    qkv = np.matmul(layernorm_rows(x, ln1g, ln1b, eps), wqkv) + bqkv
-    kv[past:past + n] = qkv[:, C:]
-    x = x + (np.matmul(attend(qkv[:, :C], kv[:past + n], past, n_head), wo) + bo)
-    h = gelu(np.matmul(layernorm_rows(x, ln2g, ln2b, eps), wfc) + bfc)
-    return x + (np.matmul(h, wp) + bp)
+
+    def attn(qkv: np.ndarray) -> np.ndarray:
+        kv[past:past + n] = qkv[:, C:]
+        return attend(qkv[:, :C], kv[:past + n], past, n_head)
+    return gpt2_block(x, w, eps, attn)
 
 
 def gpt2_block_step(x: np.ndarray, w: Sequence[np.ndarray], kv: np.ndarray, past: int, n_head: int,

@@ -30,13 +30,22 @@ def check_shapes(w: Sequence[np.ndarray], n_layer: int) -> None:
     """w = [wte, wpe, 12 per layer..., ln_f.weight, ln_f.bias, head]: every shape fits wte's width."""
     V, C = w[0].shape
     if w[1].shape[1] != C or w[-1].shape != (V, C) or w[-3].shape != (1, C) or w[-2].shape != (1, C):
-        error('pg_llm: generate: wte %s, wpe %s, ln_f %s / %s, head %s do not fit one model'
+        error('pg_llm: gpt2: wte %s, wpe %s, ln_f %s / %s, head %s do not fit one model'
               % (w[0].shape, w[1].shape, w[-3].shape, w[-2].shape, w[-1].shape))
     for layer in range(n_layer):
         bad = block_shapes(w[2 + 12 * layer:14 + 12 * layer], C)
         if bad:
             i, got, want = bad[0]
-            error('pg_llm: generate: parameter %d of layer %d has shape %s, expected %s' % (i, layer, got, want))
+            error('pg_llm: gpt2: parameter %d of layer %d has shape %s, expected %s' % (i, layer, got, want))
+
+
+def model_weights(plpy: Any, GD: dict, params: Sequence[int]) -> list[np.ndarray]:
+    """A model's weights (llm_gpt2_param_ids order) from the backend's weight cache, checked to fit together."""
+    if (len(params) - 5) % 12 or len(params) < 17:
+        error('pg_llm: gpt2: %d parameter ids, expected wte, wpe, 12 per layer, ln_f and the head' % len(params))
+    w = cached_tensors(plpy, GD, params, block, cache_budget(plpy, GD))
+    check_shapes(w, (len(params) - 5) // 12)
+    return w
 
 
 def generate(w: Sequence[np.ndarray], tokens: Sequence[int], n_head: int, eps: float, n_ctx: int, max_new: int,
@@ -72,10 +81,7 @@ def generate_kernel(plpy: Any, GD: dict, params: Sequence[int], tokens: Sequence
                     eos: int | None, tokenizer: str | None, model: str) -> list[int]:
     """llm_mk_gpt2_generate: weights from the weight cache (checked once), then generate(); with a tokenizer a
     NOTICE per token ('pg_llm: step i: token id "text"', as the SQL loop raises it)."""
-    if (len(params) - 5) % 12 or len(params) < 17:
-        error('pg_llm: generate: %d parameter ids, expected wte, wpe, 12 per layer, ln_f and the head' % len(params))
-    w = cached_tensors(plpy, GD, params, block, cache_budget(plpy, GD))
-    check_shapes(w, (len(params) - 5) // 12)
+    w = model_weights(plpy, GD, params)
     tick = GD.get('llm_gen_tick')
     if tick is None:
         tick = GD['llm_gen_tick'] = plpy.prepare("SELECT 1", [])

@@ -13,8 +13,17 @@ C = np.float32(0.044715)
 
 def gelu(a: np.ndarray) -> np.ndarray:
     """GELU (tanh form) of a float32 array (also the fused linear and block kernels' activation)."""
-    half = np.float32(0.5)
-    return (half * a * (np.float32(1) + np.tanh(K * (a + C * a * a * a)))).astype(np.float32)
+    a = np.asarray(a, dtype=np.float32)
+    t = C * a  # 0.5 * a * (1 + tanh(K * (a + C * a * a * a))), the same float32 operations in place
+    t *= a
+    t *= a
+    t += a
+    t *= K
+    np.tanh(t, out=t)
+    t += np.float32(1)
+    out = np.float32(0.5) * a
+    out *= t
+    return out
 
 
 def gelu_tile(x: bytes) -> bytes:

@@ -118,8 +118,14 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  v_mark BIGINT; v_logits BIGINT; v_out FLOAT4[];
+  c llm_model_config; v_mark BIGINT; v_logits BIGINT; v_out FLOAT4[];
 BEGIN
+  IF coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off' THEN  -- one call on the cached weights (ops/score.py)
+    c := llm_gpt2_check_input(model, tokens, greatest(cardinality(tokens), 1));
+    PERFORM llm_model_read_lock(model);
+    RETURN llm_tile_to_float4(llm_mk_gpt2_logits(llm_gpt2_param_ids(model), tokens, cardinality(tokens) - 1,
+                                                 c.n_head, c.layer_norm_epsilon));
+  END IF;
   v_mark := llm_scratch_mark();
   v_logits := llm_gpt2_forward(model, tokens, p_rows => ARRAY[cardinality(tokens) - 1]);
   v_out := (SELECT r.vals FROM llm_tensor_rows(v_logits, 0, 1) AS r);
@@ -137,8 +143,17 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  v_mark BIGINT; v_logits BIGINT;
+  c llm_model_config; v_mark BIGINT; v_logits BIGINT; v_all BYTEA;
 BEGIN
+  IF coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off' THEN
+    c := llm_gpt2_check_input(model, tokens, greatest(cardinality(tokens), 1));
+    PERFORM llm_model_read_lock(model);
+    v_all := llm_mk_gpt2_logits(llm_gpt2_param_ids(model), tokens, 0, c.n_head, c.layer_norm_epsilon);
+    RETURN QUERY SELECT i.i, llm_tile_to_float4(substring(v_all FROM i.i * c.vocab_size * 4 + 1
+                                                          FOR c.vocab_size * 4))
+                 FROM generate_series(0, cardinality(tokens) - 1) AS i(i);
+    RETURN;
+  END IF;
   v_mark := llm_scratch_mark();
   v_logits := llm_gpt2_forward(model, tokens);
   RETURN QUERY SELECT r.row_index, r.vals FROM llm_tensor_rows(v_logits) AS r;
@@ -155,7 +170,7 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  v_mark BIGINT; v_logits BIGINT; v_loss FLOAT8;
+  c llm_model_config; n INT; v_bad INT; v_nll FLOAT8[]; v_mark BIGINT; v_logits BIGINT; v_loss FLOAT8;
 BEGIN
   IF cardinality(targets) IS DISTINCT FROM cardinality(tokens) THEN
     RAISE EXCEPTION 'pg_llm: llm_loss: % tokens but % targets', cardinality(tokens), cardinality(targets)
@@ -164,6 +179,32 @@ BEGIN
   IF training THEN
     RAISE EXCEPTION 'pg_llm: llm_loss(training => true) needs the training extension (dropout)'
       USING HINT = 'Use training => false for evaluation.';
+  END IF;
+  IF coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off' THEN  -- sequences of seq_len as windows scoring every row (ops/score.py)
+    c := llm_gpt2_check_input(model, tokens, coalesce(seq_len, cardinality(tokens)));
+    n := coalesce(seq_len, cardinality(tokens));
+    v_bad := (
+      SELECT
+        u.k
+      FROM UNNEST(targets) WITH ORDINALITY AS u(t, k)
+      WHERE
+        u.t IS NULL OR u.t < 0 OR u.t >= c.vocab_size
+      ORDER BY
+        u.k
+      LIMIT 1
+    );
+    IF v_bad IS NOT NULL THEN
+      RAISE EXCEPTION 'pg_llm: llm_loss: target % at position % is outside the vocabulary [0, %) of model "%"',
+        coalesce(targets[v_bad]::TEXT, 'NULL'), v_bad, c.vocab_size, model
+        USING HINT = 'targets[i] is the token id that should follow tokens[i] (positions count from 1).';
+    END IF;
+    PERFORM llm_model_read_lock(model);
+    v_nll := llm_mk_gpt2_window_nll(llm_gpt2_param_ids(model), tokens, targets,
+                                    ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n)),
+                                    ARRAY(SELECT generate_series(n, cardinality(tokens), n)),
+                                    ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n)),
+                                    c.n_head, c.layer_norm_epsilon);
+    RETURN (SELECT sum(u.v) FROM unnest(v_nll) AS u(v)) / cardinality(tokens);
   END IF;
   v_mark := llm_scratch_mark();
   v_logits := llm_gpt2_forward(model, tokens, seq_len);

@@ -25,8 +25,35 @@
 -- A dataset name: a distinct type so llm_perplexity(model, 'text') picks the text form.
 CREATE DOMAIN llm_dataset_name AS TEXT;
 
--- Sliding-window NLL: windows x[b:e) (b = 0, stride, ...; e = min(b + p_window, n)); window scores y[i]
--- for i in [max(previous e, b), e) given x[b..i]. Returns {sum of NLLs (float64), tokens scored}.
+-- The sliding windows of a sequence of p_n positions (0-based, half-open): [b, e) with b = 0, stride, ...
+-- and e = min(b + p_window, n), scoring positions [s, e), s = max(previous e, b); windows that score nothing
+-- are left out.
+CREATE OR REPLACE FUNCTION llm_internal.llm_perplexity_plan(p_n INT, p_window INT, p_stride INT)
+RETURNS TABLE(b INT, e INT, s INT)
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+DECLARE
+  v_b INT := 0; v_e INT; v_prev INT := 0;
+BEGIN
+  WHILE v_b < p_n LOOP
+    v_e := least(v_b + p_window, p_n);
+    IF greatest(v_prev, v_b) < v_e THEN
+      b := v_b;
+      e := v_e;
+      s := greatest(v_prev, v_b);
+      RETURN NEXT;
+    END IF;
+    v_prev := v_e;
+    EXIT WHEN v_e = p_n;
+    v_b := v_b + p_stride;
+  END LOOP;
+END
+$fn$;
+
+-- Sliding-window NLL: windows x[b:e) of llm_perplexity_plan; window scores y[i] for i in [s, e) given
+-- x[b..i]. Returns {sum of NLLs (float64), tokens scored}.
 CREATE OR REPLACE FUNCTION llm_internal.llm_perplexity_windows(p_model TEXT, p_x INT[], p_y INT[], p_window INT, p_stride INT)
 RETURNS FLOAT8[]
 LANGUAGE plpgsql
@@ -35,29 +62,38 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  n INT := cardinality(p_x); v_x INT[] := p_x[:]; v_y INT[] := p_y[:];
-  v_b INT := 0; v_e INT; v_s INT; v_prev INT := 0; v_mark BIGINT; v_logits BIGINT;
-  v_sum FLOAT8 := 0; v_count BIGINT := 0; v_nll FLOAT8[];
+  c llm_model_config; v_mark BIGINT; v_logits BIGINT; v_sum FLOAT8 := 0; v_count BIGINT := 0;
+  v_nll FLOAT8[]; w RECORD; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}';
 BEGIN
-  WHILE v_b < n LOOP
-    v_e := least(v_b + p_window, n);
-    v_s := greatest(v_prev, v_b);
-    IF v_s < v_e THEN
-      v_mark := llm_scratch_mark();
-      v_logits := llm_gpt2_forward_cached(p_model, v_x[v_b + 1:v_e], 0, NULL, v_s - v_b);
-      v_nll := llm_nll(v_logits, v_y[v_s + 1:v_e]);  -- not inside a query: the planner would run it early
-      v_sum := v_sum + (
-        SELECT
-          SUM(u.v)
-        FROM UNNEST(v_nll) AS u(v)
-      );
-      v_count := v_count + (v_e - v_s);
-      PERFORM llm_scratch_release(v_mark);
+  c := llm_model_get(p_model);
+  FOR w IN SELECT * FROM llm_perplexity_plan(cardinality(p_x), p_window, p_stride) LOOP
+    v_count := v_count + (w.e - w.s);
+    IF coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off' THEN
+      v_wb := v_wb || w.b;
+      v_we := v_we || w.e;
+      v_ws := v_ws || w.s;
+      CONTINUE;
     END IF;
-    v_prev := v_e;
-    EXIT WHEN v_e = n;
-    v_b := v_b + p_stride;
+    v_mark := llm_scratch_mark();
+    v_logits := llm_gpt2_forward_cached(p_model, p_x[w.b + 1:w.e], 0, NULL, w.s - w.b);
+    v_nll := llm_nll(v_logits, p_y[w.s + 1:w.e]);  -- not inside a query: the planner would run it early
+    v_sum := v_sum + (
+      SELECT
+        SUM(u.v)
+      FROM UNNEST(v_nll) AS u(v)
+    );
+    PERFORM llm_scratch_release(v_mark);
   END LOOP;
+  IF cardinality(v_wb) > 0 THEN  -- every window in one fused call (ops/score.py)
+    PERFORM llm_model_read_lock(p_model);
+    v_nll := llm_mk_gpt2_window_nll(llm_gpt2_param_ids(p_model), p_x, p_y, v_wb, v_we, v_ws, c.n_head,
+                                    c.layer_norm_epsilon);
+    v_sum := (
+      SELECT
+        SUM(u.v)
+      FROM UNNEST(v_nll) AS u(v)
+    );
+  END IF;
   RETURN ARRAY[v_sum, v_count];
 END
 $fn$;
