@@ -112,6 +112,34 @@ def test_text_form(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFa
         conn.execute("SELECT llm_perplexity('ppl_text', '')")
 
 
+@pytest.mark.parametrize("stride", [None, 7])
+def test_texts_form_equals_one_text_at_a_time(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory,
+                                             forward_path: str, stride: int | None) -> None:
+    """llm_perplexity_texts packs every window of every text into a few forwards: each row equals
+    llm_perplexity of its text (texts longer than the context, one token, empty and NULL included)."""
+    from pg_llm.loader.tokenizer import ensure_gpt2
+
+    ensure_gpt2(conn)
+    if not conn.execute("SELECT count(*) FROM llm_models WHERE name = 'ppl_batch'").fetchone()[0]:
+        import_tiny(conn, tmp_path_factory.mktemp("ppl"), "ppl_batch", seed=2, vocab_size=50257)
+    texts = ["To be, or not to be, that is the question:", "Hi", None, "",
+             "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune, or to take "
+             "arms against a sea of troubles and by opposing end them. To die, to sleep, no more; and by a sleep to say "
+             "we end the heart-ache and the thousand natural shocks that flesh is heir to.", "Ay, there's the rub."] * 3
+    rows = conn.execute("SELECT ord, perplexity, tokens_scored, mean_loss FROM llm_perplexity_texts('ppl_batch', %s, "
+                        "stride => %s)", (texts, stride)).fetchall()
+    assert [r[0] for r in rows] == list(range(1, len(texts) + 1))
+    for (_, p, n, m), text in zip(rows, texts, strict=True):
+        if text in (None, "", "Hi"):
+            assert (p, n, m) == (None, 0, None)
+            continue
+        want = ppl(conn, "llm_perplexity('ppl_batch', %s, stride => %s)", text, stride)
+        assert n == want[1] and abs(m - want[2]) <= 1e-6 * want[2] and abs(p - want[0]) <= 1e-6 * want[0]
+    assert max(r[2] for r in rows) > N_CTX  # a text longer than the context: several windows
+    with pytest.raises(psycopg.errors.RaiseException, match="texts is NULL"):
+        conn.execute("SELECT * FROM llm_perplexity_texts('ppl_batch', NULL)")
+
+
 def add_source(conn: psycopg.Connection, name: str, split: str, stream: list[int], block: int, stride: int,
                source: str = "h1") -> None:
     """Rows as pg-llm corpus load cuts a split's stream: windows of block + 1 tokens every stride tokens."""

@@ -18,7 +18,7 @@ _OPS = ("add", "add_bias", "attention", "cross_entropy", "dropout", "embedding",
 PUBLIC = frozenset({
     # models and inference
     "llm_model_create", "llm_model_init", "llm_model_drop", "llm_model_grant", "llm_model_revoke",
-    "llm_logits", "llm_logits_all", "llm_loss", "llm_perplexity", "llm_perplexity_tokens",
+    "llm_logits", "llm_logits_all", "llm_loss", "llm_perplexity", "llm_perplexity_tokens", "llm_perplexity_texts",
     "llm_generate", "llm_generate_tokens", "llm_generate_stream",
     # tokenizer and training data
     "llm_encode", "llm_decode", "llm_decode_bytes", "llm_tokenize", "llm_bpe_cache_clear", "llm_bpe_pattern",

@@ -288,3 +288,74 @@ BEGIN
   perplexity := exp(mean_loss);
 END
 $fn$;
+
+-- Perplexity of many texts at once (a table's rows: texts => ARRAY(SELECT body FROM docs ORDER BY id)): one
+-- row per text, ord = its index in the array; each exactly as llm_perplexity(model, text, stride), but all
+-- their windows are packed into a few forwards. A text of fewer than 2 tokens (or NULL) scores nothing:
+-- tokens_scored 0, perplexity and mean_loss NULL.
+CREATE OR REPLACE FUNCTION llm_perplexity_texts(model TEXT, texts TEXT[], stride INT DEFAULT NULL)
+RETURNS TABLE(ord INT, perplexity FLOAT8, tokens_scored BIGINT, mean_loss FLOAT8)
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+SET jit = off
+AS $fn$
+DECLARE
+  c llm_model_config; v_stride INT; v_t INT[]; n INT; v_off INT; w RECORD; v FLOAT8[]; v_nll FLOAT8[];
+  v_x INT[] := '{}'; v_y INT[] := '{}'; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}';
+  v_doc INT[] := '{}'; v_sum FLOAT8[]; v_count BIGINT[]; v_top INT;
+BEGIN
+  c := llm_model_get(model);
+  v_stride := coalesce(stride, c.n_ctx);
+  IF v_stride < 1 OR v_stride > c.n_ctx THEN
+    RAISE EXCEPTION 'pg_llm: llm_perplexity: stride must be in [1, %] (the context of model "%"), got %',
+      c.n_ctx, model, v_stride USING HINT = 'A smaller stride gives each token more context and costs more.';
+  END IF;
+  IF texts IS NULL THEN
+    RAISE EXCEPTION 'pg_llm: llm_perplexity_texts: texts is NULL'
+      USING HINT = 'Pass an array of texts, e.g. ARRAY(SELECT body FROM docs ORDER BY id).';
+  END IF;
+  v_sum := array_fill(0::FLOAT8, ARRAY[cardinality(texts)]);
+  v_count := array_fill(0::BIGINT, ARRAY[cardinality(texts)]);
+  FOR i IN 1 .. cardinality(texts) LOOP
+    CONTINUE WHEN texts[i] IS NULL OR texts[i] = '';
+    v_t := llm_encode(texts[i], c.tokenizer);
+    n := cardinality(v_t);
+    CONTINUE WHEN n < 2;
+    v_top := (SELECT max(u.id) FROM unnest(v_t) AS u(id));
+    IF v_top >= c.vocab_size THEN
+      RAISE EXCEPTION 'pg_llm: llm_perplexity_texts: text % encodes to token id %, outside the vocabulary '
+        '[0, %) of model "%"', i, v_top, c.vocab_size, model
+        USING HINT = 'The model''s config names its tokenizer: its vocabulary must fit vocab_size.';
+    END IF;
+    IF NOT coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off' THEN  -- the reference: each text on its own through the kernel chain
+      v := llm_perplexity_windows(model, v_t[1:n - 1], v_t[2:n], c.n_ctx - 1, v_stride);
+      v_sum[i] := v[1];
+      v_count[i] := v[2]::BIGINT;
+      CONTINUE;
+    END IF;
+    v_off := cardinality(v_x);
+    v_x := v_x || v_t[1:n - 1];
+    v_y := v_y || v_t[2:n];
+    FOR w IN SELECT * FROM llm_perplexity_plan(n - 1, c.n_ctx - 1, v_stride) LOOP
+      v_wb := v_wb || (v_off + w.b);
+      v_we := v_we || (v_off + w.e);
+      v_ws := v_ws || (v_off + w.s);
+      v_doc := v_doc || i;
+      v_count[i] := v_count[i] + (w.e - w.s);
+    END LOOP;
+  END LOOP;
+  IF cardinality(v_wb) > 0 THEN  -- every window of every text packed into fused forwards (ops/score.py)
+    PERFORM llm_model_read_lock(model);
+    v_nll := llm_mk_gpt2_window_nll(llm_gpt2_param_ids(model), v_x, v_y, v_wb, v_we, v_ws, c.n_head,
+                                    c.layer_norm_epsilon);
+    FOR k IN 1 .. cardinality(v_nll) LOOP
+      v_sum[v_doc[k]] := v_sum[v_doc[k]] + v_nll[k];
+    END LOOP;
+  END IF;
+  RETURN QUERY
+    SELECT i.i, CASE WHEN v_count[i.i] > 0 THEN exp(v_sum[i.i] / v_count[i.i]) END, v_count[i.i],
+           CASE WHEN v_count[i.i] > 0 THEN v_sum[i.i] / v_count[i.i] END
+    FROM generate_subscripts(texts, 1) AS i(i) ORDER BY i.i;
+END
+$fn$;
