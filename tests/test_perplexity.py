@@ -124,8 +124,9 @@ def test_texts_form_equals_one_text_at_a_time(conn: psycopg.Connection, tmp_path
         import_tiny(conn, tmp_path_factory.mktemp("ppl"), "ppl_batch", seed=2, vocab_size=50257)
     texts = ["To be, or not to be, that is the question:", "Hi", None, "",
              "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune, or to take "
-             "arms against a sea of troubles and by opposing end them. To die, to sleep, no more; and by a sleep to say "
-             "we end the heart-ache and the thousand natural shocks that flesh is heir to.", "Ay, there's the rub."] * 3
+             "arms against a sea of troubles and by opposing end them. To die, to sleep, no more; and by a sleep "
+             "to say we end the heart-ache and the thousand natural shocks that flesh is heir to.",
+             "Ay, there's the rub."] * 3
     rows = conn.execute("SELECT ord, perplexity, tokens_scored, mean_loss FROM llm_perplexity_texts('ppl_batch', %s, "
                         "stride => %s)", (texts, stride)).fetchall()
     assert [r[0] for r in rows] == list(range(1, len(texts) + 1))
