@@ -24,6 +24,12 @@ ORDER = 80
 TILE_ROWS = 256  # activation row tile (rows of B*T); columns follow the weights' tiling
 
 
+def first_bad_id(ids: str) -> str:
+    """The query of the first (1-based) position of array `ids` holding NULL or an id outside [0, c.vocab_size)."""
+    return (f"SELECT u.k FROM unnest({ids}) WITH ORDINALITY AS u(t, k) WHERE u.t IS NULL OR u.t < 0 "
+            "OR u.t >= c.vocab_size ORDER BY u.k LIMIT 1")
+
+
 def _checks() -> str:
     body = plpgsql("c llm_model_config; v_bad INT;", """
         c := llm_model_get(p_model);
@@ -54,8 +60,7 @@ def _checks() -> str:
             USING HINT = 'Positions count from 1; ids come from llm_encode with the model''s tokenizer.';
         END IF;
         RETURN c;
-    """, bad="SELECT u.k FROM unnest(p_tokens) WITH ORDINALITY AS u(t, k) WHERE u.t IS NULL OR u.t < 0 "
-             "OR u.t >= c.vocab_size ORDER BY u.k LIMIT 1")
+    """, bad=first_bad_id("p_tokens"))
     return function("llm_gpt2_check_input", "p_model TEXT, p_tokens INT[], p_seq_len INT", "llm_model_config",
                     body, volatility="STABLE",
                     note="Validate a model's input: known model, non-empty, within the context, ids in range.")
@@ -159,8 +164,8 @@ def _api() -> str:
     """)
     out.append(function("llm_logits_all", "model TEXT, tokens INT[]", "TABLE(pos INT, logits FLOAT4[])", body,
                         settings=KERNEL_SETTINGS, note="Logits of every position of one sequence of token ids."))
-    body = plpgsql("c llm_model_config; n INT; v_bad INT; v_nll FLOAT8[]; v_mark BIGINT; v_logits BIGINT; "
-                   "v_loss FLOAT8;", f"""
+    body = plpgsql("c llm_model_config; n INT; v_bad INT; v_starts INT[]; v_nll FLOAT8[]; v_mark BIGINT; "
+                   "v_logits BIGINT; v_loss FLOAT8;", f"""
         IF cardinality(targets) IS DISTINCT FROM cardinality(tokens) THEN
           RAISE EXCEPTION 'pg_llm: llm_loss: % tokens but % targets', cardinality(tokens), cardinality(targets)
             USING HINT = 'targets[i] is the id that should follow tokens[i]: same length.';
@@ -181,10 +186,9 @@ def _api() -> str:
               USING HINT = 'targets[i] is the token id that should follow tokens[i] (positions count from 1).';
           END IF;
           PERFORM llm_model_read_lock(model);
-          v_nll := llm_mk_gpt2_window_nll(llm_gpt2_param_ids(model), tokens, targets,
-                                          ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n)),
-                                          ARRAY(SELECT generate_series(n, cardinality(tokens), n)),
-                                          ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n)),
+          v_starts := ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n));  -- each window scores all rows
+          v_nll := llm_mk_gpt2_window_nll(llm_gpt2_param_ids(model), tokens, targets, v_starts,
+                                          ARRAY(SELECT generate_series(n, cardinality(tokens), n)), v_starts,
                                           c.n_head, c.layer_norm_epsilon);
           RETURN (SELECT sum(u.v) FROM unnest(v_nll) AS u(v)) / cardinality(tokens);
         END IF;
@@ -193,8 +197,7 @@ def _api() -> str:
         v_loss := llm_cross_entropy(v_logits, targets);
         PERFORM llm_scratch_release(v_mark);
         RETURN v_loss;
-    """, bad="SELECT u.k FROM unnest(targets) WITH ORDINALITY AS u(t, k) WHERE u.t IS NULL OR u.t < 0 "
-             "OR u.t >= c.vocab_size ORDER BY u.k LIMIT 1")
+    """, bad=first_bad_id("targets"))
     out.append(function("llm_loss", "model TEXT, tokens INT[], targets INT[], training BOOLEAN DEFAULT FALSE, "
                         "seq_len INT DEFAULT NULL", "FLOAT8", body, settings=KERNEL_SETTINGS,
                         note="Mean negative log-likelihood per token of targets given tokens (B*T of them, "

@@ -23,6 +23,7 @@ is unambiguous (an untyped literal prefers the text form).
 """
 from __future__ import annotations
 
+from pg_llm.api.gpt2 import first_bad_id
 from pg_llm.gen.emit import comment, function, plpgsql
 from pg_llm.gen.sqlfmt import raw_ddl
 from pg_llm.ops.common import KERNEL_SETTINGS
@@ -63,12 +64,13 @@ def _windows() -> str:
         are left out.""")]
     body = plpgsql("""
         c llm_model_config; v_mark BIGINT; v_logits BIGINT; v_sum FLOAT8 := 0; v_count BIGINT := 0;
-        v_nll FLOAT8[]; w RECORD; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}';
+        v_nll FLOAT8[]; w RECORD; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}'; v_fused BOOLEAN;
     """, f"""
         c := llm_model_get(p_model);
+        v_fused := {FUSED};
         FOR w IN SELECT * FROM llm_perplexity_plan(cardinality(p_x), p_window, p_stride) LOOP
           v_count := v_count + (w.e - w.s);
-          IF {FUSED} THEN
+          IF v_fused THEN
             v_wb := v_wb || w.b;
             v_we := v_we || w.e;
             v_ws := v_ws || w.s;
@@ -102,8 +104,6 @@ def _windows() -> str:
 
 
 def _tokens() -> str:
-    bad = ("SELECT s.n FROM unnest(v_tokens) WITH ORDINALITY AS s(id, n) "
-           "WHERE s.id IS NULL OR s.id < 0 OR s.id >= c.vocab_size ORDER BY s.n LIMIT 1")
     body = plpgsql("c llm_model_config; v_tokens INT[] := tokens[:]; n INT; v_stride INT; v_bad BIGINT; v FLOAT8[];",
                    """
         c := llm_model_get(model);
@@ -128,7 +128,7 @@ def _tokens() -> str:
         END IF;
         mean_loss := v[1] / v[2];
         perplexity := exp(mean_loss);
-    """, bad=bad)
+    """, bad=first_bad_id("v_tokens"))
     return function(
         "llm_perplexity_tokens", f"model TEXT, tokens INT[], stride INT DEFAULT NULL, {OUT}", "RECORD", body,
         settings=KERNEL_SETTINGS,
@@ -236,9 +236,10 @@ def _texts() -> str:
     body = plpgsql("""
         c llm_model_config; v_stride INT; v_t INT[]; n INT; v_off INT; w RECORD; v FLOAT8[]; v_nll FLOAT8[];
         v_x INT[] := '{}'; v_y INT[] := '{}'; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}';
-        v_doc INT[] := '{}'; v_sum FLOAT8[]; v_count BIGINT[]; v_top INT;
+        v_doc INT[] := '{}'; v_sum FLOAT8[]; v_count BIGINT[]; v_top INT; v_fused BOOLEAN;
     """, """
         c := llm_model_get(model);""" + STRIDE + f"""
+        v_fused := {FUSED};
         IF texts IS NULL THEN
           RAISE EXCEPTION 'pg_llm: llm_perplexity_texts: texts is NULL'
             USING HINT = 'Pass an array of texts, e.g. ARRAY(SELECT body FROM docs ORDER BY id).';
@@ -256,7 +257,7 @@ def _texts() -> str:
               '[0, %) of model "%"', i, v_top, c.vocab_size, model
               USING HINT = 'The model''s config names its tokenizer: its vocabulary must fit vocab_size.';
           END IF;
-          IF NOT {FUSED} THEN  -- the reference: each text on its own through the kernel chain
+          IF NOT v_fused THEN  -- the reference: each text on its own through the kernel chain
             v := llm_perplexity_windows(model, v_t[1:n - 1], v_t[2:n], c.n_ctx - 1, v_stride);
             v_sum[i] := v[1];
             v_count[i] := v[2]::BIGINT;

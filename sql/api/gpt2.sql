@@ -170,7 +170,7 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  c llm_model_config; n INT; v_bad INT; v_nll FLOAT8[]; v_mark BIGINT; v_logits BIGINT; v_loss FLOAT8;
+  c llm_model_config; n INT; v_bad INT; v_starts INT[]; v_nll FLOAT8[]; v_mark BIGINT; v_logits BIGINT; v_loss FLOAT8;
 BEGIN
   IF cardinality(targets) IS DISTINCT FROM cardinality(tokens) THEN
     RAISE EXCEPTION 'pg_llm: llm_loss: % tokens but % targets', cardinality(tokens), cardinality(targets)
@@ -199,10 +199,9 @@ BEGIN
         USING HINT = 'targets[i] is the token id that should follow tokens[i] (positions count from 1).';
     END IF;
     PERFORM llm_model_read_lock(model);
-    v_nll := llm_mk_gpt2_window_nll(llm_gpt2_param_ids(model), tokens, targets,
-                                    ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n)),
-                                    ARRAY(SELECT generate_series(n, cardinality(tokens), n)),
-                                    ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n)),
+    v_starts := ARRAY(SELECT generate_series(0, cardinality(tokens) - 1, n));  -- each window scores all rows
+    v_nll := llm_mk_gpt2_window_nll(llm_gpt2_param_ids(model), tokens, targets, v_starts,
+                                    ARRAY(SELECT generate_series(n, cardinality(tokens), n)), v_starts,
                                     c.n_head, c.layer_norm_epsilon);
     RETURN (SELECT sum(u.v) FROM unnest(v_nll) AS u(v)) / cardinality(tokens);
   END IF;

@@ -63,12 +63,13 @@ SET jit = off
 AS $fn$
 DECLARE
   c llm_model_config; v_mark BIGINT; v_logits BIGINT; v_sum FLOAT8 := 0; v_count BIGINT := 0;
-  v_nll FLOAT8[]; w RECORD; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}';
+  v_nll FLOAT8[]; w RECORD; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}'; v_fused BOOLEAN;
 BEGIN
   c := llm_model_get(p_model);
+  v_fused := coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off';
   FOR w IN SELECT * FROM llm_perplexity_plan(cardinality(p_x), p_window, p_stride) LOOP
     v_count := v_count + (w.e - w.s);
-    IF coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off' THEN
+    IF v_fused THEN
       v_wb := v_wb || w.b;
       v_we := v_we || w.e;
       v_ws := v_ws || w.s;
@@ -118,12 +119,12 @@ BEGIN
   END IF;
   v_bad := (
     SELECT
-      s.n
-    FROM UNNEST(v_tokens) WITH ORDINALITY AS s(id, n)
+      u.k
+    FROM UNNEST(v_tokens) WITH ORDINALITY AS u(t, k)
     WHERE
-      s.id IS NULL OR s.id < 0 OR s.id >= c.vocab_size
+      u.t IS NULL OR u.t < 0 OR u.t >= c.vocab_size
     ORDER BY
-      s.n
+      u.k
     LIMIT 1
   );
   IF v_bad IS NOT NULL THEN
@@ -303,7 +304,7 @@ AS $fn$
 DECLARE
   c llm_model_config; v_stride INT; v_t INT[]; n INT; v_off INT; w RECORD; v FLOAT8[]; v_nll FLOAT8[];
   v_x INT[] := '{}'; v_y INT[] := '{}'; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}';
-  v_doc INT[] := '{}'; v_sum FLOAT8[]; v_count BIGINT[]; v_top INT;
+  v_doc INT[] := '{}'; v_sum FLOAT8[]; v_count BIGINT[]; v_top INT; v_fused BOOLEAN;
 BEGIN
   c := llm_model_get(model);
   v_stride := coalesce(stride, c.n_ctx);
@@ -311,6 +312,7 @@ BEGIN
     RAISE EXCEPTION 'pg_llm: llm_perplexity: stride must be in [1, %] (the context of model "%"), got %',
       c.n_ctx, model, v_stride USING HINT = 'A smaller stride gives each token more context and costs more.';
   END IF;
+  v_fused := coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off';
   IF texts IS NULL THEN
     RAISE EXCEPTION 'pg_llm: llm_perplexity_texts: texts is NULL'
       USING HINT = 'Pass an array of texts, e.g. ARRAY(SELECT body FROM docs ORDER BY id).';
@@ -328,7 +330,7 @@ BEGIN
         '[0, %) of model "%"', i, v_top, c.vocab_size, model
         USING HINT = 'The model''s config names its tokenizer: its vocabulary must fit vocab_size.';
     END IF;
-    IF NOT coalesce(current_setting('pg_llm.fused_forward', TRUE), '') <> 'off' THEN  -- the reference: each text on its own through the kernel chain
+    IF NOT v_fused THEN  -- the reference: each text on its own through the kernel chain
       v := llm_perplexity_windows(model, v_t[1:n - 1], v_t[2:n], c.n_ctx - 1, v_stride);
       v_sum[i] := v[1];
       v_count[i] := v[2]::BIGINT;
