@@ -105,3 +105,12 @@ def forward_path(request: pytest.FixtureRequest, conn: psycopg.Connection) -> It
     conn.execute("SELECT set_config('pg_llm.fused_forward', %s, FALSE)", ("on" if request.param == "fused" else "off",))
     yield request.param
     conn.execute("RESET pg_llm.fused_forward")
+
+
+@pytest.fixture(params=["fused", "chain"])
+def train_path(request: pytest.FixtureRequest, conn: psycopg.Connection) -> Iterator[str]:
+    """Both training forwards: fused blocks and head (ops/gpt2_block.py, ops/head_nll.py, the default) and the
+    per-op kernel chain (pg_llm.fused_train = off), each held to the same reference."""
+    conn.execute("SELECT set_config('pg_llm.fused_train', %s, FALSE)", ("on" if request.param == "fused" else "off",))
+    yield request.param
+    conn.execute("RESET pg_llm.fused_train")

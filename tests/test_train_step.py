@@ -98,30 +98,34 @@ def test_one_step_equals_torch(conn: psycopg.Connection, setup) -> None:
     assert conn.execute("SELECT count(*) FROM llm_internal.llm_tape").fetchone()[0] == 0
 
 
-def test_ten_steps_track_torch(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory, setup) -> None:
-    model = import_tiny(conn, tmp_path_factory.mktemp("train10"), "tr10")
+def test_ten_steps_track_torch(conn: psycopg.Connection, tmp_path_factory: pytest.TempPathFactory, setup,
+                               train_path: str) -> None:
+    name = f"tr10_{train_path}"
+    model = import_tiny(conn, tmp_path_factory.mktemp("train10"), name)
     model.train()
     opt = torch_optimizer(model)
     for step in range(1, 11):
-        loss, _, _ = sql_step(conn, "tr10")
+        loss, _, _ = sql_step(conn, name)
         ref, _ = torch_step(conn, model, opt, step)
         assert abs(loss - ref) <= 1e-4, (step, loss, ref)
-    logged = conn.execute("SELECT step FROM llm_train_log WHERE model = 'tr10' ORDER BY step").fetchall()
+    logged = conn.execute("SELECT step FROM llm_train_log WHERE model = %s ORDER BY step", (name,)).fetchall()
     assert [s for (s,) in logged] == list(range(1, 11))
 
 
-def test_gradients_equal_torch(conn: psycopg.Connection, setup, tmp_path_factory: pytest.TempPathFactory) -> None:
-    model = import_tiny(conn, tmp_path_factory.mktemp("grads"), "trg")
+def test_gradients_equal_torch(conn: psycopg.Connection, setup, tmp_path_factory: pytest.TempPathFactory,
+                               train_path: str) -> None:
+    name = f"trg_{train_path}"
+    model = import_tiny(conn, tmp_path_factory.mktemp("grads"), name)
     rng = np.random.default_rng(11)
     x, y = rng.integers(0, 301, (2, T)), rng.integers(0, 301, (2, T))
     with conn.transaction():
         tape = conn.execute("SELECT llm_scratch_mark()").fetchone()[0]
-        loss = conn.execute("SELECT llm_internal.llm_gpt2_loss_backward('trg', %s, %s, %s, %s)",
-                            (x.ravel().tolist(), y.ravel().tolist(), T, tape)).fetchone()[0]
+        loss = conn.execute("SELECT llm_internal.llm_gpt2_loss_backward(%s, %s, %s, %s, %s)",
+                            (name, x.ravel().tolist(), y.ravel().tolist(), T, tape)).fetchone()[0]
         grads = {n: read_tensor(conn, g) for n, g in conn.execute(
             "SELECT v.name, llm_internal.llm_grad_of(%s, v.id) FROM llm_tensor AS v "
-            "WHERE v.model = 'trg' AND v.role = 'param'",
-            (tape,))}
+            "WHERE v.model = %s AND v.role = 'param'",
+            (tape, name))}
         conn.execute("SELECT llm_scratch_release(%s)", (tape,))
     ref = torch.nn.functional.cross_entropy(model(torch.tensor(x)).logits.reshape(-1, 301),
                                             torch.tensor(y).reshape(-1))
@@ -131,3 +135,27 @@ def test_gradients_equal_torch(conn: psycopg.Connection, setup, tmp_path_factory
         g = grads[n.removeprefix("transformer.")]
         want = p.grad.numpy().reshape(g.shape)
         assert np.abs(g - want).max() <= 1e-5 + 1e-4 * np.abs(want).max(), n
+
+
+def test_fused_step_equals_chain_with_dropout(conn: psycopg.Connection, setup,
+                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two steps with dropout 0.2 and 2 accumulated micro-batches: the fused blocks and head give the chain's loss,
+    gradient norm, parameters and moments (the same dropout masks), and leave no scratch behind."""
+    out = {}
+    for path in ("off", "on"):
+        name = f"trd_{path}"
+        import_tiny(conn, tmp_path_factory.mktemp(name), name)
+        conn.execute("SELECT set_config('pg_llm.fused_train', %s, FALSE)", (path,))
+        try:
+            logs = [conn.execute("SELECT loss, grad_norm FROM llm_train_step(%s, dataset => 'ds', batch_size => 2, "
+                                 "dropout => 0.2, grad_accum => 2, seed => 3)", (name,)).fetchone() for _ in range(2)]
+        finally:
+            conn.execute("RESET pg_llm.fused_train")
+        out[path] = logs, {r: params(conn, name, r) for r in ("param", "adam_m", "adam_v")}
+        assert conn.execute("SELECT count(*) FROM llm_tensor WHERE id < 0").fetchone()[0] == 0
+    (chain_logs, chain), (fused_logs, fused) = out["off"], out["on"]
+    for (lc, nc), (lf, nf) in zip(chain_logs, fused_logs, strict=True):
+        assert abs(lc - lf) <= 1e-6 * lc and abs(nc - nf) <= 1e-5 * nc
+    for role, tensors in chain.items():
+        for n, a in tensors.items():
+            assert np.abs(fused[role][n] - a).max() <= 1e-6 + 1e-5 * np.abs(a).max(), (role, n)

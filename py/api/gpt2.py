@@ -16,6 +16,7 @@ import textwrap
 from pg_llm.config import BLOCK, LN_F, UNTIED_HEAD, WPE, WTE
 from pg_llm.gen.emit import comment, function, plpgsql
 from pg_llm.ops.common import KERNEL_SETTINGS
+from pg_llm.ops.gpt2_block import FUSED_TRAIN
 from pg_llm.ops.score import FUSED
 
 SQL_FILE = "api/gpt2.sql"
@@ -91,12 +92,22 @@ def _layer() -> str:
     return textwrap.indent("\n".join(out), " " * 10)
 
 
+# A training forward's block as one op (ops/gpt2_block.py): the block's 12 ids, its 3 dropout sites' seeds, and
+# the tiling of the chain's residual dropout masks (x's tile rows, mlp.c_proj.weight's tile columns).
+FUSED_LAYER = """
+x := llm_t_gpt2_block(p_tape, x, v_block[layer * 12 + 1:layer * 12 + 12], c.n_head, t, c.layer_norm_epsilon,
+                      p_dropout, ARRAY[llm_site_seed(p_seed, pre || 'attn'), llm_site_seed(p_seed, pre || 'attn.resid'),
+                                       llm_site_seed(p_seed, pre || 'mlp.resid')],
+                      ARRAY[least(256, n), (SELECT least(v.tile[2], llm_cols(v.shape)) FROM llm_tensor AS v
+                                            WHERE v.id = v_block[layer * 12 + 11])]);"""
+
+
 def _forward() -> str:
     body = plpgsql("""
         c llm_model_config;
         n INT := cardinality(p_tokens);
         t INT := coalesce(p_seq_len, cardinality(p_tokens));
-        x BIGINT; h BIGINT; pre TEXT;
+        x BIGINT; h BIGINT; pre TEXT; v_block BIGINT[];
     """, f"""
         c := llm_gpt2_check_input(p_model, p_tokens, t);
         PERFORM llm_model_read_lock(p_model);
@@ -107,12 +118,22 @@ def _forward() -> str:
                                        ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i),
                                        least({TILE_ROWS}, n)));
         x := llm_t_dropout(p_tape, x, p_dropout, llm_site_seed(p_seed, 'embd'));
+        IF p_tape IS NOT NULL AND {FUSED_TRAIN} THEN  -- one op per block, only its input kept (ops/gpt2_block.py)
+          v_block := llm_gpt2_block_params(p_model, c.n_layer);
+        END IF;
         FOR layer IN 0 .. c.n_layer - 1 LOOP
           pre := 'h.' || layer || '.';
+          IF v_block IS NOT NULL THEN
+{textwrap.indent(FUSED_LAYER.strip(), " " * 12)}
+            CONTINUE;
+          END IF;
 {_layer()}
         END LOOP;
         x := llm_t_layernorm(p_tape, x, llm_param(p_model, '{LN_F.params[0]}'), llm_param(p_model, '{LN_F.params[1]}'),
                              c.layer_norm_epsilon);
+        IF p_hidden THEN  -- the caller applies the head (training: llm_head_nll)
+          RETURN x;
+        END IF;
         IF p_rows IS NOT NULL THEN  -- only these rows' logits: gather them before the (costly) tied projection
           x := llm_t_embedding(p_tape, x, p_rows, least({TILE_ROWS}, cardinality(p_rows)));
         END IF;
@@ -120,14 +141,17 @@ def _forward() -> str:
     """)
     return function("llm_gpt2_forward",
                     "p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, "
-                    "p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL", "BIGINT",
+                    "p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL, "
+                    "p_hidden BOOLEAN DEFAULT FALSE", "BIGINT",
                     body, settings=KERNEL_SETTINGS,
                     note="""op: GPT-2 forward. tokens (B*T ids, sequences of p_seq_len = T, default all one
                     sequence) -> logits scratch tensor (B*T, vocab), or (cardinality(p_rows), vocab) for only the
                     rows p_rows (0-based, e.g. the last position: the projection on wte is skipped for the
                     others). With p_tape every op is recorded for
                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
-                    branches) with masks seeded from p_seed. Caller releases scratch tensors.""")
+                    branches) with masks seeded from p_seed; with a tape each block is one gpt2_block op
+                    (pg_llm.fused_train = off: the per-op chain). p_hidden: return ln_f's output (B*T, C) instead
+                    of the logits. Caller releases scratch tensors.""")
 
 
 def _api() -> str:

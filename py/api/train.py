@@ -11,9 +11,10 @@ from __future__ import annotations
 import textwrap
 
 from pg_llm.api.train_resume import DEFAULTS, schedule_of
-from pg_llm.config import TrainConfig
+from pg_llm.config import UNTIED_HEAD, WTE, TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
 from pg_llm.ops.common import KERNEL_SETTINGS
+from pg_llm.ops.gpt2_block import FUSED_TRAIN
 
 SQL_FILE = "api/train.sql"
 ORDER = 86
@@ -95,8 +96,17 @@ def _grads() -> str:
     body = plpgsql("""
         v_tape BIGINT := llm_scratch_mark();
         v_after BIGINT := nextval('llm_tape_seq');
-        v_logits BIGINT; v_loss FLOAT8;
-    """, """
+        v_logits BIGINT; v_loss FLOAT8; v_x BIGINT; v_head BIGINT; h RECORD;
+    """, f"""
+        IF {FUSED_TRAIN} THEN  -- fused blocks and a fused LM head + cross-entropy (ops/head_nll.py)
+          v_x := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed, p_hidden => TRUE);
+          v_head := (SELECT llm_param(p_model, CASE WHEN c.tied_embeddings THEN '{WTE}' ELSE '{UNTIED_HEAD[0]}' END)
+                     FROM llm_model_get(p_model) AS c);
+          h := llm_head_nll(v_x, v_head, p_targets, p_loss_scale);
+          PERFORM llm_grad_acc(p_tape, v_head, h.dhead);
+          PERFORM llm_backward(p_tape, v_x, h.dx, v_after);
+          RETURN h.loss;
+        END IF;
         v_logits := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed);
         v_loss := llm_cross_entropy(v_logits, p_targets);
         PERFORM llm_backward(p_tape, v_logits, llm_cross_entropy_backward(v_logits, p_targets, NULL, p_loss_scale),

@@ -36,8 +36,13 @@ def gelu_backward_tile(x: bytes, dy: bytes) -> bytes:
     a, g = floats(x), floats(dy)
     if a.size != g.size:
         error('pg_llm: gelu_backward: x and dy tiles of %d and %d floats' % (a.size, g.size))
+    return gelu_backward(a, g).astype('<f4').tobytes()
+
+
+def gelu_backward(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """g * gelu'(a), float32 arrays of one shape (also the fused training block's)."""
     half, one = np.float32(0.5), np.float32(1)
     a2 = a * a
     t = np.tanh(K * (a + C * a2 * a))
     d = half * (one + t) + half * a * (one - t * t) * K * (one + np.float32(3) * C * a2)
-    return (g * d).astype('<f4').tobytes()
+    return g * d

@@ -63,8 +63,10 @@ $fn$;
 --                     rows p_rows (0-based, e.g. the last position: the projection on wte is skipped for the
 --                     others). With p_tape every op is recorded for
 --                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
---                     branches) with masks seeded from p_seed. Caller releases scratch tensors.
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL)
+--                     branches) with masks seeded from p_seed; with a tape each block is one gpt2_block op
+--                     (pg_llm.fused_train = off: the per-op chain). p_hidden: return ln_f's output (B*T, C) instead
+--                     of the logits. Caller releases scratch tensors.
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL, p_hidden BOOLEAN DEFAULT FALSE)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
@@ -75,7 +77,7 @@ DECLARE
   c llm_model_config;
   n INT := cardinality(p_tokens);
   t INT := coalesce(p_seq_len, cardinality(p_tokens));
-  x BIGINT; h BIGINT; pre TEXT;
+  x BIGINT; h BIGINT; pre TEXT; v_block BIGINT[];
 BEGIN
   c := llm_gpt2_check_input(p_model, p_tokens, t);
   PERFORM llm_model_read_lock(p_model);
@@ -86,8 +88,19 @@ BEGIN
                                  ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i),
                                  least(256, n)));
   x := llm_t_dropout(p_tape, x, p_dropout, llm_site_seed(p_seed, 'embd'));
+  IF p_tape IS NOT NULL AND coalesce(current_setting('pg_llm.fused_train', TRUE), '') <> 'off' THEN  -- one op per block, only its input kept (ops/gpt2_block.py)
+    v_block := llm_gpt2_block_params(p_model, c.n_layer);
+  END IF;
   FOR layer IN 0 .. c.n_layer - 1 LOOP
     pre := 'h.' || layer || '.';
+    IF v_block IS NOT NULL THEN
+      x := llm_t_gpt2_block(p_tape, x, v_block[layer * 12 + 1:layer * 12 + 12], c.n_head, t, c.layer_norm_epsilon,
+                            p_dropout, ARRAY[llm_site_seed(p_seed, pre || 'attn'), llm_site_seed(p_seed, pre || 'attn.resid'),
+                                             llm_site_seed(p_seed, pre || 'mlp.resid')],
+                            ARRAY[least(256, n), (SELECT least(v.tile[2], llm_cols(v.shape)) FROM llm_tensor AS v
+                                                  WHERE v.id = v_block[layer * 12 + 11])]);
+      CONTINUE;
+    END IF;
     h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || 'ln_1.weight'),
                          llm_param(p_model, pre || 'ln_1.bias'), c.layer_norm_epsilon);
     h := llm_t_linear(p_tape, h, p_model, pre || 'attn.c_attn');
@@ -102,6 +115,9 @@ BEGIN
   END LOOP;
   x := llm_t_layernorm(p_tape, x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'),
                        c.layer_norm_epsilon);
+  IF p_hidden THEN  -- the caller applies the head (training: llm_head_nll)
+    RETURN x;
+  END IF;
   IF p_rows IS NOT NULL THEN  -- only these rows' logits: gather them before the (costly) tied projection
     x := llm_t_embedding(p_tape, x, p_rows, least(256, cardinality(p_rows)));
   END IF;

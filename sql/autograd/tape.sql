@@ -141,6 +141,39 @@ SELECT
   llm_tape_record(p_tape, 'gelu', llm_gelu(p_x), p_x)
 $fn$;
 
+-- Recording wrapper: gpt2_block forward, appended to the tape when p_tape is set.
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_gpt2_block(p_tape BIGINT, p_x BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[])
+RETURNS BIGINT
+LANGUAGE sql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+SET extra_float_digits = 1
+AS $fn$
+SELECT
+  llm_tape_record(
+    p_tape,
+    'gpt2_block',
+    llm_gpt2_block(p_x, p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile),
+    p_x,
+    p_args => jsonb_build_object(
+      'params',
+      p_params,
+      'n_head',
+      p_n_head,
+      'seq_len',
+      p_seq_len,
+      'eps',
+      p_eps,
+      'dropout',
+      p_dropout,
+      'seeds',
+      p_seeds,
+      'drop_tile',
+      p_drop_tile
+    )
+  )
+$fn$;
+
 -- Recording wrapper: layernorm forward, appended to the tape when p_tape is set.
 CREATE OR REPLACE FUNCTION llm_internal.llm_t_layernorm(p_tape BIGINT, p_x BIGINT, p_w BIGINT, p_b BIGINT, p_eps FLOAT8)
 RETURNS BIGINT

@@ -1,0 +1,137 @@
+"""Bench section `train`: GPT-2 small training steps at the playbook's shapes against torch, same run.
+
+One `llm_train_step` (dropout 0.1, AdamW, clipping, the GPT-2 recipe's hyperparameters) of GPT-2 small (random
+weights, imported once) at batch 1 x 128 and 2 x 1024 tokens (8 x 1024 in the optional section `train_long`),
+against the same step in torch (transformers GPT2LMHeadModel in train mode, dropout 0.1, cross-entropy,
+backward, clip_grad_norm_, AdamW with decay groups; torch.set_num_threads = the server's BLAS threads) on the
+same rows. Per case: one untimed warm-up step each (it creates pg_llm's AdamW moments), then the median of two
+interleaved steps. Peak scratch = the largest size of the UNLOGGED scratch partition sampled every 0.1 s from
+another connection during the timed pg_llm steps; after each pg_llm step the tile partitions are vacuumed
+(untimed), as CALL llm_train_run does between its steps.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from pg_llm.bench import Context, Table, Timed, random_dataset
+from pg_llm.bench.gpt2 import HP, Gpt2Bench, checkpoint
+
+CASES = ((1, 128), (2, 1024))
+ROWS = 32  # dataset rows of 1024 tokens: batches are drawn from them by the step's seed
+SEED = 1234
+DROPOUT = 0.1
+
+
+class ScratchPeak:
+    """Samples the scratch partition's size from its own connection while running."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.conn = ctx.connect()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            size = self.conn.execute("SELECT pg_total_relation_size('llm_tile_scratch')").fetchone()[0]
+            self.peak = max(self.peak, int(size))
+            time.sleep(0.1)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        self.stop()
+        self.conn.close()
+
+
+def _torch_step(path, batches: dict[int, np.ndarray], B: int):
+    """torch's step on the rows pg_llm's step s drew: train mode (dropout 0.1), AdamW with decay groups."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(path, resid_pdrop=DROPOUT, embd_pdrop=DROPOUT,
+                                            attn_pdrop=DROPOUT).train()
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if n.endswith(".weight") and ".ln_" not in n]
+    other = [p for n, p in named if not (n.endswith(".weight") and ".ln_" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": HP["weight_decay"]},
+                             {"params": other, "weight_decay": 0.0}], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]),
+                            eps=HP["eps"])
+    state = {"step": 0}
+
+    def step() -> float:
+        state["step"] += 1
+        x, y = batches[state["step"] % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        logits = model(torch.tensor(x)).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(y).reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), HP["grad_clip"])
+        opt.step()
+        return loss.item()
+    return step
+
+
+def _sampled(ctx: Context, peak: ScratchPeak, sql: str, args: tuple) -> None:
+    peak.start()
+    try:
+        ctx.conn.execute(sql, args)
+    finally:
+        peak.stop()
+
+
+def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
+    b = Gpt2Bench(ctx)
+    peak = ScratchPeak(ctx)
+    t = Table("GPT-2 small training step against torch (dropout 0.1, AdamW, clipping)",
+              ["batch", "tokens", "pg_llm s", "torch s", "pg / torch", "pg tokens/s", "torch tokens/s",
+               "peak scratch MiB"])
+    try:
+        path = checkpoint("gpt2-small")
+        for B, T in cases:
+            model = b.load(f"train_{B}x{T}", path)[0]
+            ds = f"{model}_ds"
+            b.datasets.append(ds)
+            random_dataset(ctx.conn, ds, max(ROWS, 4 * B), T, 50257, SEED)
+            sql = ("SELECT loss FROM llm_train_step(%s, %s, batch_size => %s, dropout => %s, seed => %s, lr => %s, "
+                   "weight_decay => %s, beta1 => %s, beta2 => %s, eps => %s, grad_clip => %s)")
+            args = (model, ds, B, DROPOUT, SEED, HP["lr"], HP["weight_decay"], HP["beta1"], HP["beta2"], HP["eps"],
+                    HP["grad_clip"])
+            batches = {}
+            for s in range(1, 4):
+                rows = ctx.conn.execute("SELECT tokens, targets FROM llm_internal.llm_train_batch(%s, 'train', %s, "
+                                        "%s, %s, 1)", (ds, B, SEED, s)).fetchall()
+                batches[s % 3] = (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]))
+            ctx.log(f"train: {B} x {T}")
+            peak.peak = 0
+
+            st = b.compare({"pg": Timed(lambda q=sql, a=args: _sampled(ctx, peak, q, a), after=b.vacuum),
+                            "torch": Timed(_torch_step(path, batches, B))},
+                           runs=2, warmup=1)
+            pg, tor = st["pg"].median, st["torch"].median
+            t.add(f"{B} x {T}", B * T, pg, tor, pg / tor, B * T / pg, B * T / tor, peak.peak / 2**20)
+            ctx.conn.execute("SELECT llm_model_drop(%s, TRUE)", (model,))
+            b.models.remove(model)
+    finally:
+        peak.close()
+        b.close()
+    t.notes += [f"GPT-2 small, random weights (seed 0); medians of 2 interleaved steps after one warm-up step each; "
+                f"{b.threads} BLAS threads for the server and torch.",
+                "peak scratch: pg_total_relation_size('llm_tile_scratch') sampled every 0.1 s during the timed steps "
+                "(it includes earlier steps' dead space until the VACUUM after each step)."]
+    return [t]
+
+
+def run(ctx: Context) -> list[Table]:
+    return run_cases(ctx, CASES[:1] if ctx.quick else CASES)

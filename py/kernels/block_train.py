@@ -1,0 +1,160 @@
+"""The fused GPT-2 block for training (the SQL side: py/ops/gpt2_block.py): forward, and a backward that recomputes
+the block's intermediates from its input instead of storing them, so a training step keeps one (B*T, C) tensor per
+block (its input) instead of every activation, and a block costs 2 PL/Python calls instead of ~30 kernel calls.
+
+    a = x + dropout(attn.c_proj(attention(attn.c_attn(ln_1(x)))))      (nanoGPT's block, dropout at GPT-2's sites)
+    y = a + dropout(mlp.c_proj(gelu(mlp.c_fc(ln_2(a)))))
+
+Same numbers as the kernel chain: layernorm_rows, float32 matmuls plus bias, causal_attention (dropout masks per
+sequence and query block), gelu, and the residual dropout of the chain's tiles (dropout_rows with the tiling of the
+c_proj output: x's tile rows, c_proj.weight's tile columns).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pg_llm.kernels.attention import causal_attention, causal_attention_backward
+from pg_llm.kernels.block_step import block_shapes
+from pg_llm.kernels.dropout import dropout_rows
+from pg_llm.kernels.gelu import gelu, gelu_backward
+from pg_llm.kernels.layernorm import layernorm_backward_rows, layernorm_rows
+from pg_llm.kernels.runtime import error
+from pg_llm.kernels.tiles import F32, block, whole
+from pg_llm.kernels.weight_cache import cache_budget, cached_tensors
+
+
+@dataclass(frozen=True)
+class BlockArgs:
+    n_head: int
+    seq_len: int
+    eps: float
+    rate: float  # dropout at the attention probabilities and both residual branches
+    seeds: tuple[int, int, int]  # the sites h.i.attn, h.i.attn.resid, h.i.mlp.resid
+    drop_tile: tuple[int, int]  # the residual dropout's tiling (the chain's c_proj output tiles)
+
+
+def _linear(a: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    y = np.matmul(a, w)
+    y += b
+    return y
+
+
+def _drop(a: np.ndarray, k: BlockArgs, site: int) -> np.ndarray:
+    return dropout_rows(a, k.rate, k.seeds[site], *k.drop_tile) if k.rate > 0 else a
+
+
+def block_forward(x: np.ndarray, w: Sequence[np.ndarray], k: BlockArgs, keep: bool = False) -> tuple[np.ndarray, dict]:
+    """y (N, C) of one block over rows x (sequences of k.seq_len), and (keep=True) the intermediates the
+    backward needs."""
+    ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
+    h1 = layernorm_rows(x, ln1g, ln1b, k.eps)
+    qkv = _linear(h1, wqkv, bqkv)
+    att = causal_attention(qkv, k.n_head, k.seq_len, k.rate, k.seeds[0])
+    a = _drop(_linear(att, wo, bo), k, 1)
+    a += x
+    h2 = layernorm_rows(a, ln2g, ln2b, k.eps)
+    f = _linear(h2, wfc, bfc)
+    g = gelu(f)
+    y = _drop(_linear(g, wp, bp), k, 2)
+    y += a
+    return y, (dict(h1=h1, qkv=qkv, att=att, a=a, h2=h2, f=f, g=g) if keep else {})
+
+
+def _undrop(d: np.ndarray, k: BlockArgs, site: int) -> np.ndarray:
+    """The gradient through a dropout site: the same mask and scale (dropout is linear in its input)."""
+    return _drop(d, k, site)
+
+
+def _colsum(d: np.ndarray) -> np.ndarray:
+    return d.sum(axis=0, dtype=np.float64).astype(F32).reshape(1, -1)
+
+
+def block_backward(x: np.ndarray, dy: np.ndarray, w: Sequence[np.ndarray],
+                   k: BlockArgs) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(dx, the 12 parameter gradients in BLOCK_PARAMS order) of block_forward at x for the output gradient dy,
+    the forward recomputed first."""
+    ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
+    _, s = block_forward(x, w, k, keep=True)
+    dm = _undrop(dy, k, 2)
+    dwp, dbp = np.matmul(s['g'].T, dm), _colsum(dm)
+    df = gelu_backward(s['f'], np.matmul(dm, wp.T))
+    del dm, s['g']
+    dwfc, dbfc = np.matmul(s['h2'].T, df), _colsum(df)
+    dh2 = np.matmul(df, wfc.T)
+    del df, s['f']
+    da, dln2g, dln2b = layernorm_backward_rows(s['a'], dh2, ln2g, k.eps)
+    da += dy
+    do = _undrop(da, k, 1)
+    dwo, dbo = np.matmul(s['att'].T, do), _colsum(do)
+    dqkv = causal_attention_backward(s['qkv'], np.matmul(do, wo.T), k.n_head, k.seq_len, k.rate, k.seeds[0])
+    del do
+    dwqkv, dbqkv = np.matmul(s['h1'].T, dqkv), _colsum(dqkv)
+    dx, dln1g, dln1b = layernorm_backward_rows(x, np.matmul(dqkv, wqkv.T), ln1g, k.eps)
+    dx += da
+    grads = [dln1g.reshape(1, -1), dln1b.reshape(1, -1), dwqkv, dbqkv, dwo, dbo, dln2g.reshape(1, -1),
+             dln2b.reshape(1, -1), dwfc, dbfc, dwp, dbp]
+    return dx, grads
+
+
+# ---- PL/Python entry points ----------------------------------------------------------------------------------
+
+def _inputs(plpy: Any, GD: dict, params: Sequence[int], tiles: Sequence[bytes], geom: Sequence[int],
+            op: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    if len(params) != 12 or len(geom) != 4:
+        error('pg_llm: %s: %d parameter ids and %d geometry values, expected 12 and 4' % (op, len(params), len(geom)))
+    rows, cols, th, tw = geom
+    x = whole(tiles, rows, cols, th, tw, op)
+    w = cached_tensors(plpy, GD, params, block, cache_budget(plpy, GD))
+    bad = block_shapes(w, cols)
+    if bad:
+        i, got, want = bad[0]
+        error('pg_llm: %s: parameter %d (tensor id %s) has shape %s, expected %s for rows of %d values'
+              % (op, i, params[i], got, want, cols))
+    return x, w
+
+
+def _args(n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int], drop_tile: Sequence[int],
+          rows: int, cols: int, op: str) -> BlockArgs:
+    if n_head < 1 or cols % n_head or seq_len < 1 or rows % seq_len or len(seeds) != 3 or len(drop_tile) != 2:
+        error('pg_llm: %s: %d rows of %d values do not fit n_head %d, seq_len %d (with 3 seeds, a 2-value tile)'
+              % (op, rows, cols, n_head, seq_len))
+    return BlockArgs(n_head, seq_len, eps, rate, tuple(seeds), tuple(drop_tile))
+
+
+def _tiles(a: np.ndarray, th: int, tw: int) -> Iterator[tuple[int, int, bytes]]:
+    for r in range(0, a.shape[0], th):
+        for c in range(0, a.shape[1], tw):
+            yield r // th, c // tw, np.ascontiguousarray(a[r:r + th, c:c + tw]).tobytes()
+
+
+def forward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int], params: Sequence[int],
+                   n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int],
+                   drop_tile: Sequence[int]) -> list[bytes]:
+    """llm_mk_gpt2_block: y's tiles (x's tiling, (tr, tc) order) from x's tiles and the block's cached weights."""
+    x, w = _inputs(plpy, GD, params, tiles, geom, 'gpt2_block')
+    k = _args(n_head, seq_len, eps, rate, seeds, drop_tile, geom[0], geom[1], 'gpt2_block')
+    y, _ = block_forward(x, w, k)
+    return [t for _, _, t in _tiles(y, geom[2], geom[3])]
+
+
+def backward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], dy_tiles: Sequence[bytes], geom: Sequence[int],
+                    params: Sequence[int], n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int],
+                    drop_tile: Sequence[int], grad_tiles: Sequence[int]) -> Iterator[tuple[int, int, int, bytes]]:
+    """llm_mk_gpt2_block_backward: (k, tr, tc, data) rows: k = 0 dx (x's tiling), k = 1..12 the parameters'
+    gradients, parameter i cut in tiles grad_tiles[2i - 2 : 2i] (its own tiling)."""
+    x, w = _inputs(plpy, GD, params, tiles, geom, 'gpt2_block_backward')
+    k = _args(n_head, seq_len, eps, rate, seeds, drop_tile, geom[0], geom[1], 'gpt2_block_backward')
+    dy = whole(dy_tiles, geom[0], geom[1], geom[2], geom[3], 'gpt2_block_backward')
+    if len(grad_tiles) != 24:
+        error('pg_llm: gpt2_block_backward: %d gradient tile sizes, expected 2 for each of 12 parameters'
+              % len(grad_tiles))
+    dx, grads = block_backward(x, dy, w, k)
+    for tr, tc, t in _tiles(dx, geom[2], geom[3]):
+        yield 0, tr, tc, t
+    for i, g in enumerate(grads):
+        for tr, tc, t in _tiles(g, grad_tiles[2 * i], grad_tiles[2 * i + 1]):
+            yield i + 1, tr, tc, t

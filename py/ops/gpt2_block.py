@@ -1,0 +1,142 @@
+"""gpt2_block: one whole GPT-2 block as ONE op of the training tape, forward and backward (the numpy side and why:
+py/kernels/block_train.py).
+
+Forward:  x (B*T, C) -> y (B*T, C) = the block (ln_1, attention, c_proj, ln_2, c_fc, gelu, c_proj, both residuals,
+          dropout at GPT-2's three sites); only x is kept for the backward (the tape's input).
+Backward: dy -> dx and the 12 parameter gradients, the block's intermediates recomputed from x.
+
+Tiling: one microkernel call receives every tile of x (and of dy), in (tr, tc) order; y and dx have x's tiling,
+each gradient its parameter's. The parameters come from the backend's weight cache. The training forward
+(llm_gpt2_forward with a tape) records its blocks as this op unless pg_llm.fused_train = off (the chain of
+per-op kernels, the reference).
+"""
+from __future__ import annotations
+
+from pg_llm.autograd.registry import Op
+from pg_llm.gen.emit import comment, function, kernel_body, plpgsql
+from pg_llm.kernels.block_train import backward_kernel, forward_kernel
+from pg_llm.ops.common import KERNEL_SETTINGS
+
+SQL_FILE = "kernels/gpt2_block.sql"
+ORDER = 35
+
+# the SQL condition of the fused training block (a setting, so that the per-op chain stays reachable)
+FUSED_TRAIN = "coalesce(current_setting('pg_llm.fused_train', TRUE), '') <> 'off'"
+
+ARGS = ("p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], "
+        "p_drop_tile INT[]")
+CALL = "p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile"
+
+OP = Op("gpt2_block", ("x",),
+        args=(("params", "BIGINT[]"), ("n_head", "INT"), ("seq_len", "INT"), ("eps", "FLOAT8"), ("dropout", "FLOAT8"),
+              ("seeds", "BIGINT[]"), ("drop_tile", "INT[]")),
+        wrapper="p_x BIGINT, " + ARGS, kernel=f"llm_gpt2_block(p_x, {CALL})",
+        note="y = block(x); dx and the 12 parameter gradients (intermediates recomputed)", backward="""
+        PERFORM llm_grad_acc(p_tape, u.t, u.g)
+        FROM unnest(ARRAY[{x}] || {params}, llm_gpt2_block_backward({x}, {g}, {params}, {n_head}, {seq_len}, {eps},
+                                                                    {dropout}, {seeds}, {drop_tile})) AS u(t, g);""")
+
+CHECKS = """
+    r := llm_input(p_x, 'gpt2_block', 'x');
+    v_geom := ARRAY[llm_rows(r.shape), llm_cols(r.shape), least(r.tile[1], llm_rows(r.shape)),
+                    least(r.tile[2], llm_cols(r.shape))];
+    IF cardinality(p_params) IS DISTINCT FROM 12 OR array_position(p_params, NULL) IS NOT NULL THEN
+      RAISE EXCEPTION 'pg_llm: gpt2_block: need the 12 parameter ids of a block, got %', p_params
+        USING HINT = 'llm_gpt2_block_params(model, n_layer) lists them, 12 per layer.';
+    END IF;
+    IF p_n_head < 1 OR v_geom[2] % p_n_head <> 0 OR p_seq_len < 1 OR v_geom[1] % p_seq_len <> 0 THEN
+      RAISE EXCEPTION 'pg_llm: gpt2_block: x "%" of shape % does not fit n_head % and seq_len %', r.name,
+        llm_shape_text(r.shape), p_n_head, p_seq_len USING HINT = 'Rows are B sequences of seq_len tokens.';
+    END IF;
+    IF p_dropout IS NULL OR p_dropout < 0 OR p_dropout >= 1 OR cardinality(p_seeds) IS DISTINCT FROM 3
+       OR cardinality(p_drop_tile) IS DISTINCT FROM 2 THEN
+      RAISE EXCEPTION 'pg_llm: gpt2_block: dropout must be in [0, 1) with 3 seeds and a tile, got %, %, %',
+        p_dropout, p_seeds, p_drop_tile;
+    END IF;
+    v_ntc := (v_geom[2] + v_geom[4] - 1) / v_geom[4];
+"""
+
+FORWARD = """
+    INSERT INTO llm_tile (tensor_id, tr, tc, data)
+    SELECT v_out, (o.n - 1) / v_ntc, (o.n - 1) % v_ntc, o.data
+    FROM (
+      SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_x
+    ) AS g
+    CROSS JOIN LATERAL unnest(llm_mk_gpt2_block(g.tiles, v_geom, p_params, p_n_head, p_seq_len, p_eps, p_dropout,
+                                                p_seeds, p_drop_tile)) WITH ORDINALITY AS o(data, n)"""
+
+BACKWARD = """
+    INSERT INTO llm_tile (tensor_id, tr, tc, data)
+    SELECT v_ids[o.k + 1], o.tr, o.tc, o.data
+    FROM (
+      SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_x
+    ) AS g
+    CROSS JOIN (
+      SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_dy
+    ) AS d
+    CROSS JOIN LATERAL llm_mk_gpt2_block_backward(g.tiles, d.tiles, v_geom, p_params, p_n_head, p_seq_len, p_eps,
+                                                  p_dropout, p_seeds, p_drop_tile, v_tiles) AS o"""
+
+# each parameter's tiling (capped by its shape), 2 values per parameter in p_params order
+GRAD_TILES = """
+    SELECT e.v
+    FROM unnest(p_params) WITH ORDINALITY AS p(id, k)
+    JOIN llm_tensor AS v ON v.id = p.id
+    CROSS JOIN LATERAL unnest(ARRAY[least(v.tile[1], llm_rows(v.shape)), least(v.tile[2], llm_cols(v.shape))])
+      WITH ORDINALITY AS e(v, j)
+    ORDER BY p.k, e.j"""
+
+
+def _forward() -> str:
+    body = plpgsql("r llm_tensor; v_geom INT[]; v_ntc INT; v_out BIGINT;", CHECKS + """
+        v_out := llm_output(NULL, 'gpt2_block', r.shape, r.tile, FALSE);
+        @forward;
+        RETURN v_out;
+    """, forward=FORWARD)
+    return function("llm_gpt2_block", "p_x BIGINT, " + ARGS, "BIGINT", body, settings=KERNEL_SETTINGS, note="""
+        op: one GPT-2 block forward. x (B*T, C) -> y (B*T, C), x's tiling. p_params: the block's 12 ids
+        (llm_gpt2_block_params order); p_seeds: the dropout seeds of the sites attn, attn.resid, mlp.resid;
+        p_drop_tile: the tiling of the residual dropout masks. tiling: one llm_mk_gpt2_block call.""")
+
+
+def _backward() -> str:
+    body = plpgsql("r llm_tensor; rd llm_tensor; v_geom INT[]; v_ntc INT; v_ids BIGINT[]; v_tiles INT[];",
+                   CHECKS + """
+        rd := llm_input(p_dy, 'gpt2_block_backward', 'dy');
+        IF rd.shape <> r.shape OR rd.tile <> r.tile THEN
+          RAISE EXCEPTION 'pg_llm: gpt2_block_backward: dy "%" has shape % tile %, expected those of x: % tile %',
+            rd.name, llm_shape_text(rd.shape), rd.tile, llm_shape_text(r.shape), r.tile;
+        END IF;
+        v_tiles := ARRAY(
+          @tiles
+        );
+        v_ids := ARRAY[llm_tensor_like(p_x, 'gpt2_block.dx')]
+          || ARRAY(SELECT llm_tensor_like(p.id, 'grad') FROM unnest(p_params) WITH ORDINALITY AS p(id, k)
+                   ORDER BY p.k);
+        @backward;
+        RETURN v_ids;
+    """, tiles=GRAD_TILES, backward=BACKWARD)
+    return function("llm_gpt2_block_backward", "p_x BIGINT, p_dy BIGINT, " + ARGS, "BIGINT[]", body,
+                    settings=KERNEL_SETTINGS, note="""
+        op: one GPT-2 block backward. x, dy (B*T, C) -> ARRAY[dx, the 12 parameter gradients] (new scratch
+        tensors: dx with x's tiling, each gradient with its parameter's), the forward recomputed from x.
+        tiling: one llm_mk_gpt2_block_backward call over every tile of x and dy.""")
+
+
+def emit() -> str:
+    mk = ("geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], "
+          "drop_tile INT[]")
+    fwd = function("llm_mk_gpt2_block", "tiles BYTEA[], " + mk, "BYTEA[]",
+                   kernel_body(forward_kernel, "forward_kernel(plpy, GD, tiles, geom, params, n_head, seq_len, eps, "
+                                               "rate, seeds, drop_tile)"),
+                   language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
+        gpt2_block microkernel: y's tiles from x's tiles (geom = [rows, cols, tile rows, tile cols]) and the
+        block's weights from the backend's weight cache.""")
+    bwd = function("llm_mk_gpt2_block_backward", "tiles BYTEA[], dy_tiles BYTEA[], " + mk + ", grad_tiles INT[]",
+                   "TABLE(k INT, tr INT, tc INT, data BYTEA)",
+                   kernel_body(backward_kernel, "backward_kernel(plpy, GD, tiles, dy_tiles, geom, params, n_head, "
+                                                "seq_len, eps, rate, seeds, drop_tile, grad_tiles)"),
+                   language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
+        gpt2_block backward microkernel: (k, tr, tc, data) rows, k = 0 dx's tiles, k = 1..12 the gradient tiles of
+        parameter k (its tiling: grad_tiles[2k-1:2k]).""")
+    return "\n".join([comment(__doc__ or ""), fwd, bwd, _forward(), _backward()])

@@ -1,0 +1,65 @@
+"""head_nll: the training loss at the top of the model, fused: mean cross-entropy of targets under the logits
+x @ head^T, with the gradients of scale * loss for x and for the head produced in the same call (the numpy side
+and why: py/kernels/head_train.py). Not recorded on the tape: it is the root of a training backward
+(llm_gpt2_loss_backward hands dx to llm_backward and dhead to the head's gradient).
+
+Tiling: one microkernel call receives every tile of x, in (tr, tc) order; dx has x's tiling and dhead the head's.
+"""
+from __future__ import annotations
+
+from pg_llm.gen.emit import comment, function, kernel_body, plpgsql
+from pg_llm.kernels.head_train import head_kernel
+from pg_llm.ops.common import KERNEL_SETTINGS
+
+SQL_FILE = "kernels/head_nll.sql"
+ORDER = 36
+
+RUN = """
+    WITH o AS MATERIALIZED (
+      SELECT k.k, k.tr, k.tc, k.data, k.nll
+      FROM (
+        SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_x
+      ) AS g
+      CROSS JOIN LATERAL llm_mk_head_nll(g.tiles, v_geom, p_head, p_targets, p_scale / v_geom[1], v_htile) AS k
+    ), w AS (
+      INSERT INTO llm_tile (tensor_id, tr, tc, data)
+      SELECT CASE WHEN o.k = 1 THEN dx ELSE dhead END, o.tr, o.tc, o.data
+      FROM o WHERE o.k > 0
+      RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM w), (SELECT o.nll FROM o WHERE o.k = 0) INTO v_n, loss"""
+
+
+def _run() -> str:
+    body = plpgsql("r llm_tensor; rh llm_tensor; v_geom INT[]; v_htile INT[]; v_n BIGINT;", """
+        r := llm_input(p_x, 'head_nll', 'x');
+        rh := llm_input(p_head, 'head_nll', 'head');
+        v_geom := ARRAY[llm_rows(r.shape), llm_cols(r.shape), least(r.tile[1], llm_rows(r.shape)),
+                        least(r.tile[2], llm_cols(r.shape))];
+        v_htile := ARRAY[least(rh.tile[1], llm_rows(rh.shape)), least(rh.tile[2], llm_cols(rh.shape))];
+        IF llm_cols(rh.shape) <> v_geom[2] OR cardinality(p_targets) IS DISTINCT FROM v_geom[1] THEN
+          RAISE EXCEPTION 'pg_llm: head_nll: x "%" %, head "%" % and % targets do not fit', r.name,
+            llm_shape_text(r.shape), rh.name, llm_shape_text(rh.shape), coalesce(cardinality(p_targets), 0)
+            USING HINT = 'x is (B*T, C), the head (vocab, C), one target per row of x.';
+        END IF;
+        dx := llm_tensor_like(p_x, 'head_nll.dx');
+        dhead := llm_tensor_like(p_head, 'grad');
+        @run;
+        loss := loss / v_geom[1];
+    """, run=RUN)
+    return function("llm_head_nll", "p_x BIGINT, p_head BIGINT, p_targets INT[], p_scale FLOAT8 DEFAULT 1, "
+                    "OUT loss FLOAT8, OUT dx BIGINT, OUT dhead BIGINT", "RECORD", body, settings=KERNEL_SETTINGS,
+                    note="""
+        op: fused LM head + cross-entropy. x (N, C), head (V, C), targets (N ids) -> the mean NLL of the targets
+        under x @ head^T, and new scratch tensors dx (N, C) and dhead (V, C): the gradients of p_scale * loss.
+        tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 256 rows, never stored.""")
+
+
+def emit() -> str:
+    mk = function("llm_mk_head_nll", "tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, "
+                  "head_tile INT[]", "TABLE(k INT, tr INT, tc INT, data BYTEA, nll FLOAT8)",
+                  kernel_body(head_kernel, "head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile)"),
+                  language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
+        head_nll microkernel: k = 0 one row with the NLL sum (float64), k = 1 dx's tiles, k = 2 dhead's tiles
+        (scale: the factor of the gradients, per row). The head comes from the backend's weight cache.""")
+    return "\n".join([comment(__doc__ or ""), mk, _run()])
