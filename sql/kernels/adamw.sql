@@ -9,12 +9,12 @@
 --     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 --
 -- `t` is the optimizer step, starting at 1. llm_adamw_step(param, grad, m, v, t, lr, ...): param, grad, m and v must
--- be four different tensors of one shape, cut in the same tiles. Each tile is ONE microkernel call (llm_mk_adamw)
--- that returns the new param, m and v payloads together; one UPDATE joined on (tr, tc) writes the three tensors'
--- tiles, per chunk of whole tile rows holding at most 8M parameter floats (setting pg_llm.adamw_chunk_floats), so
--- GPT-2's wte (154 MB) takes a few UPDATEs of bounded memory. Arithmetic is in float32 like torch's, in place
--- (float64 was 2.7x slower per tile and no closer to torch's float32 results). The numpy microkernel:
--- py/kernels/adamw.py.
+-- be four different tensors of one shape, cut in the same tiles. One llm_mk_adamw_rows call per chunk of whole
+-- tile rows holding at most 8M parameter floats (setting pg_llm.adamw_chunk_floats) reads the four tiles of each
+-- (tr, tc) through a cursor, 16 at a time, steps them (llm_mk_adamw's function) and writes the three new tiles with
+-- a prepared UPDATE each, so memory stays bounded and no new payload is materialized twice. Arithmetic is in
+-- float32 like torch's, in place (float64 was 2.7x slower per tile and no closer to torch's float32 results). The
+-- numpy side: py/kernels/adamw.py.
 --
 -- Optimizer state: llm_adamw_state(param) returns (m_id, v_id), the durable tensors of roles adam_m / adam_v with
 -- the parameter's model and name, creating them zero-filled when missing (the first step's state).
@@ -111,10 +111,27 @@ from pg_llm.kernels.adamw import adamw_tile
 return adamw_tile(p, g, m, v, h)
 $fn$;
 
+-- adamw kernel: llm_mk_adamw's step on every tile of tile rows [r0, r1) of param ids[1] (grad, m, v:
+-- ids[2:4]), writing the new param, m and v tiles itself; returns the number of tiles written.
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_adamw_rows(ids BIGINT[], h FLOAT8[], r0 INT, r1 INT)
+RETURNS BIGINT
+LANGUAGE plpython3u
+VOLATILE
+STRICT
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+SET jit = off
+AS $fn$
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.adamw import adamw_rows
+return adamw_rows(plpy, GD, ids, h, r0, r1)
+$fn$;
+
 -- op: AdamW step (torch.optim.AdamW) on one parameter, in place: param, m and v are updated from
 -- grad_scale * grad at optimizer step p_step (1 for the first step; bias corrections 1 - beta^step).
--- tiling: param, grad, m, v of one shape and tiling; one llm_mk_adamw call per tile returns the three new
--- payloads, written by one UPDATE. Errors (bad hyperparameters, shapes, missing tiles) write nothing.
+-- tiling: param, grad, m, v of one shape and tiling; one llm_mk_adamw_rows call per chunk of tile rows steps
+-- each tile and writes the three new payloads. Errors (bad hyperparameters, shapes, missing tiles) write
+-- nothing (a missing tile is found after the writes and the error rolls them back).
 -- Returns p_param.
 CREATE OR REPLACE FUNCTION llm_adamw_step(p_param BIGINT, p_grad BIGINT, p_m BIGINT, p_v BIGINT, p_step INT, p_lr FLOAT8, p_beta1 FLOAT8 DEFAULT 0.9, p_beta2 FLOAT8 DEFAULT 0.999, p_eps FLOAT8 DEFAULT 1e-8, p_weight_decay FLOAT8 DEFAULT 0.01, p_grad_scale FLOAT8 DEFAULT 1.0)
 RETURNS BIGINT
@@ -125,7 +142,7 @@ SET jit = off
 AS $fn$
 DECLARE
   rp llm_tensor; rg llm_tensor; rm llm_tensor; rv llm_tensor;
-  v_tile INT[]; v_h FLOAT8[]; v_want BIGINT; v_written BIGINT := 0; v_n BIGINT; v_chunk INT;
+  v_tile INT[]; v_h FLOAT8[]; v_want BIGINT; v_written BIGINT := 0; v_chunk INT;
 BEGIN
   IF (p_step >= 1) IS NOT TRUE THEN
     RAISE EXCEPTION 'pg_llm: adamw: step must be >= 1 (the first optimizer step is 1), got %', p_step;
@@ -191,34 +208,7 @@ BEGIN
   v_chunk := greatest(1, coalesce(nullif(current_setting('pg_llm.adamw_chunk_floats', TRUE), '')::BIGINT,
                                   8388608) / (v_tile[1]::BIGINT * llm_cols(rp.shape)));
   FOR v_r0 IN 0..(llm_rows(rp.shape) - 1) / v_tile[1] BY v_chunk LOOP
-    WITH u AS MATERIALIZED (
-      SELECT
-        p.tr,
-        p.tc,
-        k.id,
-        k.data
-      FROM llm_tile AS p
-      JOIN llm_tile AS g
-        ON g.tensor_id = p_grad AND g.tr = p.tr AND g.tc = p.tc
-      JOIN llm_tile AS m
-        ON m.tensor_id = p_m AND m.tr = p.tr AND m.tc = p.tc
-      JOIN llm_tile AS v
-        ON v.tensor_id = p_v AND v.tr = p.tr AND v.tc = p.tc
-      CROSS JOIN LATERAL UNNEST(ARRAY[p_param, p_m, p_v], llm_mk_adamw(p.data, g.data, m.data, v.data, v_h)) AS k(id, data)
-      WHERE
-        p.tensor_id = p_param AND p.tr >= v_r0 AND p.tr < v_r0 + v_chunk
-    )
-    UPDATE llm_tile AS t SET data = u.data
-    FROM u
-    WHERE
-      t.tensor_id IN (p_param, p_m, p_v)
-      AND t.tr >= v_r0
-      AND t.tr < v_r0 + v_chunk
-      AND t.tensor_id = u.id
-      AND t.tr = u.tr
-      AND t.tc = u.tc;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    v_written := v_written + v_n;
+    v_written := v_written + llm_mk_adamw_rows(ARRAY[p_param, p_grad, p_m, p_v], v_h, v_r0, v_r0 + v_chunk);
   END LOOP;
   IF v_written <> v_want THEN
     RAISE EXCEPTION 'pg_llm: adamw: updated % of the % tiles of param "%", m and v: a tensor is missing tiles',
