@@ -14,6 +14,7 @@ tokens writes 28 GB in its first step, then about nothing), so the first step's 
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, plpgsql
+from pg_llm.ops.gpt2_block import FUSED_TRAIN
 
 SQL_FILE = "api/train_space.sql"
 ORDER = 86
@@ -52,15 +53,20 @@ def _room() -> str:
                     {MIN_FREE_DEFAULT}) free on the data directory's disk; else the reason to stop.""")
 
 
-# Disk a step takes, fitted to measured growth of the scratch partition (2 and 4 layers, 128 and 256 wide,
-# 512 to 2048 tokens per step): per micro-batch about 2.2 floats per token and vocabulary entry (logits, their
-# gradient) and 45 per token, layer and channel (activations kept for backward, their gradients), plus 1.4
-# per parameter (gradients) and the 12 bytes per parameter of the new parameter and moment versions. GPT-2
-# small, 2 x 1024 tokens: 6.5 GB estimated, 5.0 GB of it scratch; 4.4 GiB (4.7 GB) of scratch measured.
+# Disk a step takes, fitted to measured growth of the tile partitions. The fused path (default): per micro-batch
+# about 4 floats per token, channel and (layer + 2) (each block's input and its gradient, the embeddings, ln_f),
+# plus 1.25 per parameter (gradients, the tied wte's rewritten by the embedding backward) and the 12 bytes per
+# parameter of the new parameter and moment versions; GPT-2 small, 2 x 1024 tokens: 0.97 GB of scratch estimated,
+# 0.90 GB measured (1 x 128: 0.64 GB and 0.62 GB). The per-op chain (pg_llm.fused_train = off; 2 and 4 layers, 128
+# and 256 wide, 512 to 2048 tokens per step): about 2.2 floats per token and vocabulary entry (logits, their
+# gradient) and 45 per token, layer and channel, plus 1.4 per parameter; GPT-2 small, 2 x 1024 tokens: 5.0 GB of
+# scratch estimated, 4.7 GB measured.
 def _estimate() -> str:
-    est = function("llm_train_step_bytes", "p_model TEXT, p_tokens BIGINT, p_grad_accum INT", "BIGINT", """
-        SELECT (4 * (p_grad_accum * (2.2 * p_tokens * c.vocab_size + 45.0 * p_tokens * c.n_layer * c.n_embd)
-                     + 1.4 * s.params) + 12 * s.params)::BIGINT
+    est = function("llm_train_step_bytes", "p_model TEXT, p_tokens BIGINT, p_grad_accum INT", "BIGINT", f"""
+        SELECT (CASE WHEN {FUSED_TRAIN}
+                THEN 4 * (p_grad_accum * 4.0 * p_tokens * c.n_embd * (c.n_layer + 2) + 1.25 * s.params)
+                ELSE 4 * (p_grad_accum * (2.2 * p_tokens * c.vocab_size + 45.0 * p_tokens * c.n_layer * c.n_embd)
+                          + 1.4 * s.params) END + 12 * s.params)::BIGINT
         FROM llm_model AS m JOIN llm_model_config AS c ON c.name = m.config
         CROSS JOIN LATERAL (SELECT coalesce(sum(llm_rows(v.shape)::INT8 * llm_cols(v.shape)), 0) AS params
                             FROM llm_tensor AS v WHERE v.model = m.name AND v.role = 'param' AND v.id > 0) AS s
@@ -146,6 +152,10 @@ def _loopback() -> str:
           END LOOP;
         EXCEPTION WHEN query_canceled THEN
           PERFORM dblink_cancel_query(p_conn);  -- the loopback statement stops too, at its next interrupt check
+          FOR i IN 1 .. 6000 LOOP  -- and has ended (up to 30 s) when this returns: its locks are free again
+            EXIT WHEN dblink_is_busy(p_conn) = 0;
+            PERFORM pg_sleep(0.005);
+          END LOOP;
           RAISE;
         END;
         v := (SELECT x.v FROM dblink_get_result(p_conn, p_fail) AS x(v TEXT) LIMIT 1);
@@ -156,7 +166,8 @@ def _loopback() -> str:
                         note="""Run one statement on the loopback connection p_conn and return the first column of
                         its first row as text (a command: its status). Interruptible: the caller's cancel or
                         statement_timeout cancels the loopback statement as well (a plain dblink call waits
-                        for it). p_fail FALSE: a failed statement returns NULL (with a WARNING)."""))
+                        for it) and returns once it has ended (at most 30 s later). p_fail FALSE: a failed
+                        statement returns NULL (with a WARNING)."""))
     body = plpgsql("", """
         IF p_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
           PERFORM llm_loopback_run(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);

@@ -65,11 +65,19 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 SELECT
   CAST((
-    4 * (
-      p_grad_accum * (
-        2.2 * p_tokens * c.vocab_size + 45.0 * p_tokens * c.n_layer * c.n_embd
-      ) + 1.4 * s.params
-    ) + 12 * s.params
+    CASE
+      WHEN COALESCE(current_setting('pg_llm.fused_train', TRUE), '') <> 'off'
+      THEN 4 * (
+        p_grad_accum * 4.0 * p_tokens * c.n_embd * (
+          c.n_layer + 2
+        ) + 1.25 * s.params
+      )
+      ELSE 4 * (
+        p_grad_accum * (
+          2.2 * p_tokens * c.vocab_size + 45.0 * p_tokens * c.n_layer * c.n_embd
+        ) + 1.4 * s.params
+      )
+    END + 12 * s.params
   ) AS BIGINT)
 FROM llm_model AS m
 JOIN llm_model_config AS c
@@ -188,7 +196,8 @@ $fn$;
 -- Run one statement on the loopback connection p_conn and return the first column of
 --                         its first row as text (a command: its status). Interruptible: the caller's cancel or
 --                         statement_timeout cancels the loopback statement as well (a plain dblink call waits
---                         for it). p_fail FALSE: a failed statement returns NULL (with a WARNING).
+--                         for it) and returns once it has ended (at most 30 s later). p_fail FALSE: a failed
+--                         statement returns NULL (with a WARNING).
 CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_run(p_conn TEXT, p_sql TEXT, p_fail BOOLEAN DEFAULT TRUE)
 RETURNS TEXT
 LANGUAGE plpgsql
@@ -205,6 +214,10 @@ BEGIN
     END LOOP;
   EXCEPTION WHEN query_canceled THEN
     PERFORM dblink_cancel_query(p_conn);  -- the loopback statement stops too, at its next interrupt check
+    FOR i IN 1 .. 6000 LOOP  -- and has ended (up to 30 s) when this returns: its locks are free again
+      EXIT WHEN dblink_is_busy(p_conn) = 0;
+      PERFORM pg_sleep(0.005);
+    END LOOP;
     RAISE;
   END;
   v := (SELECT x.v FROM dblink_get_result(p_conn, p_fail) AS x(v TEXT) LIMIT 1);
