@@ -255,3 +255,31 @@ def test_vacuum_full_same_xmin(conn: psycopg.Connection, rng: np.random.Generato
     want[16:, 16:] = 3.0
     np.testing.assert_allclose(matmul(conn, x, w), x_arr.astype(np.float64) @ want, atol=1e-4)
     assert stats(conn)["misses"] == misses + 1
+
+
+def test_adamw_takes_the_param_from_the_cache_and_leaves_the_new_one(conn: psycopg.Connection,
+                                                                    rng: np.random.Generator, cache: None) -> None:
+    """llm_adamw_step over a whole param reads it from its whole-tensor entry (the one a fused forward or the
+    LM head made) and puts the new value back, fingerprinted from the versions it wrote: the next reader hits and
+    computes what it computes with the cache off; parameters and moments are those of the uncached step."""
+    w_arr = rng.standard_normal(W_SHAPE, dtype=np.float32)
+    x = put(conn, rng.standard_normal((5, W_SHAPE[1]), dtype=np.float32), (5, 8))
+    g_arr = rng.standard_normal(W_SHAPE, dtype=np.float32)
+    tg = rng.integers(0, W_SHAPE[0], 5).tolist()
+
+    def run(name: str) -> tuple[list[np.ndarray], tuple]:
+        w = param(conn, w_arr, name)
+        m, v = conn.execute("SELECT * FROM llm_internal.llm_adamw_state(%s)", (w,)).fetchone()
+        conn.execute("SELECT * FROM llm_internal.llm_head_nll(%s, %s, %s)", (x, w, tg))  # caches w whole
+        before = stats(conn)
+        for step in (1, 2):
+            conn.execute("SELECT llm_adamw_step(%s, %s, %s, %s, %s, 0.1)", (w, put(conn, g_arr, W_TILE), m, v, step))
+        after = stats(conn)
+        loss = conn.execute("SELECT loss FROM llm_internal.llm_head_nll(%s, %s, %s)", (x, w, tg)).fetchone()[0]
+        return [get(conn, t) for t in (w, m, v)], (before, after, stats(conn), loss)
+    cached, (b, a, last, loss) = run("w_adopt")
+    assert a["misses"] == b["misses"] and a["hits"] >= b["hits"] + 2  # both steps took w from the cache
+    assert last["misses"] == a["misses"] and last["hits"] == a["hits"] + 1  # the new w: adopted, then hit
+    conn.execute("SELECT set_config('pg_llm.weight_cache_mb', '0', FALSE)")
+    plain, (_, _, _, plain_loss) = run("w_plain")
+    assert all(np.array_equal(c, p) for c, p in zip(cached, plain, strict=True)) and loss == plain_loss

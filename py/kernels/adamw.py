@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from pg_llm.kernels.runtime import error
-from pg_llm.kernels.tiles import floats, payload
+from pg_llm.kernels.tiles import F32, block, floats, payload
+from pg_llm.kernels.weight_cache import adopt_tensor, cache_budget, cached_tensors
 
 
 def adamw_tile(p: bytes, g: bytes, m: bytes, v: bytes, h: Sequence[float]) -> list[bytes]:
@@ -39,35 +40,58 @@ def adamw_tile(p: bytes, g: bytes, m: bytes, v: bytes, h: Sequence[float]) -> li
     return [payload(x), payload(m32), payload(v32)]
 
 
-# The four tiles of each (tr, tc) of a range of tile rows, and the UPDATE of one tile (both prepared once).
-READ = ("SELECT p.tr, p.tc, p.data AS p, g.data AS g, m.data AS m, v.data AS v FROM llm_tile AS p "
-        "JOIN llm_tile AS g ON g.tensor_id = $2 AND g.tr = p.tr AND g.tc = p.tc "
-        "JOIN llm_tile AS m ON m.tensor_id = $3 AND m.tr = p.tr AND m.tc = p.tc "
-        "JOIN llm_tile AS v ON v.tensor_id = $4 AND v.tr = p.tr AND v.tc = p.tc "
-        "WHERE p.tensor_id = $1 AND p.tr >= $5 AND p.tr < $6")
+# The tiles of each (tr, tc) of a range of tile rows (the param's own left out when it comes from the weight
+# cache), and the UPDATE of one tile; prepared once per backend.
+READ = ("SELECT g.tr, g.tc, %s g.data AS g, m.data AS m, v.data AS v FROM llm_tile AS g "
+        "JOIN llm_tile AS m ON m.tensor_id = $3 AND m.tr = g.tr AND m.tc = g.tc "
+        "JOIN llm_tile AS v ON v.tensor_id = $4 AND v.tr = g.tr AND v.tc = g.tc %s "
+        "WHERE g.tensor_id = $2 AND g.tr >= $5 AND g.tr < $6 AND $1 IS NOT NULL ORDER BY g.tr, g.tc")
+READ_P = READ % ("p.data AS p,", "JOIN llm_tile AS p ON p.tensor_id = $1 AND p.tr = g.tr AND p.tc = g.tc")
+READ_CACHED = READ % ("", "")
 WRITE = "UPDATE llm_tile SET data = $4 WHERE tensor_id = $1 AND tr = $2 AND tc = $3"
 FETCH = 16  # tile rows of (p, g, m, v) in memory at a time
 
 
-def adamw_rows(plpy: Any, GD: dict, ids: Sequence[int], h: Sequence[float], r0: int, r1: int) -> int:
-    """llm_mk_adamw_rows: adamw_tile on every tile of tile rows [r0, r1) of param ids[0] (grad, m, v: ids[1:]),
-    each new param, m and v tile written by one prepared UPDATE; returns how many tiles it wrote. The cursor
-    reads in the snapshot it was opened with, so it never sees the versions this call writes.
-    Why not one UPDATE ... FROM (the kernel's rows): its join materialized every new payload first (a
-    tuplestore of 3 x 32 MiB a chunk, spilled to temporary files beyond work_mem)."""
+def _plans(plpy: Any, GD: dict) -> tuple:
     plans = GD.get('llm_adamw_plans')
     if plans is None:
-        plans = GD['llm_adamw_plans'] = (plpy.prepare(READ, ['bigint'] * 4 + ['int', 'int']),
+        types = ['bigint'] * 4 + ['int', 'int']
+        plans = GD['llm_adamw_plans'] = (plpy.prepare(READ_P, types), plpy.prepare(READ_CACHED, types),
                                          plpy.prepare(WRITE, ['bigint', 'int', 'int', 'bytea']))
-    read, write = plans
+    return plans
+
+
+def adamw_rows(plpy: Any, GD: dict, ids: Sequence[int], h: Sequence[float], r0: int, r1: int,
+               geom: Sequence[int]) -> int:
+    """llm_mk_adamw_rows: adamw_tile on every tile of tile rows [r0, r1) of param ids[0] (grad, m, v: ids[1:];
+    geom = [rows, cols, tile rows, tile cols] of all four), each new param, m and v tile written by one prepared
+    UPDATE; returns how many tiles it wrote. The cursor reads in the snapshot it was opened with, so it never sees
+    the versions this call writes. When the call covers the whole param, the param comes from the weight cache
+    (the step's forward left it there) and its new value goes back into it (adopt_tensor), so neither this call
+    nor the next step's forward reads the param's tiles.
+    Why not one UPDATE ... FROM (the kernel's rows): its join materialized every new payload first (a
+    tuplestore of 3 x 32 MiB a chunk, spilled to temporary files beyond work_mem)."""
+    read_p, read_cached, write = _plans(plpy, GD)
+    rows, cols, th, tw = geom
+    budget = cache_budget(plpy, GD)
     p, _, m, v = ids
+    whole = r0 == 0 and r1 * th >= rows and budget > 0
+    pm = cached_tensors(plpy, GD, [p], block, budget)[0] if whole else None
+    new = np.empty((rows, cols), dtype=F32) if whole else None
     n = 0
-    cur = plpy.cursor(read, list(ids) + [r0, r1])
+    cur = plpy.cursor(read_cached if whole else read_p, list(ids) + [r0, r1])
     while True:
-        rows = cur.fetch(FETCH)
-        if not rows:
-            return n
-        for r in rows:
-            for tid, data in zip((p, m, v), adamw_tile(r['p'], r['g'], r['m'], r['v'], h), strict=True):
-                plpy.execute(write, [tid, r['tr'], r['tc'], data])
-            n += 3
+        batch = cur.fetch(FETCH)
+        if not batch:
+            break
+        for r in batch:
+            tile = np.s_[r['tr'] * th:(r['tr'] + 1) * th, r['tc'] * tw:(r['tc'] + 1) * tw]
+            pt = pm[tile].tobytes() if whole else r['p']
+            out = adamw_tile(pt, r['g'], r['m'], r['v'], h)
+            if whole:
+                new[tile] = floats(out[0]).reshape(new[tile].shape)
+            for tid, data in zip((p, m, v), out, strict=True):
+                n += plpy.execute(write, [tid, r['tr'], r['tc'], data]).nrows()
+    if whole and n == 3 * (-(-rows // th)) * (-(-cols // tw)):
+        adopt_tensor(plpy, GD, p, new, budget)
+    return n

@@ -145,36 +145,61 @@ def cached_block(plpy, GD, tensor_id, geom, box, build, budget):
     return m
 
 
-def cached_tensors(plpy, GD, ids, build, budget):
-    """Whole tensors by id, in the order of ids: build(payloads in (tr, tc) order, geom) with geom = [rows, cols,
-    tile_rows, tile_cols, 0, tile rows, 0, tile cols] on a miss. One query gives every geometry and
-    fingerprint; each miss is one more query. Durable tensors only (ids > 0); budget 0 reads them all."""
+def _tensors_info(plpy, GD, ids):
+    """{id: row (id, shape, tile, fp)} of durable tensors: shape, tiling and the fingerprint of all their tiles."""
     plan = GD.get('llm_wc_tensors_plan')
     if plan is None:
         plan = GD['llm_wc_tensors_plan'] = plpy.prepare(
             "SELECT v.id, v.shape, v.tile, (SELECT string_agg(%s, ' ' ORDER BY t.tr, t.tc) FROM llm_tile AS t "
             "WHERE t.tensor_id = v.id) AS fp FROM llm_tensor AS v WHERE v.id = ANY($1) AND v.id > 0" % FP_ROW,
             ['bigint[]'])
-    found = {r['id']: r for r in plpy.execute(plan, [list(ids)])}
+    return {r['id']: r for r in plpy.execute(plan, [list(ids)])}
+
+
+def _whole(r):
+    """(key, geom + box) of a whole tensor's entry, from its _tensors_info row."""
+    shape, tile = r['shape'], r['tile']
+    rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+    geom = [rows, cols, tile[0], tile[1]]
+    box = [0, -(-rows // tile[0]), 0, -(-cols // tile[1])]
+    return (r['id'], tuple(geom), tuple(box)), geom + box
+
+
+def cached_tensors(plpy, GD, ids, build, budget):
+    """Whole tensors by id, in the order of ids: build(payloads in (tr, tc) order, geom) with geom = [rows, cols,
+    tile_rows, tile_cols, 0, tile rows, 0, tile cols] on a miss. One query gives every geometry and
+    fingerprint; each miss is one more query. Durable tensors only (ids > 0); budget 0 reads them all."""
+    found = _tensors_info(plpy, GD, ids)
     c = weight_cache(GD)
     out = []
     for tid in ids:
         r = found.get(tid)
         if r is None:
             plpy.error('pg_llm: durable tensor id %s does not exist' % tid)
-        shape, tile = r['shape'], r['tile']
-        rows, cols = (1, shape[0]) if len(shape) == 1 else shape
-        geom = [rows, cols, tile[0], tile[1]]
-        box = [0, -(-rows // tile[0]), 0, -(-cols // tile[1])]
-        key = (tid, tuple(geom), tuple(box))
+        key, geom = _whole(r)
         m = cache_take(c, key, r['fp']) if budget else None
         if m is None:
-            fp, tiles = tile_rows(plpy, GD, tid, box)
-            m = build(tiles, geom + box)
+            fp, tiles = tile_rows(plpy, GD, tid, geom[4:])
+            m = build(tiles, geom)
             if budget:
                 cache_put(c, key, fp, m, budget)
         out.append(m)
     return out
+
+
+def adopt_tensor(plpy, GD, tid, m, budget):
+    """Keep m as durable tensor tid's whole-tensor entry (cached_tensors'), fingerprinted from the row versions
+    visible now: for a kernel that has just written every tile of tid from m (AdamW), so that the next reader
+    (the next step's forward) takes m instead of reading the tiles back."""
+    r = _tensors_info(plpy, GD, [tid]).get(tid)
+    if budget and r is not None:
+        key, geom = _whole(r)
+        if m.shape == (geom[0], geom[1]):
+            c = weight_cache(GD)
+            old = c['lru'].pop(key, None)
+            if old is not None:
+                c['bytes'] -= old[1].nbytes
+            cache_put(c, key, r['fp'], m, budget)
 
 
 def cached_rows(plpy, GD, tensor_id, n, width, budget):

@@ -8,9 +8,10 @@
 
 `t` is the optimizer step, starting at 1. llm_adamw_step(param, grad, m, v, t, lr, ...): param, grad, m and v must
 be four different tensors of one shape, cut in the same tiles. One llm_mk_adamw_rows call per chunk of whole
-tile rows holding at most 8M parameter floats (setting pg_llm.adamw_chunk_floats) reads the four tiles of each
+tile rows holding at most 64M parameter floats (setting pg_llm.adamw_chunk_floats) reads the four tiles of each
 (tr, tc) through a cursor, 16 at a time, steps them (llm_mk_adamw's function) and writes the three new tiles with
-a prepared UPDATE each, so memory stays bounded and no new payload is materialized twice. Arithmetic is in
+a prepared UPDATE each, so memory stays bounded and no new payload is materialized twice. A call over the whole
+param reads it from the weight cache and leaves the new value there for the next step's forward. Arithmetic is in
 float32 like torch's, in place (float64 was 2.7x slower per tile and no closer to torch's float32 results). The
 numpy side: py/kernels/adamw.py.
 
@@ -28,7 +29,8 @@ from pg_llm.ops.elementwise import eff_tile, lines, n_tiles, same_layout
 
 SQL_FILE = "kernels/adamw.sql"
 ORDER = 40
-CHUNK_FLOATS = 8 * 1024 * 1024  # parameter floats per UPDATE (32 MiB; setting pg_llm.adamw_chunk_floats overrides)
+CHUNK_FLOATS = 64 * 1024 * 1024  # parameter floats per call (256 MiB: any GPT-2 small tensor in one call, whose
+# param then stays in the weight cache; pg_llm.adamw_chunk_floats overrides)
 
 
 # ---- SQL ----------------------------------------------------------------------------------------------------
@@ -76,7 +78,8 @@ def _step() -> str:
         v_chunk := greatest(1, coalesce(nullif(current_setting('pg_llm.adamw_chunk_floats', TRUE), '')::BIGINT,
                                         {CHUNK_FLOATS}) / (v_tile[1]::BIGINT * llm_cols(rp.shape)));
         FOR v_r0 IN 0..(llm_rows(rp.shape) - 1) / v_tile[1] BY v_chunk LOOP
-          v_written := v_written + llm_mk_adamw_rows(ARRAY[p_param, p_grad, p_m, p_v], v_h, v_r0, v_r0 + v_chunk);
+          v_written := v_written + llm_mk_adamw_rows(ARRAY[p_param, p_grad, p_m, p_v], v_h, v_r0, v_r0 + v_chunk,
+                                                     ARRAY[llm_rows(rp.shape), llm_cols(rp.shape)] || v_tile);
         END LOOP;
         IF v_written <> v_want THEN
           RAISE EXCEPTION 'pg_llm: adamw: updated % of the % tiles of param "%", m and v: a tensor is missing tiles',
@@ -180,9 +183,11 @@ def emit() -> str:
                      note="""
         adamw microkernel: one tile's new ARRAY[param, m, v] payloads (h, w) from param, grad, m, v tiles (h, w);
         h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step t], bias corrections 1 - beta^t.""")
-    rows = function("llm_mk_adamw_rows", "ids BIGINT[], h FLOAT8[], r0 INT, r1 INT", "BIGINT",
-                    kernel_body(adamw_rows, "adamw_rows(plpy, GD, ids, h, r0, r1)"), language="plpython3u",
+    rows = function("llm_mk_adamw_rows", "ids BIGINT[], h FLOAT8[], r0 INT, r1 INT, geom INT[]", "BIGINT",
+                    kernel_body(adamw_rows, "adamw_rows(plpy, GD, ids, h, r0, r1, geom)"), language="plpython3u",
                     strict=True, settings=("jit = off",), note="""
         adamw kernel: llm_mk_adamw's step on every tile of tile rows [r0, r1) of param ids[1] (grad, m, v:
-        ids[2:4]), writing the new param, m and v tiles itself; returns the number of tiles written.""")
+        ids[2:4]; geom = [rows, cols, tile rows, tile cols]), writing the new param, m and v tiles itself; returns
+        the number of tiles written. A call over the whole param takes it from, and leaves its new value in, the
+        weight cache.""")
     return "\n".join([comment(__doc__ or "") + "\n", _zero(), mk, rows, _step(), _state()])

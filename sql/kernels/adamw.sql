@@ -10,9 +10,10 @@
 --
 -- `t` is the optimizer step, starting at 1. llm_adamw_step(param, grad, m, v, t, lr, ...): param, grad, m and v must
 -- be four different tensors of one shape, cut in the same tiles. One llm_mk_adamw_rows call per chunk of whole
--- tile rows holding at most 8M parameter floats (setting pg_llm.adamw_chunk_floats) reads the four tiles of each
+-- tile rows holding at most 64M parameter floats (setting pg_llm.adamw_chunk_floats) reads the four tiles of each
 -- (tr, tc) through a cursor, 16 at a time, steps them (llm_mk_adamw's function) and writes the three new tiles with
--- a prepared UPDATE each, so memory stays bounded and no new payload is materialized twice. Arithmetic is in
+-- a prepared UPDATE each, so memory stays bounded and no new payload is materialized twice. A call over the whole
+-- param reads it from the weight cache and leaves the new value there for the next step's forward. Arithmetic is in
 -- float32 like torch's, in place (float64 was 2.7x slower per tile and no closer to torch's float32 results). The
 -- numpy side: py/kernels/adamw.py.
 --
@@ -112,8 +113,10 @@ return adamw_tile(p, g, m, v, h)
 $fn$;
 
 -- adamw kernel: llm_mk_adamw's step on every tile of tile rows [r0, r1) of param ids[1] (grad, m, v:
--- ids[2:4]), writing the new param, m and v tiles itself; returns the number of tiles written.
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_adamw_rows(ids BIGINT[], h FLOAT8[], r0 INT, r1 INT)
+-- ids[2:4]; geom = [rows, cols, tile rows, tile cols]), writing the new param, m and v tiles itself; returns
+-- the number of tiles written. A call over the whole param takes it from, and leaves its new value in, the
+-- weight cache.
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_adamw_rows(ids BIGINT[], h FLOAT8[], r0 INT, r1 INT, geom INT[])
 RETURNS BIGINT
 LANGUAGE plpython3u
 VOLATILE
@@ -124,7 +127,7 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.adamw import adamw_rows
-return adamw_rows(plpy, GD, ids, h, r0, r1)
+return adamw_rows(plpy, GD, ids, h, r0, r1, geom)
 $fn$;
 
 -- op: AdamW step (torch.optim.AdamW) on one parameter, in place: param, m and v are updated from
@@ -206,9 +209,10 @@ BEGIN
   v_want := 3 * ((llm_rows(rp.shape) + v_tile[1] - 1) / v_tile[1]) * ((llm_cols(rp.shape) + v_tile[2] - 1) / v_tile[2]);
   -- chunks of v_chunk whole tile rows of at most pg_llm.adamw_chunk_floats parameter floats
   v_chunk := greatest(1, coalesce(nullif(current_setting('pg_llm.adamw_chunk_floats', TRUE), '')::BIGINT,
-                                  8388608) / (v_tile[1]::BIGINT * llm_cols(rp.shape)));
+                                  67108864) / (v_tile[1]::BIGINT * llm_cols(rp.shape)));
   FOR v_r0 IN 0..(llm_rows(rp.shape) - 1) / v_tile[1] BY v_chunk LOOP
-    v_written := v_written + llm_mk_adamw_rows(ARRAY[p_param, p_grad, p_m, p_v], v_h, v_r0, v_r0 + v_chunk);
+    v_written := v_written + llm_mk_adamw_rows(ARRAY[p_param, p_grad, p_m, p_v], v_h, v_r0, v_r0 + v_chunk,
+                                               ARRAY[llm_rows(rp.shape), llm_cols(rp.shape)] || v_tile);
   END LOOP;
   IF v_written <> v_want THEN
     RAISE EXCEPTION 'pg_llm: adamw: updated % of the % tiles of param "%", m and v: a tensor is missing tiles',
