@@ -197,18 +197,28 @@ class Gpt2Bench:
                 self.ctx.log(f"VACUUM {part}: {e}")
 
 
-def _torch_step(path: Path, x: np.ndarray, y: np.ndarray):
-    """The same step in torch: forward, cross-entropy, backward, clip_grad_norm_, AdamW (decay groups)."""
+def torch_model(path: Path, dropout: float) -> tuple[Any, Any]:
+    """transformers' GPT-2 in train mode (dropout at every site) and torch's AdamW with llm_train_step's decay
+    groups (matmul weights and embeddings decay, biases and LayerNorm do not) and hyperparameters."""
     import torch
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(path, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
+    model = GPT2LMHeadModel.from_pretrained(path, resid_pdrop=dropout, embd_pdrop=dropout,
+                                            attn_pdrop=dropout).train()
     named = list(model.named_parameters())
     decay = [p for n, p in named if n.endswith(".weight") and ".ln_" not in n]
     other = [p for n, p in named if not (n.endswith(".weight") and ".ln_" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": HP["weight_decay"]},
                              {"params": other, "weight_decay": 0.0}], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]),
                             eps=HP["eps"])
+    return model, opt
+
+
+def _torch_step(path: Path, x: np.ndarray, y: np.ndarray):
+    """The same step in torch: forward, cross-entropy, backward, clip_grad_norm_, AdamW (decay groups)."""
+    import torch
+
+    model, opt = torch_model(path, 0.0)
     xt, yt = torch.tensor(x), torch.tensor(y)
 
     def step() -> float:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from pg_llm.bench import Context, Table, Timed, random_dataset
-from pg_llm.bench.gpt2 import HP, Gpt2Bench, checkpoint
+from pg_llm.bench.gpt2 import HP, Gpt2Bench, checkpoint, torch_model
 
 CASES = ((1, 128), (2, 1024))
 ROWS = 32  # dataset rows of 1024 tokens: batches are drawn from them by the step's seed
@@ -62,16 +62,8 @@ class ScratchPeak:
 def _torch_step(path, batches: dict[int, np.ndarray], B: int):
     """torch's step on the rows pg_llm's step s drew: train mode (dropout 0.1), AdamW with decay groups."""
     import torch
-    from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(path, resid_pdrop=DROPOUT, embd_pdrop=DROPOUT,
-                                            attn_pdrop=DROPOUT).train()
-    named = list(model.named_parameters())
-    decay = [p for n, p in named if n.endswith(".weight") and ".ln_" not in n]
-    other = [p for n, p in named if not (n.endswith(".weight") and ".ln_" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": HP["weight_decay"]},
-                             {"params": other, "weight_decay": 0.0}], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]),
-                            eps=HP["eps"])
+    model, opt = torch_model(path, DROPOUT)
     state = {"step": 0}
     micro = max(1, TORCH_MICRO_TOKENS // batches[0][0].shape[1])  # rows per torch forward
 

@@ -53,7 +53,7 @@ CHECKS = """
       RAISE EXCEPTION 'pg_llm: gpt2_block: dropout must be in [0, 1) with 3 seeds and a tile, got %, %, %',
         p_dropout, p_seeds, p_drop_tile;
     END IF;
-    v_ntc := (v_geom[2] + v_geom[4] - 1) / v_geom[4];
+    RETURN v_geom;
 """
 
 FORWARD = """
@@ -87,8 +87,22 @@ GRAD_TILES = """
     ORDER BY p.k, e.j"""
 
 
+def _geom() -> str:
+    return function("llm_gpt2_block_geom", "p_x BIGINT, " + ARGS, "INT[]",
+                    plpgsql("r llm_tensor; v_geom INT[];", CHECKS), volatility="STABLE", note="""
+        The checks of a gpt2_block call (forward or backward) before anything is written; returns x's geometry
+        [rows, cols, tile rows, tile cols] (the tiling capped by the shape).""")
+
+
+GEOM = f"""
+    r := llm_input(p_x, 'gpt2_block', 'x');
+    v_geom := llm_gpt2_block_geom(p_x, {CALL});
+"""
+
+
 def _forward() -> str:
-    body = plpgsql("r llm_tensor; v_geom INT[]; v_ntc INT; v_out BIGINT;", CHECKS + """
+    body = plpgsql("r llm_tensor; v_geom INT[]; v_ntc INT; v_out BIGINT;", GEOM + """
+        v_ntc := (v_geom[2] + v_geom[4] - 1) / v_geom[4];
         v_out := llm_output(NULL, 'gpt2_block', r.shape, r.tile, FALSE);
         @forward;
         RETURN v_out;
@@ -100,8 +114,7 @@ def _forward() -> str:
 
 
 def _backward() -> str:
-    body = plpgsql("r llm_tensor; rd llm_tensor; v_geom INT[]; v_ntc INT; v_ids BIGINT[]; v_tiles INT[];",
-                   CHECKS + """
+    body = plpgsql("r llm_tensor; rd llm_tensor; v_geom INT[]; v_ids BIGINT[]; v_tiles INT[];", GEOM + """
         rd := llm_input(p_dy, 'gpt2_block_backward', 'dy');
         IF rd.shape <> r.shape OR rd.tile <> r.tile THEN
           RAISE EXCEPTION 'pg_llm: gpt2_block_backward: dy "%" has shape % tile %, expected those of x: % tile %',
@@ -139,4 +152,4 @@ def emit() -> str:
                    language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
         gpt2_block backward microkernel: (k, tr, tc, data) rows, k = 0 dx's tiles, k = 1..12 the gradient tiles of
         parameter k (its tiling: grad_tiles[2k-1:2k]).""")
-    return "\n".join([comment(__doc__ or ""), fwd, bwd, _forward(), _backward()])
+    return "\n".join([comment(__doc__ or ""), fwd, bwd, _geom(), _forward(), _backward()])

@@ -43,18 +43,16 @@ from pg_llm.kernels.block_train import backward_kernel
 return backward_kernel(plpy, GD, tiles, dy_tiles, geom, params, n_head, seq_len, eps, rate, seeds, drop_tile, grad_tiles)
 $fn$;
 
--- op: one GPT-2 block forward. x (B*T, C) -> y (B*T, C), x's tiling. p_params: the block's 12 ids
--- (llm_gpt2_block_params order); p_seeds: the dropout seeds of the sites attn, attn.resid, mlp.resid;
--- p_drop_tile: the tiling of the residual dropout masks. tiling: one llm_mk_gpt2_block call.
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block(p_x BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[])
-RETURNS BIGINT
+-- The checks of a gpt2_block call (forward or backward) before anything is written; returns x's geometry
+-- [rows, cols, tile rows, tile cols] (the tiling capped by the shape).
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_geom(p_x BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[])
+RETURNS INT[]
 LANGUAGE plpgsql
-VOLATILE
+STABLE
 SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
-SET jit = off
 AS $fn$
 DECLARE
-  r llm_tensor; v_geom INT[]; v_ntc INT; v_out BIGINT;
+  r llm_tensor; v_geom INT[];
 BEGIN
   r := llm_input(p_x, 'gpt2_block', 'x');
   v_geom := ARRAY[llm_rows(r.shape), llm_cols(r.shape), least(r.tile[1], llm_rows(r.shape)),
@@ -72,8 +70,27 @@ BEGIN
     RAISE EXCEPTION 'pg_llm: gpt2_block: dropout must be in [0, 1) with 3 seeds and a tile, got %, %, %',
       p_dropout, p_seeds, p_drop_tile;
   END IF;
-  v_ntc := (v_geom[2] + v_geom[4] - 1) / v_geom[4];
+  RETURN v_geom;
+END
+$fn$;
 
+-- op: one GPT-2 block forward. x (B*T, C) -> y (B*T, C), x's tiling. p_params: the block's 12 ids
+-- (llm_gpt2_block_params order); p_seeds: the dropout seeds of the sites attn, attn.resid, mlp.resid;
+-- p_drop_tile: the tiling of the residual dropout masks. tiling: one llm_mk_gpt2_block call.
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block(p_x BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[])
+RETURNS BIGINT
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+SET jit = off
+AS $fn$
+DECLARE
+  r llm_tensor; v_geom INT[]; v_ntc INT; v_out BIGINT;
+BEGIN
+  r := llm_input(p_x, 'gpt2_block', 'x');
+  v_geom := llm_gpt2_block_geom(p_x, p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile);
+
+      v_ntc := (v_geom[2] + v_geom[4] - 1) / v_geom[4];
       v_out := llm_output(NULL, 'gpt2_block', r.shape, r.tile, FALSE);
       INSERT INTO llm_tile (
         tensor_id,
@@ -113,25 +130,10 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  r llm_tensor; rd llm_tensor; v_geom INT[]; v_ntc INT; v_ids BIGINT[]; v_tiles INT[];
+  r llm_tensor; rd llm_tensor; v_geom INT[]; v_ids BIGINT[]; v_tiles INT[];
 BEGIN
   r := llm_input(p_x, 'gpt2_block', 'x');
-  v_geom := ARRAY[llm_rows(r.shape), llm_cols(r.shape), least(r.tile[1], llm_rows(r.shape)),
-                  least(r.tile[2], llm_cols(r.shape))];
-  IF cardinality(p_params) IS DISTINCT FROM 12 OR array_position(p_params, NULL) IS NOT NULL THEN
-    RAISE EXCEPTION 'pg_llm: gpt2_block: need the 12 parameter ids of a block, got %', p_params
-      USING HINT = 'llm_gpt2_block_params(model, n_layer) lists them, 12 per layer.';
-  END IF;
-  IF p_n_head < 1 OR v_geom[2] % p_n_head <> 0 OR p_seq_len < 1 OR v_geom[1] % p_seq_len <> 0 THEN
-    RAISE EXCEPTION 'pg_llm: gpt2_block: x "%" of shape % does not fit n_head % and seq_len %', r.name,
-      llm_shape_text(r.shape), p_n_head, p_seq_len USING HINT = 'Rows are B sequences of seq_len tokens.';
-  END IF;
-  IF p_dropout IS NULL OR p_dropout < 0 OR p_dropout >= 1 OR cardinality(p_seeds) IS DISTINCT FROM 3
-     OR cardinality(p_drop_tile) IS DISTINCT FROM 2 THEN
-    RAISE EXCEPTION 'pg_llm: gpt2_block: dropout must be in [0, 1) with 3 seeds and a tile, got %, %, %',
-      p_dropout, p_seeds, p_drop_tile;
-  END IF;
-  v_ntc := (v_geom[2] + v_geom[4] - 1) / v_geom[4];
+  v_geom := llm_gpt2_block_geom(p_x, p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile);
 
       rd := llm_input(p_dy, 'gpt2_block_backward', 'dy');
       IF rd.shape <> r.shape OR rd.tile <> r.tile THEN
