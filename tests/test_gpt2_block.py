@@ -54,7 +54,7 @@ def test_block_equals_torch(conn: psycopg.Connection, weights, rng: np.random.Ge
     dy = rng.standard_normal((B * T, C)).astype(np.float32)
     ix, idy = put(conn, x, (16, 16)), put(conn, dy, (16, 16))
     y = get(conn, call(conn, f"SELECT {BLOCK}", ix, ids, 0.0))
-    grads = call(conn, "SELECT llm_internal.llm_gpt2_block_backward(%s, %s, %s, 3, 37, 1e-5, 0, "
+    grads = call(conn, "SELECT llm_internal.llm_gpt2_block_backward(ARRAY[%s]::BIGINT[], %s, %s, 3, 37, 1e-5, 0, "
                        "ARRAY[11, 12, 13]::BIGINT[], ARRAY[16, 16])", ix, idy, ids)
     tx, tw, ty = torch_block(x, w)
     ty.backward(torch.tensor(dy, dtype=torch.float64))
@@ -84,6 +84,35 @@ def test_dropout_reproducible_and_differentiable(conn: psycopg.Connection, weigh
         return float((block_forward(z.astype(np.float32), w, k)[0].astype(np.float64) * dy).sum())
     fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
     assert abs(fd - float((dx * d).sum())) <= 1e-2 * max(1.0, abs(fd))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_tape_runs_of_blocks(conn: psycopg.Connection, weights, rng: np.random.Generator, shared: bool) -> None:
+    """Two recorded blocks y1 = block(x), y2 = block(y1): llm_backward runs their backward as one call (the run)
+    and gets block_backward's gradients chained; when y1 also feeds another op (z = y1 + y2) the run stops at
+    y2's block and y1 gets both contributions."""
+    w, ids = weights
+    x = rng.standard_normal((B * T, C)).astype(np.float32)
+    dz = rng.standard_normal((B * T, C)).astype(np.float32)
+    k0, k1 = (BlockArgs(H, T, 1e-5, 0.1, s, (16, 16)) for s in ((1, 2, 3), (4, 5, 6)))
+    with conn.transaction():
+        tape = call(conn, "SELECT llm_scratch_mark()")
+        ix = put(conn, x, (16, 16))
+        rec = ("SELECT llm_internal.llm_t_gpt2_block(%s, %s, %s, 3, 37, 1e-5, 0.1, %s::BIGINT[], ARRAY[16, 16])")
+        y1 = call(conn, rec, tape, ix, ids, [1, 2, 3])
+        y2 = call(conn, rec, tape, y1, ids, [4, 5, 6])
+        root = call(conn, "SELECT llm_internal.llm_t_add(%s, %s, %s)", tape, y1, y2) if shared else y2
+        conn.execute("SELECT llm_internal.llm_backward(%s, %s, %s)", (tape, root, put(conn, dz, (16, 16))))
+        dx = get(conn, call(conn, "SELECT llm_internal.llm_grad_of(%s, %s)", tape, ix))
+        calls = call(conn, "SELECT count(*) FROM llm_tensor WHERE id < %s AND name = 'gpt2_block.dx'", tape)
+        conn.execute("SELECT llm_scratch_release(%s)", (tape,))
+    h1, _ = block_forward(x, w, k0)
+    d1, _ = block_backward(h1, dz, w, k1)
+    if shared:
+        d1 = d1 + dz
+    want, _ = block_backward(x, d1, w, k0)
+    close(dx, want)
+    assert calls == (2 if shared else 1)  # one dx per backward call: a run of two blocks is one call
 
 
 def test_head_nll_equals_torch(conn: psycopg.Connection, rng: np.random.Generator) -> None:

@@ -22,6 +22,7 @@ from pg_llm.kernels.block_step import block_shapes
 from pg_llm.kernels.dropout import dropout_rows
 from pg_llm.kernels.gelu import gelu, gelu_backward
 from pg_llm.kernels.layernorm import layernorm_backward_rows, layernorm_rows
+from pg_llm.kernels.matmul import read_tiles
 from pg_llm.kernels.runtime import error
 from pg_llm.kernels.tiles import F32, block, whole
 from pg_llm.kernels.weight_cache import cache_budget, cached_tensors
@@ -102,19 +103,17 @@ def block_backward(x: np.ndarray, dy: np.ndarray, w: Sequence[np.ndarray],
 
 # ---- PL/Python entry points ----------------------------------------------------------------------------------
 
-def _inputs(plpy: Any, GD: dict, params: Sequence[int], tiles: Sequence[bytes], geom: Sequence[int],
-            op: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    if len(params) != 12 or len(geom) != 4:
-        error('pg_llm: %s: %d parameter ids and %d geometry values, expected 12 and 4' % (op, len(params), len(geom)))
-    rows, cols, th, tw = geom
-    x = whole(tiles, rows, cols, th, tw, op)
+def _weights(plpy: Any, GD: dict, params: Sequence[int], cols: int, op: str) -> list[np.ndarray]:
+    """A block's 12 parameters from the weight cache, checked to fit rows of `cols` values."""
+    if len(params) != 12:
+        error('pg_llm: %s: %d parameter ids, expected the 12 of a block' % (op, len(params)))
     w = cached_tensors(plpy, GD, params, block, cache_budget(plpy, GD))
     bad = block_shapes(w, cols)
     if bad:
         i, got, want = bad[0]
         error('pg_llm: %s: parameter %d (tensor id %s) has shape %s, expected %s for rows of %d values'
               % (op, i, params[i], got, want, cols))
-    return x, w
+    return w
 
 
 def _args(n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int], drop_tile: Sequence[int],
@@ -135,26 +134,36 @@ def forward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[i
                    n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int],
                    drop_tile: Sequence[int]) -> list[bytes]:
     """llm_mk_gpt2_block: y's tiles (x's tiling, (tr, tc) order) from x's tiles and the block's cached weights."""
-    x, w = _inputs(plpy, GD, params, tiles, geom, 'gpt2_block')
+    x = whole(tiles, *geom, 'gpt2_block')
+    w = _weights(plpy, GD, params, geom[1], 'gpt2_block')
     k = _args(n_head, seq_len, eps, rate, seeds, drop_tile, geom[0], geom[1], 'gpt2_block')
     y, _ = block_forward(x, w, k)
     return [t for _, _, t in _tiles(y, geom[2], geom[3])]
 
 
-def backward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], dy_tiles: Sequence[bytes], geom: Sequence[int],
+def backward_kernel(plpy: Any, GD: dict, xs: Sequence[int], dy_tiles: Sequence[bytes], geom: Sequence[int],
                     params: Sequence[int], n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int],
                     drop_tile: Sequence[int], grad_tiles: Sequence[int]) -> Iterator[tuple[int, int, int, bytes]]:
-    """llm_mk_gpt2_block_backward: (k, tr, tc, data) rows: k = 0 dx (x's tiling), k = 1..12 the parameters'
-    gradients, parameter i cut in tiles grad_tiles[2i - 2 : 2i] (its own tiling)."""
-    x, w = _inputs(plpy, GD, params, tiles, geom, 'gpt2_block_backward')
-    k = _args(n_head, seq_len, eps, rate, seeds, drop_tile, geom[0], geom[1], 'gpt2_block_backward')
-    dy = whole(dy_tiles, geom[0], geom[1], geom[2], geom[3], 'gpt2_block_backward')
-    if len(grad_tiles) != 24:
-        error('pg_llm: gpt2_block_backward: %d gradient tile sizes, expected 2 for each of 12 parameters'
-              % len(grad_tiles))
-    dx, grads = block_backward(x, dy, w, k)
-    for tr, tc, t in _tiles(dx, geom[2], geom[3]):
+    """llm_mk_gpt2_block_backward over a run of n blocks (inputs: tensors xs, first block first; dy: the last
+    block's output gradient): (k, tr, tc, data) rows, k = 1..12n the parameters' gradients (parameter k cut in
+    tiles grad_tiles[2k - 2 : 2k]), last block first, then k = 0 the first block's dx (x's tiling). Each block's
+    input is read when its turn comes (one block's intermediates in memory at a time); the gradient passed
+    between blocks stays in memory."""
+    n = len(xs)
+    if len(params) != 12 * n or len(seeds) != 3 * n or len(grad_tiles) != 24 * n:
+        error('pg_llm: gpt2_block_backward: %d inputs, %d parameter ids, %d seeds, %d gradient tile sizes'
+              % (n, len(params), len(seeds), len(grad_tiles)))
+    rows, cols, th, tw = geom
+    dy = whole(dy_tiles, rows, cols, th, tw, 'gpt2_block_backward')
+    box = [0, -(-rows // th), 0, -(-cols // tw)]
+    for j in reversed(range(n)):
+        k = _args(n_head, seq_len, eps, rate, seeds[3 * j:3 * j + 3], drop_tile, rows, cols, 'gpt2_block_backward')
+        w = _weights(plpy, GD, params[12 * j:12 * j + 12], cols, 'gpt2_block_backward')
+        x = whole(read_tiles(plpy, GD, xs[j], box), rows, cols, th, tw, 'gpt2_block_backward')
+        dy, grads = block_backward(x, dy, w, k)
+        for i, g in enumerate(grads):
+            h, gw = grad_tiles[24 * j + 2 * i], grad_tiles[24 * j + 2 * i + 1]
+            for tr, tc, t in _tiles(g, h, gw):
+                yield 12 * j + i + 1, tr, tc, t
+    for tr, tc, t in _tiles(dy, th, tw):
         yield 0, tr, tc, t
-    for i, g in enumerate(grads):
-        for tr, tc, t in _tiles(g, grad_tiles[2 * i], grad_tiles[2 * i + 1]):
-            yield i + 1, tr, tc, t

@@ -94,10 +94,12 @@ BEGIN
       END IF;
     ELSIF r.op = 'gelu' THEN  -- out = gelu(x); dx += g * gelu'(x)
       PERFORM llm_grad_acc(p_tape, r.a, llm_gelu_backward(r.a, g, NULL, FALSE));
-    ELSIF r.op = 'gpt2_block' THEN  -- y = block(x); dx and the 12 parameter gradients (intermediates recomputed)
+    ELSIF r.op = 'gpt2_block' THEN  -- y = block(x); with the run of blocks before it: dx and every parameter gradient
       PERFORM llm_grad_acc(p_tape, u.t, u.g)
-      FROM unnest(ARRAY[r.a] || ARRAY(SELECT jsonb_array_elements_text(r.args -> 'params'))::BIGINT[], llm_gpt2_block_backward(r.a, g, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'params'))::BIGINT[], (r.args ->> 'n_head')::INT, (r.args ->> 'seq_len')::INT, (r.args ->> 'eps')::FLOAT8,
-                                                                  (r.args ->> 'dropout')::FLOAT8, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'seeds'))::BIGINT[], ARRAY(SELECT jsonb_array_elements_text(r.args -> 'drop_tile'))::INT[])) AS u(t, g);
+      FROM llm_gpt2_block_run(p_tape, r.seq, p_after) AS k
+      CROSS JOIN LATERAL unnest(k.xs[1:1] || k.params,
+                                llm_gpt2_block_backward(k.xs, g, k.params, (r.args ->> 'n_head')::INT, (r.args ->> 'seq_len')::INT, (r.args ->> 'eps')::FLOAT8, (r.args ->> 'dropout')::FLOAT8,
+                                                        k.seeds, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'drop_tile'))::INT[])) AS u(t, g);
     ELSIF r.op = 'layernorm' THEN  -- out = ln(x; w, b); dx, dw, db
       dx := llm_tensor_like(r.a, 'dx');
       dw := llm_tensor_like(r.b, 'dg');

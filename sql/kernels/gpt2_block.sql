@@ -29,7 +29,7 @@ $fn$;
 
 -- gpt2_block backward microkernel: (k, tr, tc, data) rows, k = 0 dx's tiles, k = 1..12 the gradient tiles of
 -- parameter k (its tiling: grad_tiles[2k-1:2k]).
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_block_backward(tiles BYTEA[], dy_tiles BYTEA[], geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], drop_tile INT[], grad_tiles INT[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_block_backward(xs BIGINT[], dy_tiles BYTEA[], geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], drop_tile INT[], grad_tiles INT[])
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
@@ -40,12 +40,80 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.block_train import backward_kernel
-return backward_kernel(plpy, GD, tiles, dy_tiles, geom, params, n_head, seq_len, eps, rate, seeds, drop_tile, grad_tiles)
+return backward_kernel(plpy, GD, xs, dy_tiles, geom, params, n_head, seq_len, eps, rate, seeds, drop_tile, grad_tiles)
 $fn$;
 
--- The checks of a gpt2_block call (forward or backward) before anything is written; returns x's geometry
--- [rows, cols, tile rows, tile cols] (the tiling capped by the shape).
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_geom(p_x BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[])
+-- The run of gpt2_block rows of a tape that ends at row p_seq (recorded after p_after): their
+--                    inputs (first block first), parameter ids and seeds, for one backward call.
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_run(p_tape BIGINT, p_seq BIGINT, p_after BIGINT)
+RETURNS TABLE(xs BIGINT[], params BIGINT[], seeds BIGINT[])
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+BEGIN
+  RETURN QUERY
+    WITH RECURSIVE run AS (
+      SELECT
+        t.seq,
+        t.a,
+        t.args,
+        1 AS n
+      FROM llm_tape AS t
+      WHERE
+        t.tape = p_tape AND t.seq = p_seq
+      UNION ALL
+      SELECT
+        t.seq,
+        t.a,
+        t.args,
+        run.n + 1
+      FROM run
+      JOIN llm_tape AS t
+        ON t.tape = p_tape
+        AND t.out = run.a
+        AND t.op = 'gpt2_block'
+        AND t.seq > p_after
+        AND (
+          t.args - 'params' - 'seeds'
+        ) = (
+          run.args - 'params' - 'seeds'
+        )
+      WHERE
+        NOT EXISTS(
+          SELECT
+            1
+          FROM llm_tape_grad AS g
+          WHERE
+            g.tape = p_tape AND g.tensor = run.a
+        )
+    )
+    SELECT
+      ARRAY(SELECT
+        run.a
+      FROM run
+      ORDER BY
+        run.n DESC),
+      ARRAY(SELECT
+        CAST(e.v AS BIGINT)
+      FROM run
+      CROSS JOIN LATERAL jsonb_array_elements_text(run.args -> 'params') WITH ORDINALITY AS e(v, k)
+      ORDER BY
+        run.n DESC,
+        e.k),
+      ARRAY(SELECT
+        CAST(e.v AS BIGINT)
+      FROM run
+      CROSS JOIN LATERAL jsonb_array_elements_text(run.args -> 'seeds') WITH ORDINALITY AS e(v, k)
+      ORDER BY
+        run.n DESC,
+        e.k);
+END
+$fn$;
+
+-- The checks of a gpt2_block call over p_blocks blocks (forward: 1) before anything is written; returns x's
+-- geometry [rows, cols, tile rows, tile cols] (the tiling capped by the shape).
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_geom(p_x BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[], p_blocks INT)
 RETURNS INT[]
 LANGUAGE plpgsql
 STABLE
@@ -57,17 +125,17 @@ BEGIN
   r := llm_input(p_x, 'gpt2_block', 'x');
   v_geom := ARRAY[llm_rows(r.shape), llm_cols(r.shape), least(r.tile[1], llm_rows(r.shape)),
                   least(r.tile[2], llm_cols(r.shape))];
-  IF cardinality(p_params) IS DISTINCT FROM 12 OR array_position(p_params, NULL) IS NOT NULL THEN
-    RAISE EXCEPTION 'pg_llm: gpt2_block: need the 12 parameter ids of a block, got %', p_params
-      USING HINT = 'llm_gpt2_block_params(model, n_layer) lists them, 12 per layer.';
+  IF cardinality(p_params) IS DISTINCT FROM 12 * p_blocks OR array_position(p_params, NULL) IS NOT NULL THEN
+    RAISE EXCEPTION 'pg_llm: gpt2_block: need the 12 parameter ids of each of % block(s), got %', p_blocks,
+      p_params USING HINT = 'llm_gpt2_block_params(model, n_layer) lists them, 12 per layer.';
   END IF;
   IF p_n_head < 1 OR v_geom[2] % p_n_head <> 0 OR p_seq_len < 1 OR v_geom[1] % p_seq_len <> 0 THEN
     RAISE EXCEPTION 'pg_llm: gpt2_block: x "%" of shape % does not fit n_head % and seq_len %', r.name,
       llm_shape_text(r.shape), p_n_head, p_seq_len USING HINT = 'Rows are B sequences of seq_len tokens.';
   END IF;
-  IF p_dropout IS NULL OR p_dropout < 0 OR p_dropout >= 1 OR cardinality(p_seeds) IS DISTINCT FROM 3
+  IF p_dropout IS NULL OR p_dropout < 0 OR p_dropout >= 1 OR cardinality(p_seeds) IS DISTINCT FROM 3 * p_blocks
      OR cardinality(p_drop_tile) IS DISTINCT FROM 2 THEN
-    RAISE EXCEPTION 'pg_llm: gpt2_block: dropout must be in [0, 1) with 3 seeds and a tile, got %, %, %',
+    RAISE EXCEPTION 'pg_llm: gpt2_block: dropout must be in [0, 1) with 3 seeds a block and a tile, got %, %, %',
       p_dropout, p_seeds, p_drop_tile;
   END IF;
   RETURN v_geom;
@@ -88,7 +156,7 @@ DECLARE
   r llm_tensor; v_geom INT[]; v_ntc INT; v_out BIGINT;
 BEGIN
   r := llm_input(p_x, 'gpt2_block', 'x');
-  v_geom := llm_gpt2_block_geom(p_x, p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile);
+  v_geom := llm_gpt2_block_geom(p_x, p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile, 1);
 
       v_ntc := (v_geom[2] + v_geom[4] - 1) / v_geom[4];
       v_out := llm_output(NULL, 'gpt2_block', r.shape, r.tile, FALSE);
@@ -119,10 +187,12 @@ BEGIN
 END
 $fn$;
 
--- op: one GPT-2 block backward. x, dy (B*T, C) -> ARRAY[dx, the 12 parameter gradients] (new scratch
--- tensors: dx with x's tiling, each gradient with its parameter's), the forward recomputed from x.
--- tiling: one llm_mk_gpt2_block_backward call over every tile of x and dy.
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_backward(p_x BIGINT, p_dy BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[])
+-- op: backward of a run of n GPT-2 blocks (n >= 1). xs: the blocks' inputs (B*T, C), first block first; dy:
+-- the last block's output gradient -> ARRAY[dx of the first block, the 12 n parameter gradients] (new
+-- scratch tensors: dx with x's tiling, each gradient with its parameter's), each block's forward
+-- recomputed from its input. tiling: one llm_mk_gpt2_block_backward call, which reads the inputs' tiles
+-- one block at a time.
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_backward(p_xs BIGINT[], p_dy BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[])
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 VOLATILE
@@ -130,68 +200,68 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  r llm_tensor; rd llm_tensor; v_geom INT[]; v_ids BIGINT[]; v_tiles INT[];
+  r llm_tensor; rd llm_tensor; v_geom INT[]; v_ids BIGINT[]; v_tiles INT[]; v_bad BIGINT;
 BEGIN
-  r := llm_input(p_x, 'gpt2_block', 'x');
-  v_geom := llm_gpt2_block_geom(p_x, p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile);
-
-      rd := llm_input(p_dy, 'gpt2_block_backward', 'dy');
-      IF rd.shape <> r.shape OR rd.tile <> r.tile THEN
-        RAISE EXCEPTION 'pg_llm: gpt2_block_backward: dy "%" has shape % tile %, expected those of x: % tile %',
-          rd.name, llm_shape_text(rd.shape), rd.tile, llm_shape_text(r.shape), r.tile;
-      END IF;
-      v_tiles := ARRAY(
-        SELECT
-          e.v
-        FROM UNNEST(p_params) WITH ORDINALITY AS p(id, k)
-        JOIN llm_tensor AS v
-          ON v.id = p.id
-        CROSS JOIN LATERAL UNNEST(ARRAY[LEAST(v.tile[1], llm_rows(v.shape)), LEAST(v.tile[2], llm_cols(v.shape))]) WITH ORDINALITY AS e(v, j)
-        ORDER BY
-          p.k,
-          e.j
-      );
-      v_ids := ARRAY[llm_tensor_like(p_x, 'gpt2_block.dx')]
-        || ARRAY(SELECT llm_tensor_like(p.id, 'grad') FROM unnest(p_params) WITH ORDINALITY AS p(id, k)
-                 ORDER BY p.k);
-      INSERT INTO llm_tile (
-        tensor_id,
-        tr,
-        tc,
-        data
-      )
-      SELECT
-        v_ids[o.k + 1],
-        o.tr,
-        o.tc,
-        o.data
-      FROM (
-        SELECT
-          ARRAY_AGG(t.data ORDER BY t.tr, t.tc) AS tiles
-        FROM llm_tile AS t
-        WHERE
-          t.tensor_id = p_x
-      ) AS g
-      CROSS JOIN (
-        SELECT
-          ARRAY_AGG(t.data ORDER BY t.tr, t.tc) AS tiles
-        FROM llm_tile AS t
-        WHERE
-          t.tensor_id = p_dy
-      ) AS d
-      CROSS JOIN LATERAL llm_mk_gpt2_block_backward(
-        g.tiles,
-        d.tiles,
-        v_geom,
-        p_params,
-        p_n_head,
-        p_seq_len,
-        p_eps,
-        p_dropout,
-        p_seeds,
-        p_drop_tile,
-        v_tiles
-      ) AS o;
-      RETURN v_ids;
+  IF coalesce(cardinality(p_xs), 0) = 0 THEN
+    RAISE EXCEPTION 'pg_llm: gpt2_block_backward: no block inputs';
+  END IF;
+  r := llm_input(p_xs[1], 'gpt2_block_backward', 'x');
+  v_geom := llm_gpt2_block_geom(p_xs[1], p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile, cardinality(p_xs));
+  v_bad := (SELECT x.id FROM unnest(p_xs) AS x(id) LEFT JOIN llm_tensor AS v ON v.id = x.id
+            WHERE v.shape IS DISTINCT FROM r.shape OR v.tile IS DISTINCT FROM r.tile LIMIT 1);
+  IF v_bad IS NOT NULL THEN
+    RAISE EXCEPTION 'pg_llm: gpt2_block_backward: block input % is not shaped and tiled like %', v_bad, p_xs[1];
+  END IF;
+  rd := llm_input(p_dy, 'gpt2_block_backward', 'dy');
+  IF rd.shape <> r.shape OR rd.tile <> r.tile THEN
+    RAISE EXCEPTION 'pg_llm: gpt2_block_backward: dy "%" has shape % tile %, expected those of x: % tile %',
+      rd.name, llm_shape_text(rd.shape), rd.tile, llm_shape_text(r.shape), r.tile;
+  END IF;
+  v_tiles := ARRAY(
+    SELECT
+      e.v
+    FROM UNNEST(p_params) WITH ORDINALITY AS p(id, k)
+    JOIN llm_tensor AS v
+      ON v.id = p.id
+    CROSS JOIN LATERAL UNNEST(ARRAY[LEAST(v.tile[1], llm_rows(v.shape)), LEAST(v.tile[2], llm_cols(v.shape))]) WITH ORDINALITY AS e(v, j)
+    ORDER BY
+      p.k,
+      e.j
+  );
+  v_ids := ARRAY[llm_tensor_like(p_xs[1], 'gpt2_block.dx')]
+    || ARRAY(SELECT llm_tensor_like(p.id, 'grad') FROM unnest(p_params) WITH ORDINALITY AS p(id, k)
+             ORDER BY p.k);
+  INSERT INTO llm_tile (
+    tensor_id,
+    tr,
+    tc,
+    data
+  )
+  SELECT
+    v_ids[o.k + 1],
+    o.tr,
+    o.tc,
+    o.data
+  FROM (
+    SELECT
+      ARRAY_AGG(t.data ORDER BY t.tr, t.tc) AS tiles
+    FROM llm_tile AS t
+    WHERE
+      t.tensor_id = p_dy
+  ) AS d
+  CROSS JOIN LATERAL llm_mk_gpt2_block_backward(
+    p_xs,
+    d.tiles,
+    v_geom,
+    p_params,
+    p_n_head,
+    p_seq_len,
+    p_eps,
+    p_dropout,
+    p_seeds,
+    p_drop_tile,
+    v_tiles
+  ) AS o;
+  RETURN v_ids;
 END
 $fn$;
