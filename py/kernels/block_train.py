@@ -1,6 +1,7 @@
 """The fused GPT-2 block for training (the SQL side: py/ops/gpt2_block.py): forward, and a backward that recomputes
 the block's intermediates from its input instead of storing them, so a training step keeps one (B*T, C) tensor per
-block (its input) instead of every activation, and a block costs 2 PL/Python calls instead of ~30 kernel calls.
+block (its input) instead of every activation, and a block costs one PL/Python call forward (the backward of
+all blocks is one more) instead of ~30 kernel calls.
 
     a = x + dropout(attn.c_proj(attention(attn.c_attn(ln_1(x)))))      (nanoGPT's block, dropout at GPT-2's sites)
     y = a + dropout(mlp.c_proj(gelu(mlp.c_fc(ln_2(a)))))

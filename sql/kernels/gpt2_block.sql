@@ -5,12 +5,14 @@
 --
 -- Forward:  x (B*T, C) -> y (B*T, C) = the block (ln_1, attention, c_proj, ln_2, c_fc, gelu, c_proj, both residuals,
 --           dropout at GPT-2's three sites); only x is kept for the backward (the tape's input).
--- Backward: dy -> dx and the 12 parameter gradients, the block's intermediates recomputed from x.
+-- Backward: dy -> dx and the 12 parameter gradients, the block's intermediates recomputed from x; a run of
+--           consecutive blocks (each one's output only the next one's input) is one backward call, which passes
+--           the gradient between blocks in memory instead of writing it.
 --
--- Tiling: one microkernel call receives every tile of x (and of dy), in (tr, tc) order; y and dx have x's tiling,
--- each gradient its parameter's. The parameters come from the backend's weight cache. The training forward
--- (llm_gpt2_forward with a tape) records its blocks as this op unless pg_llm.fused_train = off (the chain of
--- per-op kernels, the reference).
+-- Tiling: the forward's microkernel call receives every tile of x, in (tr, tc) order, the backward's every tile of
+-- dy and reads each block's input itself; y and dx have x's tiling, each gradient its parameter's. The parameters
+-- come from the backend's weight cache. The training forward (llm_gpt2_forward with a tape) records its blocks as
+-- this op unless pg_llm.fused_train = off (the chain of per-op kernels, the reference).
 -- gpt2_block microkernel: y's tiles from x's tiles (geom = [rows, cols, tile rows, tile cols]) and the
 -- block's weights from the backend's weight cache.
 CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_block(tiles BYTEA[], geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], drop_tile INT[])
