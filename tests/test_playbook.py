@@ -164,6 +164,6 @@ def test_playbook_tiny(server: Server) -> None:
 @pytest.mark.slow
 def test_playbook_gpt2_small(server: Server) -> None:
     # The playbook's "adjust --block-size for shorter contexts": 128-token windows keep a step of the default
-    # batch (8 rows) near a minute here; one step of 8 x 1024 tokens took 299 s and 27 GB of scratch tiles.
+    # batch (8 rows) short; one step of 8 x 1024 tokens takes ~150 s here (make bench train_long).
     run_playbook(server, "t_playbook_small", dict(n_layer=12, n_head=12, n_embd=768, n_ctx=1024), steps=1,
                  block_size=128)

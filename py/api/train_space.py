@@ -9,7 +9,8 @@ every step), so its garbage stays until it returns. Both forms measure how much 
 and stop cleanly, with a warning that says how to go on, before the next step could fill the disk (a full
 pg_wal disk makes PostgreSQL PANIC). The SELECT form expects its largest step so far again; the CALL form
 its last one: after a VACUUM a step reuses the pages the previous one freed (GPT-2 small with 8 x 1024
-tokens writes 28 GB in its first step, then about nothing), so the first step's growth would stop it at once.
+tokens wrote 28 GB in its first step with the per-op chain, then about nothing), so the first step's growth
+would stop it at once.
 """
 from __future__ import annotations
 

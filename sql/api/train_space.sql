@@ -11,7 +11,8 @@
 -- and stop cleanly, with a warning that says how to go on, before the next step could fill the disk (a full
 -- pg_wal disk makes PostgreSQL PANIC). The SELECT form expects its largest step so far again; the CALL form
 -- its last one: after a VACUUM a step reuses the pages the previous one freed (GPT-2 small with 8 x 1024
--- tokens writes 28 GB in its first step, then about nothing), so the first step's growth would stop it at once.
+-- tokens wrote 28 GB in its first step with the per-op chain, then about nothing), so the first step's growth
+-- would stop it at once.
 -- Bytes free for PostgreSQL on the disk holding the data directory (os.statvfs).
 CREATE OR REPLACE FUNCTION llm_internal.llm_disk_free()
 RETURNS BIGINT
