@@ -94,11 +94,11 @@ def _layer() -> str:
 
 # A training forward's block as one op (ops/gpt2_block.py): the block's 12 ids, its 3 dropout sites' seeds, and
 # the tiling of the chain's residual dropout masks (x's tile rows, mlp.c_proj.weight's tile columns).
-FUSED_LAYER = """
+FUSED_LAYER = f"""
 x := llm_t_gpt2_block(p_tape, x, v_block[layer * 12 + 1:layer * 12 + 12], c.n_head, t, c.layer_norm_epsilon,
                       p_dropout, ARRAY[llm_site_seed(p_seed, pre || 'attn'), llm_site_seed(p_seed, pre || 'attn.resid'),
                                        llm_site_seed(p_seed, pre || 'mlp.resid')],
-                      ARRAY[least(256, n), (SELECT least(v.tile[2], llm_cols(v.shape)) FROM llm_tensor AS v
+                      ARRAY[least({TILE_ROWS}, n), (SELECT least(v.tile[2], llm_cols(v.shape)) FROM llm_tensor AS v
                                             WHERE v.id = v_block[layer * 12 + 11])]);"""
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import textwrap
 
+from pg_llm.api.gpt2 import HEAD
 from pg_llm.api.train_resume import DEFAULTS, schedule_of
-from pg_llm.config import UNTIED_HEAD, WTE, TrainConfig
+from pg_llm.config import TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
 from pg_llm.ops.common import KERNEL_SETTINGS
 from pg_llm.ops.gpt2_block import FUSED_TRAIN
@@ -100,8 +101,7 @@ def _grads() -> str:
     """, f"""
         IF {FUSED_TRAIN} THEN  -- fused blocks and a fused LM head + cross-entropy (ops/head_nll.py)
           v_x := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed, p_hidden => TRUE);
-          v_head := (SELECT llm_param(p_model, CASE WHEN c.tied_embeddings THEN '{WTE}' ELSE '{UNTIED_HEAD[0]}' END)
-                     FROM llm_model_get(p_model) AS c);
+          v_head := (SELECT {HEAD} FROM llm_model_get(p_model) AS c);
           h := llm_head_nll(v_x, v_head, p_targets, p_loss_scale);
           PERFORM llm_grad_acc(p_tape, v_head, h.dhead);
           PERFORM llm_backward(p_tape, v_x, h.dx, v_after);

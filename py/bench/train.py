@@ -59,8 +59,9 @@ class ScratchPeak:
         self.conn.close()
 
 
-def _torch_step(path, batches: dict[int, np.ndarray], B: int):
-    """torch's step on the rows pg_llm's step s drew: train mode (dropout 0.1), AdamW with decay groups."""
+def _torch_step(path, batches: list[tuple[np.ndarray, np.ndarray]], B: int):
+    """torch's step s on the rows pg_llm's step s drew (batches[s - 1]): train mode (dropout 0.1), AdamW with
+    decay groups."""
     import torch
 
     model, opt = torch_model(path, DROPOUT)
@@ -69,7 +70,7 @@ def _torch_step(path, batches: dict[int, np.ndarray], B: int):
 
     def step() -> float:
         state["step"] += 1
-        x, y = batches[state["step"] % len(batches)]
+        x, y = batches[(state["step"] - 1) % len(batches)]
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for r in range(0, B, micro):  # the same step: mean loss over all B rows, gradients accumulated
@@ -109,11 +110,11 @@ def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
                    "weight_decay => %s, beta1 => %s, beta2 => %s, eps => %s, grad_clip => %s)")
             args = (model, ds, B, DROPOUT, SEED, HP["lr"], HP["weight_decay"], HP["beta1"], HP["beta2"], HP["eps"],
                     HP["grad_clip"])
-            batches = {}
+            batches = []  # the rows of pg_llm's steps 1..3 (the warm-up step and the two timed ones)
             for s in range(1, 4):
                 rows = ctx.conn.execute("SELECT tokens, targets FROM llm_internal.llm_train_batch(%s, 'train', %s, "
                                         "%s, %s, 1)", (ds, B, SEED, s)).fetchall()
-                batches[s % 3] = (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]))
+                batches.append((np.array([r[0] for r in rows]), np.array([r[1] for r in rows])))
             ctx.log(f"train: {B} x {T}")
             peak.peak = 0
 

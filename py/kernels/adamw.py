@@ -41,11 +41,11 @@ def adamw_tile(p: bytes, g: bytes, m: bytes, v: bytes, h: Sequence[float]) -> li
 
 
 # The tiles of each (tr, tc) of a range of tile rows (the param's own left out when it comes from the weight
-# cache), and the UPDATE of one tile; prepared once per backend.
+# cache: $1, declared, then goes unused), and the UPDATE of one tile; prepared once per backend.
 READ = ("SELECT g.tr, g.tc, %s g.data AS g, m.data AS m, v.data AS v FROM llm_tile AS g "
         "JOIN llm_tile AS m ON m.tensor_id = $3 AND m.tr = g.tr AND m.tc = g.tc "
         "JOIN llm_tile AS v ON v.tensor_id = $4 AND v.tr = g.tr AND v.tc = g.tc %s "
-        "WHERE g.tensor_id = $2 AND g.tr >= $5 AND g.tr < $6 AND $1 IS NOT NULL ORDER BY g.tr, g.tc")
+        "WHERE g.tensor_id = $2 AND g.tr >= $5 AND g.tr < $6 ORDER BY g.tr, g.tc")
 READ_P = READ % ("p.data AS p,", "JOIN llm_tile AS p ON p.tensor_id = $1 AND p.tr = g.tr AND p.tc = g.tc")
 READ_CACHED = READ % ("", "")
 WRITE = "UPDATE llm_tile SET data = $4 WHERE tensor_id = $1 AND tr = $2 AND tc = $3"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pg_llm.kernels.attention_cache import QUERY_BLOCK
+from pg_llm.kernels.attention_cache import QUERY_BLOCK, causal_exp
 from pg_llm.kernels.tiles import payload, whole
 
 
@@ -27,13 +27,7 @@ def keep_block(seed: int, b: int, r0: int, shape: tuple[int, ...], rate: float) 
 def _probs(q: np.ndarray, k: np.ndarray, r0: int, scale: np.float32) -> np.ndarray:
     """softmax(q k / sqrt(hd)) of query rows r0.. (q: (H, r, hd)) over keys 0 .. r0 + r - 1 (k: (H, hd, keys)),
     float32 (H, r, keys); the masked (future) entries are exactly 0."""
-    p = np.matmul(q, k)
-    p *= scale
-    r = q.shape[1]
-    if r > 1:
-        p[:, :, r0:][:, np.triu(np.ones((r, r), dtype=bool), 1)] = -np.inf
-    p -= p.max(axis=-1, keepdims=True)
-    np.exp(p, out=p)
+    p = causal_exp(q, k, r0, scale)
     p /= p.sum(axis=-1, keepdims=True)
     return p
 

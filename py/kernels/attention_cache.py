@@ -12,6 +12,20 @@ from pg_llm.kernels.tiles import F32, floats, whole
 QUERY_BLOCK = 256  # query rows at a time: a block attends only to the keys up to its last row
 
 
+def causal_exp(q: np.ndarray, k: np.ndarray, first: int, scale: np.float32) -> np.ndarray:
+    """exp(q k * scale - rowmax), float32 (H, r, keys), of query rows at positions first .. first+r-1 (q: (H, r, hd))
+    over the keys 0 .. first+r-1 (k: (H, hd, keys)); the future entries are exactly 0. Unnormalized: the
+    softmax of attend (normalized after the product with v) and of causal_attention (before, for dropout)."""
+    e = np.matmul(q, k)
+    e *= scale
+    r = q.shape[1]
+    if r > 1:  # only the block's own keys can be in the future of one of its rows
+        e[:, :, first:][:, np.triu(np.ones((r, r), dtype=bool), 1)] = -np.inf
+    e -= e.max(axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    return e
+
+
 def attend(q: np.ndarray, kvs: np.ndarray, past: int, n_head: int) -> np.ndarray:
     """Causal attention of n new rows q (n, C) at positions past .. past+n-1 over the cache kvs (past + n, 2C) of
     [k | v] rows, float32: y (n, C). Blocks of QUERY_BLOCK query rows never touch the keys after their last row
@@ -27,12 +41,7 @@ def attend(q: np.ndarray, kvs: np.ndarray, past: int, n_head: int) -> np.ndarray
     for r0 in range(0, rows, QUERY_BLOCK):
         r1 = min(r0 + QUERY_BLOCK, rows)
         end = past + r1  # keys 0 .. end-1 are visible to some row of the block
-        att = np.matmul(qh[:, r0:r1], k[:, :, :end])
-        att *= scale
-        if r1 - r0 > 1:  # only the block's own keys can be in the future of one of its rows
-            att[:, :, past + r0:][:, np.triu(np.ones((r1 - r0, r1 - r0), dtype=bool), 1)] = -np.inf
-        att -= att.max(axis=-1, keepdims=True)
-        np.exp(att, out=att)
+        att = causal_exp(qh[:, r0:r1], k[:, :, :end], past + r0, scale)
         out = np.matmul(att, v[:, :end])  # (H, r, hd)
         out /= att.sum(axis=-1, keepdims=True)
         y[r0:r1] = out.transpose(1, 0, 2)

@@ -25,21 +25,39 @@ def block_shapes(w: Sequence[np.ndarray], C: int) -> list[tuple]:
     return [(i, m.shape, s) for i, (m, s) in enumerate(zip(w, want, strict=True)) if m.shape != s]
 
 
-def gpt2_block(x: np.ndarray, w: Sequence[np.ndarray], eps: float,
-               attn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def gpt2_block(x: np.ndarray, w: Sequence[np.ndarray], eps: float, attn: Callable[[np.ndarray], np.ndarray],
+               drop: Callable[[np.ndarray, int], np.ndarray] | None = None, keep: dict | None = None) -> np.ndarray:
     """One pre-LayerNorm GPT-2 block over rows x (n, C) float32, w the 12 parameters in BLOCK_PARAMS order as
-    float32 arrays; attn(qkv (n, 3C)) -> (n, C) is the attention of these rows (cached, packed, ...)."""
+    float32 arrays; attn(qkv (n, 3C)) -> (n, C) is the attention of these rows (cached, packed, ...). Training
+    (kernels/block_train.py): drop(branch, site) is the dropout of the residual branches (site 1: attn.c_proj,
+    2: mlp.c_proj), and keep, when given, receives the intermediates the backward needs."""
     ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
 
     def linear(a: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
         y = np.matmul(a, weight)
         y += bias  # in place: the same float32 sums as y + bias
         return y
-    a = linear(attn(linear(layernorm_rows(x, ln1g, ln1b, eps), wqkv, bqkv)), wo, bo)
+
+    def branch(a: np.ndarray, site: int) -> np.ndarray:
+        return a if drop is None else drop(a, site)
+
+    def save(name: str, a: np.ndarray) -> np.ndarray:
+        if keep is not None:
+            keep[name] = a
+        return a
+    # t is rebound at every step, so without keep each intermediate is freed as soon as the next one exists
+    t = save('h1', layernorm_rows(x, ln1g, ln1b, eps))
+    t = save('qkv', linear(t, wqkv, bqkv))
+    t = save('att', attn(t))
+    a = branch(linear(t, wo, bo), 1)
     a += x  # x + (...), bit for bit (addition commutes)
-    h = linear(gelu(linear(layernorm_rows(a, ln2g, ln2b, eps), wfc, bfc)), wp, bp)
-    h += a
-    return h
+    save('a', a)
+    t = save('h2', layernorm_rows(a, ln2g, ln2b, eps))
+    t = save('f', linear(t, wfc, bfc))
+    t = save('g', gelu(t))
+    y = branch(linear(t, wp, bp), 2)
+    y += a
+    return y
 
 
 def block_rows(x: np.ndarray, w: Sequence[np.ndarray], kv: np.ndarray, past: int, n_head: int,

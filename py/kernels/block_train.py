@@ -6,8 +6,8 @@ all blocks is one more) instead of ~30 kernel calls.
     a = x + dropout(attn.c_proj(attention(attn.c_attn(ln_1(x)))))      (nanoGPT's block, dropout at GPT-2's sites)
     y = a + dropout(mlp.c_proj(gelu(mlp.c_fc(ln_2(a)))))
 
-Same numbers as the kernel chain: layernorm_rows, float32 matmuls plus bias, causal_attention (dropout masks per
-sequence and query block), gelu, and the residual dropout of the chain's tiles (dropout_rows with the tiling of the
+The forward is the one GPT-2 block (block_step.gpt2_block, also inference's) with causal_attention (dropout masks per
+sequence and query block) and the residual dropout of the chain's tiles (dropout_rows with the tiling of the
 c_proj output: x's tile rows, c_proj.weight's tile columns).
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from pg_llm.kernels.attention import causal_attention, causal_attention_backward
-from pg_llm.kernels.block_step import block_shapes
+from pg_llm.kernels.block_step import block_shapes, gpt2_block
 from pg_llm.kernels.dropout import dropout_rows
-from pg_llm.kernels.gelu import gelu, gelu_backward
-from pg_llm.kernels.layernorm import layernorm_backward_rows, layernorm_rows
+from pg_llm.kernels.gelu import gelu_backward
+from pg_llm.kernels.layernorm import layernorm_backward_rows
 from pg_llm.kernels.matmul import read_tiles
 from pg_llm.kernels.runtime import error
-from pg_llm.kernels.tiles import F32, block, whole
+from pg_llm.kernels.tiles import F32, block, cut, whole
 from pg_llm.kernels.weight_cache import cache_budget, cached_tensors
 
 
@@ -39,31 +39,17 @@ class BlockArgs:
     drop_tile: tuple[int, int]  # the residual dropout's tiling (the chain's c_proj output tiles)
 
 
-def _linear(a: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    y = np.matmul(a, w)
-    y += b
-    return y
-
-
 def _drop(a: np.ndarray, k: BlockArgs, site: int) -> np.ndarray:
     return dropout_rows(a, k.rate, k.seeds[site], *k.drop_tile) if k.rate > 0 else a
 
 
 def block_forward(x: np.ndarray, w: Sequence[np.ndarray], k: BlockArgs, keep: bool = False) -> tuple[np.ndarray, dict]:
-    """y (N, C) of one block over rows x (sequences of k.seq_len), and (keep=True) the intermediates the
-    backward needs."""
-    ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
-    h1 = layernorm_rows(x, ln1g, ln1b, k.eps)
-    qkv = _linear(h1, wqkv, bqkv)
-    att = causal_attention(qkv, k.n_head, k.seq_len, k.rate, k.seeds[0])
-    a = _drop(_linear(att, wo, bo), k, 1)
-    a += x
-    h2 = layernorm_rows(a, ln2g, ln2b, k.eps)
-    f = _linear(h2, wfc, bfc)
-    g = gelu(f)
-    y = _drop(_linear(g, wp, bp), k, 2)
-    y += a
-    return y, (dict(h1=h1, qkv=qkv, att=att, a=a, h2=h2, f=f, g=g) if keep else {})
+    """y (N, C) of one block over rows x (sequences of k.seq_len): gpt2_block with causal_attention and the
+    dropout sites, and (keep=True) the intermediates the backward needs."""
+    saved: dict = {}
+    y = gpt2_block(x, w, k.eps, lambda qkv: causal_attention(qkv, k.n_head, k.seq_len, k.rate, k.seeds[0]),
+                   lambda a, site: _drop(a, k, site), saved if keep else None)
+    return y, saved
 
 
 def _undrop(d: np.ndarray, k: BlockArgs, site: int) -> np.ndarray:
@@ -125,12 +111,6 @@ def _args(n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[in
     return BlockArgs(n_head, seq_len, eps, rate, tuple(seeds), tuple(drop_tile))
 
 
-def _tiles(a: np.ndarray, th: int, tw: int) -> Iterator[tuple[int, int, bytes]]:
-    for r in range(0, a.shape[0], th):
-        for c in range(0, a.shape[1], tw):
-            yield r // th, c // tw, np.ascontiguousarray(a[r:r + th, c:c + tw]).tobytes()
-
-
 def forward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int], params: Sequence[int],
                    n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int],
                    drop_tile: Sequence[int]) -> list[bytes]:
@@ -139,7 +119,7 @@ def forward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[i
     w = _weights(plpy, GD, params, geom[1], 'gpt2_block')
     k = _args(n_head, seq_len, eps, rate, seeds, drop_tile, geom[0], geom[1], 'gpt2_block')
     y, _ = block_forward(x, w, k)
-    return [t for _, _, t in _tiles(y, geom[2], geom[3])]
+    return [t for _, _, t in cut(y, geom[2], geom[3])]
 
 
 def backward_kernel(plpy: Any, GD: dict, xs: Sequence[int], dy_tiles: Sequence[bytes], geom: Sequence[int],
@@ -164,7 +144,7 @@ def backward_kernel(plpy: Any, GD: dict, xs: Sequence[int], dy_tiles: Sequence[b
         dy, grads = block_backward(x, dy, w, k)
         for i, g in enumerate(grads):
             h, gw = grad_tiles[24 * j + 2 * i], grad_tiles[24 * j + 2 * i + 1]
-            for tr, tc, t in _tiles(g, h, gw):
+            for tr, tc, t in cut(g, h, gw):
                 yield 12 * j + i + 1, tr, tc, t
-    for tr, tc, t in _tiles(dy, th, tw):
+    for tr, tc, t in cut(dy, th, tw):
         yield 0, tr, tc, t

@@ -3,7 +3,7 @@ logits = x @ head^T, and its gradients dx and dhead, computed HEAD_ROWS rows at 
 and their gradient are never stored (the kernel chain wrote both as tiles: 2 x 412 MB at 2 x 1024 tokens).
 
 Per chunk: z = x_c @ head^T (float32), the log-sum-exp with the exponentials in float32 and the sums in float64
-(score.nll's numbers), dz = (softmax(z) - onehot(target)) * scale, dx_c = dz @ head, dhead += dz^T @ x_c.
+(score.nll_exp, the scoring path's), dz = (softmax(z) - onehot(target)) * scale, dx_c = dz @ head, dhead += dz^T @ x_c.
 """
 from __future__ import annotations
 
@@ -13,35 +13,29 @@ from typing import Any
 import numpy as np
 
 from pg_llm.kernels.runtime import error
-from pg_llm.kernels.tiles import block, whole
+from pg_llm.kernels.score import nll_exp
+from pg_llm.kernels.tiles import block, cut, whole
 from pg_llm.kernels.weight_cache import cache_budget, cached_tensors
 
 HEAD_ROWS = 256  # rows of logits at a time: 256 x 50257 floats = 51 MB
 
 
-def head_nll(x: np.ndarray, head: np.ndarray, targets: np.ndarray, scale: float,
-             grads: bool = True) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+def head_nll(x: np.ndarray, head: np.ndarray, targets: np.ndarray,
+             scale: float) -> tuple[float, np.ndarray, np.ndarray]:
     """(sum of the rows' NLL (float64), dx, dhead) for rows x (N, C), head (V, C), targets (N,): the gradients
-    of scale * sum(NLL) (None when not grads)."""
-    N = x.shape[0]
+    of scale * sum(NLL)."""
     total = 0.0
-    dx = np.empty_like(x) if grads else None
-    dh = np.zeros_like(head) if grads else None
-    for r0 in range(0, N, HEAD_ROWS):
+    dx = np.empty_like(x)
+    dh = np.zeros_like(head)
+    for r0 in range(0, x.shape[0], HEAD_ROWS):
         xc, t = x[r0:r0 + HEAD_ROWS], targets[r0:r0 + HEAD_ROWS]
         z = np.matmul(xc, head.T)
-        rows = np.arange(z.shape[0])
-        picked = z[rows, t].astype(np.float64)
-        m = z.max(axis=1, keepdims=True)
-        z -= m
-        np.exp(z, out=z)
-        s = z.sum(axis=1, dtype=np.float64)
-        total += float((m[:, 0].astype(np.float64) + np.log(s) - picked).sum())
-        if grads:
-            z *= (scale / s).astype(np.float32)[:, None]  # softmax * scale
-            z[rows, t] -= np.float32(scale)
-            dx[r0:r0 + HEAD_ROWS] = np.matmul(z, head)
-            dh += np.matmul(z.T, xc)
+        per, s = nll_exp(z, t)  # z is now exp(z - rowmax)
+        total += float(per.sum())
+        z *= (scale / s).astype(np.float32)[:, None]  # softmax * scale
+        z[np.arange(z.shape[0]), t] -= np.float32(scale)
+        dx[r0:r0 + HEAD_ROWS] = np.matmul(z, head)
+        dh += np.matmul(z.T, xc)
     return total, dx, dh
 
 
@@ -60,6 +54,5 @@ def head_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int]
     total, dx, dh = head_nll(x, head, t, scale)
     yield 0, 0, 0, None, total
     for k, a, (h, w) in ((1, dx, (th, tw)), (2, dh, tuple(head_tile))):
-        for r in range(0, a.shape[0], h):
-            for c in range(0, a.shape[1], w):
-                yield k, r // h, c // w, np.ascontiguousarray(a[r:r + h, c:c + w]).tobytes(), None
+        for tr, tc, data in cut(a, h, w):
+            yield k, tr, tc, data, None

@@ -51,14 +51,21 @@ def logits(w: Sequence[np.ndarray], h: np.ndarray) -> np.ndarray:
     return np.matmul(h, w[-1].T)
 
 
-def nll(z: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-row NLL of targets under float32 logits rows z (overwritten): log-sum-exp with the exponentials in
-    float32 and their sum and the result in float64 (differs from llm_nll's all-float64 by ~1e-7)."""
+def nll_exp(z: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row NLL of targets, per-row sum of the exponentials) under float32 logits rows z, which are left as
+    exp(z - rowmax): log-sum-exp with the exponentials in float32 and their sum and the result in float64
+    (differs from llm_nll's all-float64 by ~1e-7). z / sum is the softmax (the training head's gradient)."""
     picked = z[np.arange(z.shape[0]), targets].astype(np.float64)
     m = z.max(axis=1, keepdims=True)
     z -= m
     np.exp(z, out=z)
-    return m[:, 0].astype(np.float64) + np.log(z.sum(axis=1, dtype=np.float64)) - picked
+    s = z.sum(axis=1, dtype=np.float64)
+    return m[:, 0].astype(np.float64) + np.log(s) - picked, s
+
+
+def nll(z: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-row NLL of targets under float32 logits rows z (overwritten): nll_exp's."""
+    return nll_exp(z, targets)[0]
 
 
 def window_nll(w: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray, wins: Sequence[tuple[int, int, int]],

@@ -3,7 +3,7 @@
 A payload is raw little-endian float32 in row-major order (py/gen/storage.py); edge tiles are ragged."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -28,6 +28,13 @@ def matrix(data: bytes, cols: int) -> np.ndarray:
 def payload(a: np.ndarray) -> bytes:
     """An array (any shape, row-major) as a payload."""
     return np.ascontiguousarray(a, dtype=F32).tobytes()
+
+
+def cut(a: np.ndarray, th: int, tw: int) -> Iterator[tuple[int, int, bytes]]:
+    """(tr, tc, payload) of a matrix cut in tiles (th, tw), ragged at the edges, in (tr, tc) order."""
+    for r in range(0, a.shape[0], th):
+        for c in range(0, a.shape[1], tw):
+            yield r // th, c // tw, payload(a[r:r + th, c:c + tw])
 
 
 def hstack(tiles: Sequence[bytes], rows: int) -> np.ndarray:
