@@ -13,7 +13,7 @@ TINY = dict(n_embd=48, n_head=3, n_layer=2, n_positions=37, vocab_size=301,  # n
             bos_token_id=300, eos_token_id=300)
 
 
-def make_hf_model(path: Path, seed: int = 0, **overrides: int):
+def make_hf_model(path: Path, seed: int = 0, **overrides: int | bool):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -27,7 +27,7 @@ def make_hf_model(path: Path, seed: int = 0, **overrides: int):
     return model
 
 
-def import_tiny(conn: psycopg.Connection, tmp: Path, name: str, seed: int = 0, **overrides: int):
+def import_tiny(conn: psycopg.Connection, tmp: Path, name: str, seed: int = 0, **overrides: int | bool):
     from pg_llm.loader.model import import_model
 
     model = make_hf_model(tmp / name, seed, **overrides)

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_every_recorded_op_has_one_rule() -> None:
     names = [o.name for o in registry.ops()]
-    assert names == sorted({"add", "add_bias", "attention", "dropout", "embedding", "gelu", "gpt2_block", "layernorm",
-                            "linear", "matmul"})
+    assert names == sorted({"add", "add_bias", "attention", "dropout", "embedding", "gelu", "gpt2_block", "gpt2_embed",
+                            "layernorm", "linear", "matmul"})
     walk = backward.walk()
     assert all(walk.count(f"r.op = '{n}'") == 1 for n in names)
     tape_sql = (ROOT / "sql" / "autograd" / "tape.sql").read_text() + (ROOT / "sql" / "kernels").joinpath(

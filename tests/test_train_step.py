@@ -137,14 +137,16 @@ def test_gradients_equal_torch(conn: psycopg.Connection, setup, tmp_path_factory
         assert np.abs(g - want).max() <= 1e-5 + 1e-4 * np.abs(want).max(), n
 
 
-def test_fused_step_equals_chain_with_dropout(conn: psycopg.Connection, setup,
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_fused_step_equals_chain_with_dropout(conn: psycopg.Connection, setup, tied: bool,
                                               tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Two steps with dropout 0.2 and 2 accumulated micro-batches: the fused blocks and head give the chain's loss,
-    gradient norm, parameters and moments (the same dropout masks), and leave no scratch behind."""
+    """Two steps with dropout 0.2 and 2 accumulated micro-batches: the fused input, blocks and head give the chain's
+    loss, gradient norm, parameters and moments (the same dropout masks), and leave no scratch behind; with the
+    head tied to wte (its gradient folded into the embedding's) and untied (lm_head's written on its own)."""
     out = {}
     for path in ("off", "on"):
-        name = f"trd_{path}"
-        import_tiny(conn, tmp_path_factory.mktemp(name), name)
+        name = f"trd_{path}_{tied}"
+        import_tiny(conn, tmp_path_factory.mktemp(name), name, tie_word_embeddings=tied)
         conn.execute("SELECT set_config('pg_llm.fused_train', %s, FALSE)", (path,))
         try:
             logs = [conn.execute("SELECT loss, grad_norm FROM llm_train_step(%s, dataset => 'ds', batch_size => 2, "
@@ -154,6 +156,7 @@ def test_fused_step_equals_chain_with_dropout(conn: psycopg.Connection, setup,
         out[path] = logs, {r: params(conn, name, r) for r in ("param", "adam_m", "adam_v")}
         assert conn.execute("SELECT count(*) FROM llm_tensor WHERE id < 0").fetchone()[0] == 0
     (chain_logs, chain), (fused_logs, fused) = out["off"], out["on"]
+    assert ("lm_head.weight" in fused["param"]) is not tied
     for (lc, nc), (lf, nf) in zip(chain_logs, fused_logs, strict=True):
         assert abs(lc - lf) <= 1e-6 * lc and abs(nc - nf) <= 1e-5 * nc
     for role, tensors in chain.items():

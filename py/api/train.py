@@ -102,9 +102,12 @@ def _grads() -> str:
         IF {FUSED_TRAIN} THEN  -- fused blocks and a fused LM head + cross-entropy (ops/head_nll.py)
           v_x := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed, p_hidden => TRUE);
           v_head := (SELECT {HEAD} FROM llm_model_get(p_model) AS c);
-          h := llm_head_nll(v_x, v_head, p_targets, p_loss_scale);
-          PERFORM llm_grad_acc(p_tape, v_head, h.dhead);
-          PERFORM llm_backward(p_tape, v_x, h.dx, v_after);
+          h := llm_head_nll(v_x, v_head, p_targets, p_loss_scale, p_tape);  -- dhead kept in memory for the tape
+          PERFORM llm_backward(p_tape, v_x, h.dx, v_after);  -- the tied wte's embedding backward adds it to its part
+          v_x := llm_head_nll_flush(p_tape, v_head);  -- an untied head's gradient: nobody took it
+          IF v_x IS NOT NULL THEN
+            PERFORM llm_grad_acc(p_tape, v_head, v_x);
+          END IF;
           RETURN h.loss;
         END IF;
         v_logits := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed);

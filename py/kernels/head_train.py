@@ -4,6 +4,9 @@ and their gradient are never stored (the kernel chain wrote both as tiles: 2 x 4
 
 Per chunk: z = x_c @ head^T (float32), the log-sum-exp with the exponentials in float32 and the sums in float64
 (score.nll_exp, the scoring path's), dz = (softmax(z) - onehot(target)) * scale, dx_c = dz @ head, dhead += dz^T @ x_c.
+
+With a tape, dhead is not written but kept as the tape's pending gradient of the head (embed_train.keep_pending): the
+tied wte's embedding backward adds its part to it and writes wte's gradient once; flush_kernel writes one no op took.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pg_llm.kernels.embed_train import keep_pending, take_pending
 from pg_llm.kernels.runtime import error
 from pg_llm.kernels.score import nll_exp
 from pg_llm.kernels.tiles import block, cut, whole
@@ -40,9 +44,10 @@ def head_nll(x: np.ndarray, head: np.ndarray, targets: np.ndarray,
 
 
 def head_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int], head_id: int,
-                targets: Sequence[int], scale: float, head_tile: Sequence[int]) -> Iterator[tuple]:
+                targets: Sequence[int], scale: float, head_tile: Sequence[int], tape: int) -> Iterator[tuple]:
     """llm_mk_head_nll: (k, tr, tc, data, nll) rows: k = 0 one row with the NLL sum, k = 1 dx's tiles (x's tiling
-    geom = [rows, cols, tile rows, tile cols]), k = 2 dhead's tiles (tiles head_tile), for scale * sum(NLL)."""
+    geom = [rows, cols, tile rows, tile cols]), k = 2 dhead's tiles (tiles head_tile), for scale * sum(NLL); with
+    tape (not 0) dhead is kept as the tape's pending gradient of the head instead."""
     rows, cols, th, tw = geom
     x = whole(tiles, rows, cols, th, tw, 'head_nll')
     head = cached_tensors(plpy, GD, [head_id], block, cache_budget(plpy, GD))[0]
@@ -53,6 +58,16 @@ def head_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int]
         error('pg_llm: head_nll: a target id is outside the vocabulary of %d' % head.shape[0])
     total, dx, dh = head_nll(x, head, t, scale)
     yield 0, 0, 0, None, total
-    for k, a, (h, w) in ((1, dx, (th, tw)), (2, dh, tuple(head_tile))):
+    if tape:
+        keep_pending(GD, tape, head_id, dh)
+    for k, a, (h, w) in [(1, dx, (th, tw))] + ([] if tape else [(2, dh, tuple(head_tile))]):
         for tr, tc, data in cut(a, h, w):
             yield k, tr, tc, data, None
+
+
+def flush_kernel(GD: dict, tape: int, head_id: int, head_tile: Sequence[int]) -> Iterator[tuple[int, int, bytes]]:
+    """llm_mk_head_nll_flush: the (tr, tc, data) tiles of the tape's pending gradient of the head (none when an op
+    took it: the tied wte's embedding backward)."""
+    g = take_pending(GD, tape, head_id)
+    if g is not None:
+        yield from cut(g, head_tile[0], head_tile[1])

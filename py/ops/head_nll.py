@@ -1,14 +1,16 @@
 """head_nll: the training loss at the top of the model, fused: mean cross-entropy of targets under the logits
 x @ head^T, with the gradients of scale * loss for x and for the head produced in the same call (the numpy side
 and why: py/kernels/head_train.py). Not recorded on the tape: it is the root of a training backward
-(llm_gpt2_loss_backward hands dx to llm_backward and dhead to the head's gradient).
+(llm_gpt2_loss_backward hands dx to llm_backward and dhead to the head's gradient). With p_tape, dhead stays in
+the backend's memory as the tape's pending gradient of the head: the tied wte's fused embedding backward
+(ops/gpt2_embed.py) adds its part and writes wte's gradient once; llm_head_nll_flush writes it if no op took it.
 
 Tiling: one microkernel call receives every tile of x, in (tr, tc) order; dx has x's tiling and dhead the head's.
 """
 from __future__ import annotations
 
 from pg_llm.gen.emit import comment, function, kernel_body, plpgsql
-from pg_llm.kernels.head_train import head_kernel
+from pg_llm.kernels.head_train import flush_kernel, head_kernel
 from pg_llm.ops.common import KERNEL_SETTINGS
 
 SQL_FILE = "kernels/head_nll.sql"
@@ -20,7 +22,8 @@ RUN = """
       FROM (
         SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_x
       ) AS g
-      CROSS JOIN LATERAL llm_mk_head_nll(g.tiles, v_geom, p_head, p_targets, p_scale / v_geom[1], v_htile) AS k
+      CROSS JOIN LATERAL llm_mk_head_nll(g.tiles, v_geom, p_head, p_targets, p_scale / v_geom[1], v_htile,
+                                       coalesce(p_tape, 0)) AS k
     ), w AS (
       INSERT INTO llm_tile (tensor_id, tr, tc, data)
       SELECT CASE WHEN o.k = 1 THEN dx ELSE dhead END, o.tr, o.tc, o.data
@@ -43,23 +46,57 @@ def _run() -> str:
             USING HINT = 'x is (B*T, C), the head (vocab, C), one target per row of x.';
         END IF;
         dx := llm_tensor_like(p_x, 'head_nll.dx');
-        dhead := llm_tensor_like(p_head, 'grad');
+        IF p_tape IS NULL THEN
+          dhead := llm_tensor_like(p_head, 'grad');
+        END IF;
         @run;
         loss := loss / v_geom[1];
     """, run=RUN)
     return function("llm_head_nll", "p_x BIGINT, p_head BIGINT, p_targets INT[], p_scale FLOAT8 DEFAULT 1, "
-                    "OUT loss FLOAT8, OUT dx BIGINT, OUT dhead BIGINT", "RECORD", body, settings=KERNEL_SETTINGS,
+                    "p_tape BIGINT DEFAULT NULL, OUT loss FLOAT8, OUT dx BIGINT, OUT dhead BIGINT", "RECORD", body,
+                    settings=KERNEL_SETTINGS,
                     note="""
         op: fused LM head + cross-entropy. x (N, C), head (V, C), targets (N ids) -> the mean NLL of the targets
-        under x @ head^T, and new scratch tensors dx (N, C) and dhead (V, C): the gradients of p_scale * loss.
+        under x @ head^T, and new scratch tensors dx (N, C) and dhead (V, C): the gradients of p_scale * loss
+        (with p_tape, dhead NULL: kept as the tape's pending gradient of the head, see llm_head_nll_flush).
         tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 256 rows, never stored.""")
 
 
+FLUSH = """
+    INSERT INTO llm_tile (tensor_id, tr, tc, data)
+    SELECT v_g, k.tr, k.tc, k.data FROM llm_mk_head_nll_flush(p_tape, p_head, v_htile) AS k"""
+
+
+def _flush() -> str:
+    body = plpgsql("rh llm_tensor; v_htile INT[]; v_g BIGINT; v_n BIGINT;", """
+        rh := llm_input(p_head, 'head_nll_flush', 'head');
+        v_htile := ARRAY[least(rh.tile[1], llm_rows(rh.shape)), least(rh.tile[2], llm_cols(rh.shape))];
+        v_g := llm_tensor_like(p_head, 'grad');
+        @flush;
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        IF v_n = 0 THEN
+          PERFORM llm_tensor_drop(v_g);
+          RETURN NULL;
+        END IF;
+        RETURN v_g;
+    """, flush=FLUSH)
+    return function("llm_head_nll_flush", "p_tape BIGINT, p_head BIGINT", "BIGINT", body, settings=KERNEL_SETTINGS,
+                    note="""The tape's pending gradient of the head (llm_head_nll with p_tape) as a new scratch
+                    tensor, or NULL when an op took it (the tied wte's embedding backward adds it to its own part).""")
+
+
 def emit() -> str:
+    flush = function("llm_mk_head_nll_flush", "tape BIGINT, head BIGINT, head_tile INT[]",
+                     "TABLE(tr INT, tc INT, data BYTEA)", kernel_body(flush_kernel, "flush_kernel(GD, tape, head, "
+                                                                                   "head_tile)"),
+                     language="plpython3u", volatility="VOLATILE", strict=True, settings=("jit = off",), note="""
+        head_nll microkernel: the tiles of the tape's pending head gradient, taken out of the backend's memory.""")
     mk = function("llm_mk_head_nll", "tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, "
-                  "head_tile INT[]", "TABLE(k INT, tr INT, tc INT, data BYTEA, nll FLOAT8)",
-                  kernel_body(head_kernel, "head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile)"),
+                  "head_tile INT[], tape BIGINT", "TABLE(k INT, tr INT, tc INT, data BYTEA, nll FLOAT8)",
+                  kernel_body(head_kernel, "head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile, "
+                                           "tape)"),
                   language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
         head_nll microkernel: k = 0 one row with the NLL sum (float64), k = 1 dx's tiles, k = 2 dhead's tiles
-        (scale: the factor of the gradients, per row). The head comes from the backend's weight cache.""")
-    return "\n".join([comment(__doc__ or ""), mk, _run()])
+        (scale: the factor of the gradients, per row; tape not 0: dhead kept as its pending gradient, no k = 2
+        rows). The head comes from the backend's weight cache.""")
+    return "\n".join([comment(__doc__ or ""), mk, flush, _run(), _flush()])

@@ -82,14 +82,17 @@ BEGIN
   c := llm_gpt2_check_input(p_model, p_tokens, t);
   PERFORM llm_model_read_lock(p_model);
   PERFORM llm_tables_analyze();  -- a fresh database has no statistics yet: see llm_tables_analyze
-  x := llm_t_add(p_tape,
-                 llm_t_embedding(p_tape, llm_param(p_model, 'wte.weight'), p_tokens, least(256, n)),
-                 llm_t_embedding(p_tape, llm_param(p_model, 'wpe.weight'),
-                                 ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i),
-                                 least(256, n)));
-  x := llm_t_dropout(p_tape, x, p_dropout, llm_site_seed(p_seed, 'embd'));
-  IF p_tape IS NOT NULL AND coalesce(current_setting('pg_llm.fused_train', TRUE), '') <> 'off' THEN  -- one op per block, only its input kept (ops/gpt2_block.py)
-    v_block := llm_gpt2_block_params(p_model, c.n_layer);
+  IF p_tape IS NOT NULL AND coalesce(current_setting('pg_llm.fused_train', TRUE), '') <> 'off' THEN  -- one op for the input (ops/gpt2_embed.py)
+    x := llm_t_gpt2_embed(p_tape, llm_param(p_model, 'wte.weight'), llm_param(p_model, 'wpe.weight'), p_tokens, t,
+                          p_dropout, llm_site_seed(p_seed, 'embd'), least(256, n));
+    v_block := llm_gpt2_block_params(p_model, c.n_layer);  -- ops/gpt2_block.py: only each block's input kept
+  ELSE
+    x := llm_t_add(p_tape,
+                   llm_t_embedding(p_tape, llm_param(p_model, 'wte.weight'), p_tokens, least(256, n)),
+                   llm_t_embedding(p_tape, llm_param(p_model, 'wpe.weight'),
+                                   ARRAY(SELECT (i - 1) % t FROM generate_series(1, n) AS i),
+                                   least(256, n)));
+    x := llm_t_dropout(p_tape, x, p_dropout, llm_site_seed(p_seed, 'embd'));
   END IF;
   FOR layer IN 0 .. c.n_layer - 1 LOOP
     pre := 'h.' || layer || '.';

@@ -100,6 +100,10 @@ BEGIN
       CROSS JOIN LATERAL unnest(k.xs[1:1] || k.params,
                                 llm_gpt2_block_backward(k.xs, g, k.params, (r.args ->> 'n_head')::INT, (r.args ->> 'seq_len')::INT, (r.args ->> 'eps')::FLOAT8, (r.args ->> 'dropout')::FLOAT8,
                                                         k.seeds, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'drop_tile'))::INT[])) AS u(t, g);
+    ELSIF r.op = 'gpt2_embed' THEN  -- x = dropout(wte[tokens] + wpe[pos]); dwte (+ the head's pending part), dwpe by scatter-add
+      PERFORM llm_grad_acc(p_tape, u.t, u.g)
+      FROM unnest(ARRAY[r.a, r.b], llm_gpt2_embed_backward(g, r.a, r.b, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'tokens'))::INT[], (r.args ->> 'seq_len')::INT, (r.args ->> 'dropout')::FLOAT8,
+                                                               (r.args ->> 'seed')::BIGINT, p_tape)) AS u(t, g);
     ELSIF r.op = 'layernorm' THEN  -- out = ln(x; w, b); dx, dw, db
       dx := llm_tensor_like(r.a, 'dx');
       dw := llm_tensor_like(r.b, 'dg');

@@ -3,12 +3,15 @@
 -- head_nll: the training loss at the top of the model, fused: mean cross-entropy of targets under the logits
 -- x @ head^T, with the gradients of scale * loss for x and for the head produced in the same call (the numpy side
 -- and why: py/kernels/head_train.py). Not recorded on the tape: it is the root of a training backward
--- (llm_gpt2_loss_backward hands dx to llm_backward and dhead to the head's gradient).
+-- (llm_gpt2_loss_backward hands dx to llm_backward and dhead to the head's gradient). With p_tape, dhead stays in
+-- the backend's memory as the tape's pending gradient of the head: the tied wte's fused embedding backward
+-- (ops/gpt2_embed.py) adds its part and writes wte's gradient once; llm_head_nll_flush writes it if no op took it.
 --
 -- Tiling: one microkernel call receives every tile of x, in (tr, tc) order; dx has x's tiling and dhead the head's.
 -- head_nll microkernel: k = 0 one row with the NLL sum (float64), k = 1 dx's tiles, k = 2 dhead's tiles
--- (scale: the factor of the gradients, per row). The head comes from the backend's weight cache.
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll(tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, head_tile INT[])
+-- (scale: the factor of the gradients, per row; tape not 0: dhead kept as its pending gradient, no k = 2
+-- rows). The head comes from the backend's weight cache.
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll(tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, head_tile INT[], tape BIGINT)
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA, nll FLOAT8)
 LANGUAGE plpython3u
 STABLE
@@ -19,13 +22,29 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.head_train import head_kernel
-return head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile)
+return head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile, tape)
+$fn$;
+
+-- head_nll microkernel: the tiles of the tape's pending head gradient, taken out of the backend's memory.
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll_flush(tape BIGINT, head BIGINT, head_tile INT[])
+RETURNS TABLE(tr INT, tc INT, data BYTEA)
+LANGUAGE plpython3u
+VOLATILE
+STRICT
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+SET jit = off
+AS $fn$
+if 'pg_llm_boot' not in GD:
+    plpy.execute('SELECT llm_py_boot()')
+from pg_llm.kernels.head_train import flush_kernel
+return flush_kernel(GD, tape, head, head_tile)
 $fn$;
 
 -- op: fused LM head + cross-entropy. x (N, C), head (V, C), targets (N ids) -> the mean NLL of the targets
--- under x @ head^T, and new scratch tensors dx (N, C) and dhead (V, C): the gradients of p_scale * loss.
+-- under x @ head^T, and new scratch tensors dx (N, C) and dhead (V, C): the gradients of p_scale * loss
+-- (with p_tape, dhead NULL: kept as the tape's pending gradient of the head, see llm_head_nll_flush).
 -- tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 256 rows, never stored.
-CREATE OR REPLACE FUNCTION llm_internal.llm_head_nll(p_x BIGINT, p_head BIGINT, p_targets INT[], p_scale FLOAT8 DEFAULT 1, OUT loss FLOAT8, OUT dx BIGINT, OUT dhead BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_head_nll(p_x BIGINT, p_head BIGINT, p_targets INT[], p_scale FLOAT8 DEFAULT 1, p_tape BIGINT DEFAULT NULL, OUT loss FLOAT8, OUT dx BIGINT, OUT dhead BIGINT)
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
@@ -46,7 +65,9 @@ BEGIN
       USING HINT = 'x is (B*T, C), the head (vocab, C), one target per row of x.';
   END IF;
   dx := llm_tensor_like(p_x, 'head_nll.dx');
-  dhead := llm_tensor_like(p_head, 'grad');
+  IF p_tape IS NULL THEN
+    dhead := llm_tensor_like(p_head, 'grad');
+  END IF;
   WITH o AS MATERIALIZED (
     SELECT
       k.k,
@@ -61,7 +82,7 @@ BEGIN
       WHERE
         t.tensor_id = p_x
     ) AS g
-    CROSS JOIN LATERAL llm_mk_head_nll(g.tiles, v_geom, p_head, p_targets, p_scale / v_geom[1], v_htile) AS k
+    CROSS JOIN LATERAL llm_mk_head_nll(g.tiles, v_geom, p_head, p_targets, p_scale / v_geom[1], v_htile, COALESCE(p_tape, 0)) AS k
   ), w AS (
     INSERT INTO llm_tile (
       tensor_id,
@@ -94,5 +115,41 @@ BEGIN
     )
   INTO v_n, loss;
   loss := loss / v_geom[1];
+END
+$fn$;
+
+-- The tape's pending gradient of the head (llm_head_nll with p_tape) as a new scratch
+--                     tensor, or NULL when an op took it (the tied wte's embedding backward adds it to its own part).
+CREATE OR REPLACE FUNCTION llm_internal.llm_head_nll_flush(p_tape BIGINT, p_head BIGINT)
+RETURNS BIGINT
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+SET jit = off
+AS $fn$
+DECLARE
+  rh llm_tensor; v_htile INT[]; v_g BIGINT; v_n BIGINT;
+BEGIN
+  rh := llm_input(p_head, 'head_nll_flush', 'head');
+  v_htile := ARRAY[least(rh.tile[1], llm_rows(rh.shape)), least(rh.tile[2], llm_cols(rh.shape))];
+  v_g := llm_tensor_like(p_head, 'grad');
+  INSERT INTO llm_tile (
+    tensor_id,
+    tr,
+    tc,
+    data
+  )
+  SELECT
+    v_g,
+    k.tr,
+    k.tc,
+    k.data
+  FROM llm_mk_head_nll_flush(p_tape, p_head, v_htile) AS k;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  IF v_n = 0 THEN
+    PERFORM llm_tensor_drop(v_g);
+    RETURN NULL;
+  END IF;
+  RETURN v_g;
 END
 $fn$;
