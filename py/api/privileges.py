@@ -40,9 +40,12 @@ TABLES: dict[str, dict[str, str]] = {
     "llm_bpe_vocab": {R: "SELECT", A: "INSERT, UPDATE, DELETE"},
     "llm_bpe_merges": {R: "SELECT", A: "INSERT, UPDATE, DELETE"},
     "llm_bpe_cache": {R: "SELECT", A: "DELETE"},  # filled by llm_bpe_cache_fill (SECURITY DEFINER) only
+    "llm_cluster_rank": {T: "SELECT", A: "INSERT, UPDATE, DELETE"},  # registering ranks is for admins
+    f"{INTERNAL}.llm_cluster_tile_md5": {R: "SELECT"},  # what a coordinator reads from a rank
     "llm_py_module": {},  # SELECT to PUBLIC (py/gen/pymodules.py); its code runs in every role's kernels
     **{v: {R: "SELECT"} for v in ("llm_tensors", "llm_models", "llm_tokenizers", "llm_datasets", "llm_checkpoints",
                                   "llm_param", "llm_param_rows", "llm_train_progress")},
+    "llm_cluster_ranks": {T: "SELECT"},
 }
 
 # Scratch tensors (negative ids) belong to the backend that made them (a dead backend's are anyone's to drop);

@@ -26,6 +26,8 @@ PUBLIC = frozenset({
     # training, checkpoints, weight files
     "llm_train_step", "llm_train", "llm_train_run", "llm_train_check", "llm_eval_loss", "llm_lr_at",
     "llm_checkpoint_save", "llm_checkpoint_load", "llm_checkpoint_drop", "pg_llm_import_npz", "pg_llm_export_npz",
+    # scale-out: a cluster of ranks (docs/scaleout.md)
+    "llm_cluster_add", "llm_cluster_drop", "llm_cluster_check", "llm_cluster_sync",
     # tensors and kernels (each op with its backward)
     "llm_tensor_create", "llm_tensor", "llm_param", "llm_tensor_drop", "llm_tile_values", "llm_tile_values_2d",
     "llm_tensor_rows", "llm_tensor_validate", "llm_adamw_step", "llm_global_grad_norm", "llm_clip_coef",
