@@ -115,21 +115,28 @@ def test_tape_runs_of_blocks(conn: psycopg.Connection, weights, rng: np.random.G
     assert calls == (2 if shared else 1)  # one dx per backward call: a run of two blocks is one call
 
 
-def test_head_nll_equals_torch(conn: psycopg.Connection, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("with_ln", [False, True], ids=["head", "ln_f+head"])
+def test_head_nll_equals_torch(conn: psycopg.Connection, rng: np.random.Generator, with_ln: bool) -> None:
     V, N = 301, B * T
     x = rng.standard_normal((N, C)).astype(np.float32)
     head = (rng.standard_normal((V, C)) * 0.3).astype(np.float32)
+    g, b = (1 + 0.2 * rng.standard_normal(C)).astype(np.float32), (0.2 * rng.standard_normal(C)).astype(np.float32)
     tgt = rng.integers(0, V, N)
-    ix, ih = put(conn, x, (16, 16)), param(conn, head, "wte.weight", "blk", tile=(16, 16))
-    loss, dx, dh = conn.execute("SELECT * FROM llm_internal.llm_head_nll(%s, %s, %s, 0.5)",
-                                (ix, ih, tgt.tolist())).fetchone()
-    tx = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    th = torch.tensor(head, dtype=torch.float64, requires_grad=True)
-    ref = torch.nn.functional.cross_entropy(tx @ th.T, torch.tensor(tgt))
+    ix, ih = put(conn, x, (16, 16)), param(conn, head, "wte.weight", "blk", tile=(16, 16), replace=True)
+    ln = [param(conn, a, n, "blk", tile=(16, 16), replace=True) for a, n in ((g, "ln_f.weight"), (b, "ln_f.bias"))]
+    loss, dx, dh, dln = conn.execute("SELECT loss, dx, dhead, dln FROM llm_internal.llm_head_nll(%s, %s, %s, 0.5, "
+                                     "NULL, %s, 1e-5)", (ix, ih, tgt.tolist(), ln if with_ln else None)).fetchone()
+    tx, th, tg, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, head, g, b))
+    h = torch.nn.functional.layer_norm(tx, (C,), tg, tb, 1e-5) if with_ln else tx
+    ref = torch.nn.functional.cross_entropy(h @ th.T, torch.tensor(tgt))
     (0.5 * ref).backward()
     assert abs(loss - ref.item()) <= 1e-6 * ref.item()
     close(get(conn, dx), tx.grad.numpy())
     close(get(conn, dh), th.grad.numpy())
+    assert (dln is not None) is with_ln
+    if with_ln:
+        close(get(conn, dln[0]), tg.grad.numpy())
+        close(get(conn, dln[1]), tb.grad.numpy())
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -47,9 +47,8 @@ def test_backward_equals_torch_with_the_heads_gradient(conn: psycopg.Connection,
     tape = 987654321  # any tape id: the head's gradient waits in this backend's memory under it
     h = put(conn, rng.standard_normal((len(TOKENS), C)).astype(np.float32), (5, 16))
     tgt = rng.integers(0, V, len(TOKENS)).tolist()
-    _, _, dhead = conn.execute("SELECT * FROM llm_internal.llm_head_nll(%s, %s, %s, 1, NULL)", (h, ite, tgt)).fetchone()
-    loss, _, kept = conn.execute("SELECT * FROM llm_internal.llm_head_nll(%s, %s, %s, 1, %s)",
-                                 (h, ite, tgt, tape)).fetchone()
+    dhead = call(conn, "SELECT dhead FROM llm_internal.llm_head_nll(%s, %s, %s, 1, NULL)", h, ite, tgt)
+    kept = call(conn, "SELECT dhead FROM llm_internal.llm_head_nll(%s, %s, %s, 1, %s)", h, ite, tgt, tape)
     assert kept is None
     dte, dpe = call(conn, "SELECT llm_internal.llm_gpt2_embed_backward(%s, %s, %s, %s, 7, 0.3, 9, %s)", idx, ite, ipe,
                     TOKENS, tape)

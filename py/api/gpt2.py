@@ -132,11 +132,11 @@ def _forward() -> str:
           END IF;
 {_layer()}
         END LOOP;
-        x := llm_t_layernorm(p_tape, x, llm_param(p_model, '{LN_F.params[0]}'), llm_param(p_model, '{LN_F.params[1]}'),
-                             c.layer_norm_epsilon);
-        IF p_hidden THEN  -- the caller applies the head (training: llm_head_nll)
+        IF p_hidden THEN  -- the caller applies ln_f and the head (training: llm_head_nll)
           RETURN x;
         END IF;
+        x := llm_t_layernorm(p_tape, x, llm_param(p_model, '{LN_F.params[0]}'), llm_param(p_model, '{LN_F.params[1]}'),
+                             c.layer_norm_epsilon);
         IF p_rows IS NOT NULL THEN  -- only these rows' logits: gather them before the (costly) tied projection
           x := llm_t_embedding(p_tape, x, p_rows, least({TILE_ROWS}, cardinality(p_rows)));
         END IF;
@@ -153,8 +153,8 @@ def _forward() -> str:
                     others). With p_tape every op is recorded for
                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
                     branches) with masks seeded from p_seed; with a tape each block is one gpt2_block op
-                    (pg_llm.fused_train = off: the per-op chain). p_hidden: return ln_f's output (B*T, C) instead
-                    of the logits. Caller releases scratch tensors.""")
+                    (pg_llm.fused_train = off: the per-op chain). p_hidden: return the last block's output (B*T,
+                    C), before ln_f, instead of the logits. Caller releases scratch tensors.""")
 
 
 def _api() -> str:

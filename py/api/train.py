@@ -12,7 +12,7 @@ import textwrap
 
 from pg_llm.api.gpt2 import HEAD
 from pg_llm.api.train_resume import DEFAULTS, schedule_of
-from pg_llm.config import TrainConfig
+from pg_llm.config import LN_F, TrainConfig
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
 from pg_llm.ops.common import KERNEL_SETTINGS
 from pg_llm.ops.gpt2_block import FUSED_TRAIN
@@ -97,12 +97,16 @@ def _grads() -> str:
     body = plpgsql("""
         v_tape BIGINT := llm_scratch_mark();
         v_after BIGINT := nextval('llm_tape_seq');
-        v_logits BIGINT; v_loss FLOAT8; v_x BIGINT; v_head BIGINT; h RECORD;
+        v_logits BIGINT; v_loss FLOAT8; v_x BIGINT; v_head BIGINT; v_ln BIGINT[]; h RECORD; c llm_model_config;
     """, f"""
         IF {FUSED_TRAIN} THEN  -- fused blocks and a fused LM head + cross-entropy (ops/head_nll.py)
           v_x := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed, p_hidden => TRUE);
-          v_head := (SELECT {HEAD} FROM llm_model_get(p_model) AS c);
-          h := llm_head_nll(v_x, v_head, p_targets, p_loss_scale, p_tape);  -- dhead kept in memory for the tape
+          c := llm_model_get(p_model);
+          v_head := {HEAD};
+          v_ln := ARRAY[llm_param(p_model, '{LN_F.params[0]}'), llm_param(p_model, '{LN_F.params[1]}')];
+          -- ln_f, the head and the loss in one call; dhead kept in memory for the tape
+          h := llm_head_nll(v_x, v_head, p_targets, p_loss_scale, p_tape, v_ln, c.layer_norm_epsilon);
+          PERFORM llm_grad_acc(p_tape, u.t, u.g) FROM unnest(v_ln, h.dln) AS u(t, g);
           PERFORM llm_backward(p_tape, v_x, h.dx, v_after);  -- the tied wte's embedding backward adds it to its part
           v_x := llm_head_nll_flush(p_tape, v_head);  -- an untied head's gradient: nobody took it
           IF v_x IS NOT NULL THEN

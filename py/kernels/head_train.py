@@ -5,6 +5,9 @@ and their gradient are never stored (the kernel chain wrote both as tiles: 2 x 4
 Per chunk: z = x_c @ head^T (float32), the log-sum-exp with the exponentials in float32 and the sums in float64
 (score.nll_exp, the scoring path's), dz = (softmax(z) - onehot(target)) * scale, dx_c = dz @ head, dhead += dz^T @ x_c.
 
+With ln_f's parameters, x is the last block's output: the kernel applies ln_f first and returns dx through it and
+ln_f's gradients too (neither ln_f's output nor its gradient is stored).
+
 With a tape, dhead is not written but kept as the tape's pending gradient of the head (embed_train.keep_pending): the
 tied wte's embedding backward adds its part to it and writes wte's gradient once; flush_kernel writes one no op took.
 """
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pg_llm.kernels.embed_train import keep_pending, take_pending
+from pg_llm.kernels.layernorm import layernorm_backward_rows, layernorm_rows
 from pg_llm.kernels.runtime import error
 from pg_llm.kernels.score import nll_exp
 from pg_llm.kernels.tiles import block, cut, whole
@@ -44,10 +48,12 @@ def head_nll(x: np.ndarray, head: np.ndarray, targets: np.ndarray,
 
 
 def head_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int], head_id: int,
-                targets: Sequence[int], scale: float, head_tile: Sequence[int], tape: int) -> Iterator[tuple]:
+                targets: Sequence[int], scale: float, head_tile: Sequence[int], tape: int, ln: Sequence[int],
+                eps: float, ln_tiles: Sequence[int]) -> Iterator[tuple]:
     """llm_mk_head_nll: (k, tr, tc, data, nll) rows: k = 0 one row with the NLL sum, k = 1 dx's tiles (x's tiling
     geom = [rows, cols, tile rows, tile cols]), k = 2 dhead's tiles (tiles head_tile), for scale * sum(NLL); with
-    tape (not 0) dhead is kept as the tape's pending gradient of the head instead."""
+    tape (not 0) dhead is kept as the tape's pending gradient of the head instead. ln: [] or ln_f's (weight, bias)
+    ids, applied to x first (eps), their gradients as k = 3 and 4 (tiles ln_tiles[0:2], ln_tiles[2:4])."""
     rows, cols, th, tw = geom
     x = whole(tiles, rows, cols, th, tw, 'head_nll')
     head = cached_tensors(plpy, GD, [head_id], block, cache_budget(plpy, GD))[0]
@@ -56,8 +62,18 @@ def head_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int]
         error('pg_llm: head_nll: x (%d, %d), head %s and %d targets do not fit' % (rows, cols, head.shape, len(t)))
     if len(t) and (t.min() < 0 or t.max() >= head.shape[0]):
         error('pg_llm: head_nll: a target id is outside the vocabulary of %d' % head.shape[0])
-    total, dx, dh = head_nll(x, head, t, scale)
+    if len(ln) not in (0, 2) or len(ln_tiles) != 2 * len(ln):
+        error('pg_llm: head_nll: ln must be [] or ln_f\'s two ids (with their tiles), got %d' % len(ln))
+    lnw = cached_tensors(plpy, GD, list(ln), block, cache_budget(plpy, GD)) if ln else []
+    if any(w.size != cols for w in lnw):
+        error('pg_llm: head_nll: ln_f\'s parameters have %s values, x rows %d' % ([w.size for w in lnw], cols))
+    total, dx, dh = head_nll(layernorm_rows(x, *lnw, eps) if ln else x, head, t, scale)
     yield 0, 0, 0, None, total
+    if ln:
+        dx, dg, db = layernorm_backward_rows(x, dx, lnw[0], eps)
+        for k, g in ((3, dg), (4, db)):
+            for tr, tc, data in cut(g.reshape(1, -1), ln_tiles[2 * k - 6], ln_tiles[2 * k - 5]):
+                yield k, tr, tc, data, None
     if tape:
         keep_pending(GD, tape, head_id, dh)
     for k, a, (h, w) in [(1, dx, (th, tw))] + ([] if tape else [(2, dh, tuple(head_tile))]):

@@ -64,8 +64,8 @@ $fn$;
 --                     others). With p_tape every op is recorded for
 --                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
 --                     branches) with masks seeded from p_seed; with a tape each block is one gpt2_block op
---                     (pg_llm.fused_train = off: the per-op chain). p_hidden: return ln_f's output (B*T, C) instead
---                     of the logits. Caller releases scratch tensors.
+--                     (pg_llm.fused_train = off: the per-op chain). p_hidden: return the last block's output (B*T,
+--                     C), before ln_f, instead of the logits. Caller releases scratch tensors.
 CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL, p_hidden BOOLEAN DEFAULT FALSE)
 RETURNS BIGINT
 LANGUAGE plpgsql
@@ -116,11 +116,11 @@ BEGIN
     x := llm_t_linear(p_tape, h, p_model, pre || 'mlp.c_proj', p_residual => x, p_dropout => p_dropout,
                       p_seed => llm_site_seed(p_seed, pre || 'mlp.resid'));
   END LOOP;
-  x := llm_t_layernorm(p_tape, x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'),
-                       c.layer_norm_epsilon);
-  IF p_hidden THEN  -- the caller applies the head (training: llm_head_nll)
+  IF p_hidden THEN  -- the caller applies ln_f and the head (training: llm_head_nll)
     RETURN x;
   END IF;
+  x := llm_t_layernorm(p_tape, x, llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias'),
+                       c.layer_norm_epsilon);
   IF p_rows IS NOT NULL THEN  -- only these rows' logits: gather them before the (costly) tied projection
     x := llm_t_embedding(p_tape, x, p_rows, least(256, cardinality(p_rows)));
   END IF;

@@ -68,10 +68,10 @@ SELECT
   CAST((
     CASE
       WHEN COALESCE(current_setting('pg_llm.fused_train', TRUE), '') <> 'off'
-      THEN 4 * (
-        p_grad_accum * 4.0 * p_tokens * c.n_embd * (
-          c.n_layer + 2
-        ) + 1.25 * s.params
+      THEN 4 * p_grad_accum * (
+        1.1 * p_tokens * c.n_embd * (
+          c.n_layer + 5
+        ) + s.params
       )
       ELSE 4 * (
         p_grad_accum * (

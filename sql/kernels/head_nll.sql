@@ -8,10 +8,11 @@
 -- (ops/gpt2_embed.py) adds its part and writes wte's gradient once; llm_head_nll_flush writes it if no op took it.
 --
 -- Tiling: one microkernel call receives every tile of x, in (tr, tc) order; dx has x's tiling and dhead the head's.
--- head_nll microkernel: k = 0 one row with the NLL sum (float64), k = 1 dx's tiles, k = 2 dhead's tiles
+-- head_nll microkernel: k = 0 one row with the NLL sum (float64), k = 1 dx's tiles, k = 2 dhead's tiles,
+-- k = 3, 4 ln_f's gradients (ln: ln_f's ids applied to x first, or empty)
 -- (scale: the factor of the gradients, per row; tape not 0: dhead kept as its pending gradient, no k = 2
 -- rows). The head comes from the backend's weight cache.
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll(tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, head_tile INT[], tape BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll(tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, head_tile INT[], tape BIGINT, ln BIGINT[], eps FLOAT8, ln_tiles INT[])
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA, nll FLOAT8)
 LANGUAGE plpython3u
 STABLE
@@ -22,7 +23,7 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.head_train import head_kernel
-return head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile, tape)
+return head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile, tape, ln, eps, ln_tiles)
 $fn$;
 
 -- head_nll microkernel: the tiles of the tape's pending head gradient, taken out of the backend's memory.
@@ -42,9 +43,11 @@ $fn$;
 
 -- op: fused LM head + cross-entropy. x (N, C), head (V, C), targets (N ids) -> the mean NLL of the targets
 -- under x @ head^T, and new scratch tensors dx (N, C) and dhead (V, C): the gradients of p_scale * loss
--- (with p_tape, dhead NULL: kept as the tape's pending gradient of the head, see llm_head_nll_flush).
+-- (with p_tape, dhead NULL: kept as the tape's pending gradient of the head, see llm_head_nll_flush). With
+-- p_ln (ln_f's weight and bias ids), x is the last block's output: ln_f(x, eps p_eps) feeds the head, dx is
+-- through ln_f and dln holds ln_f's two gradients.
 -- tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 256 rows, never stored.
-CREATE OR REPLACE FUNCTION llm_internal.llm_head_nll(p_x BIGINT, p_head BIGINT, p_targets INT[], p_scale FLOAT8 DEFAULT 1, p_tape BIGINT DEFAULT NULL, OUT loss FLOAT8, OUT dx BIGINT, OUT dhead BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_head_nll(p_x BIGINT, p_head BIGINT, p_targets INT[], p_scale FLOAT8 DEFAULT 1, p_tape BIGINT DEFAULT NULL, p_ln BIGINT[] DEFAULT NULL, p_eps FLOAT8 DEFAULT 1e-5, OUT loss FLOAT8, OUT dx BIGINT, OUT dhead BIGINT, OUT dln BIGINT[])
 RETURNS RECORD
 LANGUAGE plpgsql
 VOLATILE
@@ -52,7 +55,7 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  r llm_tensor; rh llm_tensor; v_geom INT[]; v_htile INT[]; v_n BIGINT;
+  r llm_tensor; rh llm_tensor; v_geom INT[]; v_htile INT[]; v_ltiles INT[] := '{}'; v_n BIGINT;
 BEGIN
   r := llm_input(p_x, 'head_nll', 'x');
   rh := llm_input(p_head, 'head_nll', 'head');
@@ -65,8 +68,21 @@ BEGIN
       USING HINT = 'x is (B*T, C), the head (vocab, C), one target per row of x.';
   END IF;
   dx := llm_tensor_like(p_x, 'head_nll.dx');
+  IF p_ln IS NOT NULL AND (cardinality(p_ln) <> 2 OR array_position(p_ln, NULL) IS NOT NULL OR EXISTS (
+       SELECT 1 FROM unnest(p_ln) AS u(id) LEFT JOIN llm_tensor AS v ON v.id = u.id
+       WHERE llm_rows(v.shape) * llm_cols(v.shape) IS DISTINCT FROM v_geom[2])) THEN
+    RAISE EXCEPTION 'pg_llm: head_nll: p_ln must be the ids of ln_f''s weight and bias (% values each), got %',
+      v_geom[2], p_ln;
+  END IF;
   IF p_tape IS NULL THEN
     dhead := llm_tensor_like(p_head, 'grad');
+  END IF;
+  IF p_ln IS NOT NULL THEN
+    dln := ARRAY[llm_tensor_like(p_ln[1], 'grad'), llm_tensor_like(p_ln[2], 'grad')];
+    v_ltiles := ARRAY(SELECT e.v FROM unnest(p_ln) WITH ORDINALITY AS u(id, k)
+                      JOIN llm_tensor AS v ON v.id = u.id
+                      CROSS JOIN LATERAL unnest(ARRAY[1, least(v.tile[2], llm_cols(v.shape))])
+                        WITH ORDINALITY AS e(v, j) ORDER BY u.k, e.j);
   END IF;
   WITH o AS MATERIALIZED (
     SELECT
@@ -82,7 +98,18 @@ BEGIN
       WHERE
         t.tensor_id = p_x
     ) AS g
-    CROSS JOIN LATERAL llm_mk_head_nll(g.tiles, v_geom, p_head, p_targets, p_scale / v_geom[1], v_htile, COALESCE(p_tape, 0)) AS k
+    CROSS JOIN LATERAL llm_mk_head_nll(
+      g.tiles,
+      v_geom,
+      p_head,
+      p_targets,
+      p_scale / v_geom[1],
+      v_htile,
+      COALESCE(p_tape, 0),
+      COALESCE(p_ln, '{}'),
+      p_eps,
+      v_ltiles
+    ) AS k
   ), w AS (
     INSERT INTO llm_tile (
       tensor_id,
@@ -91,7 +118,7 @@ BEGIN
       data
     )
     SELECT
-      CASE WHEN o.k = 1 THEN dx ELSE dhead END,
+      CASE o.k WHEN 1 THEN dx WHEN 2 THEN dhead ELSE dln[o.k - 2] END,
       o.tr,
       o.tc,
       o.data
