@@ -58,10 +58,10 @@ def _room() -> str:
 # about 1.1 floats per token, channel and (layer + 5) (each block's input; the input, the head's and the first
 # block's dx) and one per parameter (the gradients, written once by the first micro-batch and again by each one
 # that adds to them), plus the 12 bytes per parameter of the new parameter and moment versions; GPT-2 small,
-# 8 x 1024 tokens: 0.97 GB of scratch estimated, 0.98 GB peak measured (make bench train_long, 2026-12-02). The per-op chain (pg_llm.fused_train = off; 2 and 4 layers, 128
-# and 256 wide, 512 to 2048 tokens per step): about 2.2 floats per token and vocabulary entry (logits, their
-# gradient) and 45 per token, layer and channel, plus 1.4 per parameter; GPT-2 small, 2 x 1024 tokens: 5.0 GB of
-# scratch estimated, 4.7 GB measured.
+# 8 x 1024 tokens: 0.97 GB of scratch estimated, 0.98 GB peak measured (make bench train_long, 2026-12-02). The
+# per-op chain (pg_llm.fused_train = off; 2 and 4 layers, 128 and 256 wide, 512 to 2048 tokens per step): about
+# 2.2 floats per token and vocabulary entry (logits, their gradient) and 45 per token, layer and channel, plus 1.4
+# per parameter; GPT-2 small, 2 x 1024 tokens: 5.0 GB of scratch estimated, 4.7 GB measured.
 def _estimate() -> str:
     est = function("llm_train_step_bytes", "p_model TEXT, p_tokens BIGINT, p_grad_accum INT", "BIGINT", f"""
         SELECT (CASE WHEN {FUSED_TRAIN}

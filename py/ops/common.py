@@ -18,6 +18,18 @@ KERNEL_SETTINGS = ("jit = off",)  # JIT adds 0.5-2 s to short analytic queries; 
 UPSERT = "ON CONFLICT (tensor_id, tr, tc) DO UPDATE SET data = llm_mk_add(llm_tile.data, excluded.data)"
 
 
+def insert_rows(src: str, call: str) -> str:
+    """The INSERT of a microkernel's (k, tr, tc, data) rows into tensor v_ids[k + 1], `call` receiving every tile
+    of tensor `src` in (tr, tc) order as d.tiles (the fused backward kernels: several outputs from one call)."""
+    return f"""
+    INSERT INTO llm_tile (tensor_id, tr, tc, data)
+    SELECT v_ids[o.k + 1], o.tr, o.tc, o.data
+    FROM (
+      SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = {src}
+    ) AS d
+    CROSS JOIN LATERAL {call} AS o"""
+
+
 def emit() -> str:
     out = [microkernel("llm_mk_add", "a BYTEA, b BYTEA", "BYTEA", add_tiles,
                        note="Elementwise sum of two tiles of the same shape (accumulation, tile-sum aggregate).")]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pg_llm.autograd.registry import Op
 from pg_llm.gen.emit import comment, function, kernel_body, plpgsql
 from pg_llm.kernels.block_train import backward_kernel, forward_kernel
-from pg_llm.ops.common import KERNEL_SETTINGS
+from pg_llm.ops.common import KERNEL_SETTINGS, insert_rows
 
 SQL_FILE = "kernels/gpt2_block.sql"
 ORDER = 35
@@ -89,14 +89,8 @@ FORWARD = """
     CROSS JOIN LATERAL unnest(llm_mk_gpt2_block(g.tiles, v_geom, p_params, p_n_head, p_seq_len, p_eps, p_dropout,
                                                 p_seeds, p_drop_tile)) WITH ORDINALITY AS o(data, n)"""
 
-BACKWARD = """
-    INSERT INTO llm_tile (tensor_id, tr, tc, data)
-    SELECT v_ids[o.k + 1], o.tr, o.tc, o.data
-    FROM (
-      SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_dy
-    ) AS d
-    CROSS JOIN LATERAL llm_mk_gpt2_block_backward(p_xs, d.tiles, v_geom, p_params, p_n_head, p_seq_len, p_eps,
-                                                  p_dropout, p_seeds, p_drop_tile, v_tiles) AS o"""
+BACKWARD = insert_rows("p_dy", """llm_mk_gpt2_block_backward(p_xs, d.tiles, v_geom, p_params, p_n_head, p_seq_len,
+                                                         p_eps, p_dropout, p_seeds, p_drop_tile, v_tiles)""")
 
 # each parameter's tiling (capped by its shape), 2 values per parameter in p_params order
 GRAD_TILES = """

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pg_llm.autograd.registry import Op
 from pg_llm.gen.emit import comment, function, kernel_body, plpgsql
 from pg_llm.kernels.embed_train import backward_kernel, forward_kernel
-from pg_llm.ops.common import KERNEL_SETTINGS
+from pg_llm.ops.common import KERNEL_SETTINGS, insert_rows
 
 SQL_FILE = "kernels/gpt2_embed.sql"
 ORDER = 35
@@ -59,14 +59,8 @@ FORWARD = """
     FROM unnest(llm_mk_gpt2_embed(p_wte, p_wpe, p_tokens, p_seq_len, p_dropout, coalesce(p_seed, 0), v_tile))
       WITH ORDINALITY AS o(data, n)"""
 
-BACKWARD = """
-    INSERT INTO llm_tile (tensor_id, tr, tc, data)
-    SELECT v_ids[o.k + 1], o.tr, o.tc, o.data
-    FROM (
-      SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_dx
-    ) AS d
-    CROSS JOIN LATERAL llm_mk_gpt2_embed_backward(d.tiles, v_geom, p_wte, p_wpe, p_tokens, p_seq_len, p_dropout,
-                                                  coalesce(p_seed, 0), p_tape, v_gtiles) AS o"""
+BACKWARD = insert_rows("p_dx", """llm_mk_gpt2_embed_backward(d.tiles, v_geom, p_wte, p_wpe, p_tokens, p_seq_len,
+                                                         p_dropout, coalesce(p_seed, 0), p_tape, v_gtiles)""")
 
 
 def _forward() -> str:
