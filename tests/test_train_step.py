@@ -137,6 +137,36 @@ def test_gradients_equal_torch(conn: psycopg.Connection, setup, tmp_path_factory
         assert np.abs(g - want).max() <= 1e-5 + 1e-4 * np.abs(want).max(), n
 
 
+def test_held_gradients_are_the_written_ones(conn: psycopg.Connection, setup,
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    """p_hold keeps the parameter gradients in the backend's memory (ops/held.py): no tiles, the same global norm,
+    and written out (llm_held_write) exactly the gradients of the written path; two micro-batches add in memory."""
+    name = "trh"
+    import_tiny(conn, tmp_path_factory.mktemp(name), name)
+    rng = np.random.default_rng(5)
+    batches = [(rng.integers(0, 301, 2 * T).tolist(), rng.integers(0, 301, 2 * T).tolist()) for _ in range(2)]
+    sql = "SELECT llm_internal.llm_gpt2_loss_backward(%s, %s, %s, %s, %s, 0.1, 7, 0.5, p_hold => %s)"
+    out = {}
+    for hold in (False, True):
+        with conn.transaction():
+            tape = conn.execute("SELECT llm_scratch_mark()").fetchone()[0]
+            for x, y in batches:
+                conn.execute(sql, (name, x, y, T, tape, hold))
+            ids = [i for (i,) in conn.execute("SELECT llm_internal.llm_grad_of(%s, v.id) FROM llm_tensor AS v "
+                                              "WHERE v.model = %s AND v.role = 'param' ORDER BY v.id", (tape, name))]
+            tiles = conn.execute("SELECT count(*) FROM llm_tile WHERE tensor_id = ANY(%s::BIGINT[])", (ids,)).fetchone()[0]
+            norm = conn.execute("SELECT llm_global_grad_norm(%s::BIGINT[])", (ids,)).fetchone()[0]
+            if hold:
+                assert tiles == 0 and len(ids) == len(out[False][2])
+                conn.execute("SELECT llm_internal.llm_held_write(i) FROM unnest(%s::BIGINT[]) AS i", (ids,))
+            out[hold] = norm, [read_tensor(conn, i) for i in ids], ids
+            assert conn.execute("SELECT llm_internal.llm_mk_hold(%s, FALSE)", (tape,)).fetchone()[0] == 0
+            conn.execute("SELECT llm_scratch_release(%s)", (tape,))
+    assert abs(out[True][0] - out[False][0]) <= 1e-12 * out[False][0]
+    for a, b in zip(out[True][1], out[False][1], strict=True):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_fused_step_equals_chain_with_dropout(conn: psycopg.Connection, setup, tied: bool,
                                               tmp_path_factory: pytest.TempPathFactory) -> None:

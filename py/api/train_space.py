@@ -56,16 +56,15 @@ def _room() -> str:
 
 # Disk a step takes, fitted to measured growth of the tile partitions. The fused path (default): per micro-batch
 # about 1.1 floats per token, channel and (layer + 5) (each block's input; the input, the head's and the first
-# block's dx) and one per parameter (the gradients, written once by the first micro-batch and again by each one
-# that adds to them), plus the 12 bytes per parameter of the new parameter and moment versions; GPT-2 small,
-# 8 x 1024 tokens: 0.97 GB of scratch estimated, 0.98 GB peak measured (make bench train_long, 2026-12-02). The
+# block's dx; the parameter gradients stay in memory: ops/held.py), plus the 12 bytes per parameter of the new
+# parameter and moment versions; GPT-2 small, 8 x 1024 tokens: 0.47 GB of scratch estimated. The
 # per-op chain (pg_llm.fused_train = off; 2 and 4 layers, 128 and 256 wide, 512 to 2048 tokens per step): about
 # 2.2 floats per token and vocabulary entry (logits, their gradient) and 45 per token, layer and channel, plus 1.4
 # per parameter; GPT-2 small, 2 x 1024 tokens: 5.0 GB of scratch estimated, 4.7 GB measured.
 def _estimate() -> str:
     est = function("llm_train_step_bytes", "p_model TEXT, p_tokens BIGINT, p_grad_accum INT", "BIGINT", f"""
         SELECT (CASE WHEN {FUSED_TRAIN}
-                THEN 4 * p_grad_accum * (1.1 * p_tokens * c.n_embd * (c.n_layer + 5) + s.params)
+                THEN 4.4 * p_grad_accum * p_tokens * c.n_embd * (c.n_layer + 5)
                 ELSE 4 * (p_grad_accum * (2.2 * p_tokens * c.vocab_size + 45.0 * p_tokens * c.n_layer * c.n_embd)
                           + 1.4 * s.params) END + 12 * s.params)::BIGINT
         FROM llm_model AS m JOIN llm_model_config AS c ON c.name = m.config

@@ -3,7 +3,8 @@ llm_tape_grad. The rules come from the op registry (py/autograd/registry.py: the
 this module names no op; each rule calls the op's backward kernels (the functions its tests check), writes a
 fresh tensor and hands it to llm_grad_acc, which registers it as the tensor's gradient or adds it into the
 existing one. The embedding backward adds straight into an owned gradient (it touches only the rows of the
-ids), which is how the tied wte gets both of its gradients.
+ids), which is how the tied wte gets both of its gradients. Gradients held in memory (ops/held.py) are added
+there.
 """
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ def _acc() -> str:
         SELECT * INTO r FROM llm_tape_grad WHERE tape = p_tape AND tensor = p_tensor;
         IF NOT FOUND THEN
           INSERT INTO llm_tape_grad (tape, tensor, grad, owned) VALUES (p_tape, p_tensor, p_grad, p_owned);
+        ELSIF llm_mk_held_add(r.grad, p_grad) THEN  -- both held in memory (ops/held.py): added there
+          RETURN;
         ELSIF r.owned THEN
+          PERFORM llm_held_write(r.grad), llm_held_write(p_grad);  -- one of them held: tiles for the SQL path
           PERFORM llm_scale(p_grad, 1.0, r.grad, TRUE);
         ELSE
+          PERFORM llm_held_write(r.grad), llm_held_write(p_grad);
           v_new := llm_add(r.grad, p_grad);
           UPDATE llm_tape_grad SET grad = v_new, owned = TRUE WHERE tape = p_tape AND tensor = p_tensor;
         END IF;

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from pg_llm.kernels.held import held
 from pg_llm.kernels.runtime import error
 from pg_llm.kernels.tiles import F32, block, floats, payload
 from pg_llm.kernels.weight_cache import adopt_tensor, cache_budget, cached_tensors
@@ -41,23 +42,27 @@ def adamw_tile(p: bytes, g: bytes, m: bytes, v: bytes, h: Sequence[float]) -> li
 
 
 # The tiles of each (tr, tc) of a range of tile rows (the param's own left out when it comes from the weight
-# cache: $1, declared, then goes unused), and the UPDATE of one tile; prepared once per backend.
-READ = ("SELECT g.tr, g.tc, %s g.data AS g, m.data AS m, v.data AS v FROM llm_tile AS g "
-        "JOIN llm_tile AS m ON m.tensor_id = $3 AND m.tr = g.tr AND m.tc = g.tc "
-        "JOIN llm_tile AS v ON v.tensor_id = $4 AND v.tr = g.tr AND v.tc = g.tc %s "
-        "WHERE g.tensor_id = $2 AND g.tr >= $5 AND g.tr < $6 ORDER BY g.tr, g.tc")
-READ_P = READ % ("p.data AS p,", "JOIN llm_tile AS p ON p.tensor_id = $1 AND p.tr = g.tr AND p.tc = g.tc")
-READ_CACHED = READ % ("", "")
+# cache, the grad's when it is held in memory: their $1 / $2 then go unused), and the UPDATE of one tile; prepared
+# once per backend.
+READ = ("SELECT m.tr, m.tc, {p}{g}m.data AS m, v.data AS v FROM llm_tile AS m "
+        "JOIN llm_tile AS v ON v.tensor_id = $4 AND v.tr = m.tr AND v.tc = m.tc {jp}{jg}"
+        "WHERE m.tensor_id = $3 AND m.tr >= $5 AND m.tr < $6 ORDER BY m.tr, m.tc")
+JOIN_P = "JOIN llm_tile AS p ON p.tensor_id = $1 AND p.tr = m.tr AND p.tc = m.tc "
+JOIN_G = "JOIN llm_tile AS g ON g.tensor_id = $2 AND g.tr = m.tr AND g.tc = m.tc "
 WRITE = "UPDATE llm_tile SET data = $4 WHERE tensor_id = $1 AND tr = $2 AND tc = $3"
 FETCH = 16  # tile rows of (p, g, m, v) in memory at a time
 
 
-def _plans(plpy: Any, GD: dict) -> tuple:
+def _plans(plpy: Any, GD: dict) -> dict:
+    """{(param read, grad read): cursor plan, 'write': the UPDATE}."""
     plans = GD.get('llm_adamw_plans')
     if plans is None:
         types = ['bigint'] * 4 + ['int', 'int']
-        plans = GD['llm_adamw_plans'] = (plpy.prepare(READ_P, types), plpy.prepare(READ_CACHED, types),
-                                         plpy.prepare(WRITE, ['bigint', 'int', 'int', 'bytea']))
+        plans = {(rp, rg): plpy.prepare(READ.format(p='p.data AS p, ' if rp else '', g='g.data AS g, ' if rg else '',
+                                                    jp=JOIN_P if rp else '', jg=JOIN_G if rg else ''), types)
+                 for rp in (True, False) for rg in (True, False)}
+        plans['write'] = plpy.prepare(WRITE, ['bigint', 'int', 'int', 'bytea'])
+        GD['llm_adamw_plans'] = plans
     return plans
 
 
@@ -68,18 +73,21 @@ def adamw_rows(plpy: Any, GD: dict, ids: Sequence[int], h: Sequence[float], r0: 
     UPDATE; returns how many tiles it wrote. The cursor reads in the snapshot it was opened with, so it never sees
     the versions this call writes. When the call covers the whole param, the param comes from the weight cache
     (the step's forward left it there) and its new value goes back into it (adopt_tensor), so neither this call
-    nor the next step's forward reads the param's tiles.
+    nor the next step's forward reads the param's tiles. A gradient held in memory (held.py) is read there.
     Why not one UPDATE ... FROM (the kernel's rows): its join materialized every new payload first (a
     tuplestore of 3 x 32 MiB a chunk, spilled to temporary files beyond work_mem)."""
-    read_p, read_cached, write = _plans(plpy, GD)
+    plans = _plans(plpy, GD)
     rows, cols, th, tw = geom
     budget = cache_budget(plpy, GD)
-    p, _, m, v = ids
+    p, g, m, v = ids
     whole = r0 == 0 and r1 * th >= rows and budget > 0
     pm = cached_tensors(plpy, GD, [p], block, budget)[0] if whole else None
+    gm = held(GD, g)
+    if gm is not None and gm.shape != (rows, cols):
+        error('pg_llm: adamw: the held gradient %s has shape %s, the param (%d, %d)' % (g, gm.shape, rows, cols))
     new = np.empty((rows, cols), dtype=F32) if whole else None
     n = 0
-    cur = plpy.cursor(read_cached if whole else read_p, list(ids) + [r0, r1])
+    cur = plpy.cursor(plans[(not whole, gm is None)], list(ids) + [r0, r1])
     while True:
         batch = cur.fetch(FETCH)
         if not batch:
@@ -87,11 +95,11 @@ def adamw_rows(plpy: Any, GD: dict, ids: Sequence[int], h: Sequence[float], r0: 
         for r in batch:
             tile = np.s_[r['tr'] * th:(r['tr'] + 1) * th, r['tc'] * tw:(r['tc'] + 1) * tw]
             pt = pm[tile].tobytes() if whole else r['p']
-            out = adamw_tile(pt, r['g'], r['m'], r['v'], h)
+            out = adamw_tile(pt, r['g'] if gm is None else gm[tile].tobytes(), r['m'], r['v'], h)
             if whole:
                 new[tile] = floats(out[0]).reshape(new[tile].shape)
             for tid, data in zip((p, m, v), out, strict=True):
-                n += plpy.execute(write, [tid, r['tr'], r['tc'], data]).nrows()
+                n += plpy.execute(plans['write'], [tid, r['tr'], r['tc'], data]).nrows()
     if whole and n == 3 * (-(-rows // th)) * (-(-cols // tw)):
         adopt_tensor(plpy, GD, p, new, budget)
     return n

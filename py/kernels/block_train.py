@@ -22,6 +22,7 @@ from pg_llm.kernels.attention import causal_attention, causal_attention_backward
 from pg_llm.kernels.block_step import block_shapes, gpt2_block
 from pg_llm.kernels.dropout import dropout_rows
 from pg_llm.kernels.gelu import gelu_backward
+from pg_llm.kernels.held import emit_grad
 from pg_llm.kernels.layernorm import layernorm_backward_rows
 from pg_llm.kernels.matmul import read_tiles
 from pg_llm.kernels.runtime import error
@@ -124,12 +125,14 @@ def forward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[i
 
 def backward_kernel(plpy: Any, GD: dict, xs: Sequence[int], dy_tiles: Sequence[bytes], geom: Sequence[int],
                     params: Sequence[int], n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int],
-                    drop_tile: Sequence[int], grad_tiles: Sequence[int]) -> Iterator[tuple[int, int, int, bytes]]:
+                    drop_tile: Sequence[int], grad_tiles: Sequence[int], tape: int,
+                    grad_ids: Sequence[int]) -> Iterator[tuple[int, int, int, bytes]]:
     """llm_mk_gpt2_block_backward over a run of n blocks (inputs: tensors xs, first block first; dy: the last
     block's output gradient): (k, tr, tc, data) rows, k = 1..12n the parameters' gradients (parameter k cut in
     tiles grad_tiles[2k - 2 : 2k]), last block first, then k = 0 the first block's dx (x's tiling). Each block's
     input is read when its turn comes (one block's intermediates in memory at a time); the gradient passed
-    between blocks stays in memory."""
+    between blocks stays in memory. When the tape holds its gradients (held.py), the parameters' are kept under
+    grad_ids (in p_params order) instead of returned."""
     n = len(xs)
     if len(params) != 12 * n or len(seeds) != 3 * n or len(grad_tiles) != 24 * n:
         error('pg_llm: gpt2_block_backward: %d inputs, %d parameter ids, %d seeds, %d gradient tile sizes'
@@ -143,8 +146,7 @@ def backward_kernel(plpy: Any, GD: dict, xs: Sequence[int], dy_tiles: Sequence[b
         x = whole(read_tiles(plpy, GD, xs[j], box), rows, cols, th, tw, 'gpt2_block_backward')
         dy, grads = block_backward(x, dy, w, k)
         for i, g in enumerate(grads):
-            h, gw = grad_tiles[24 * j + 2 * i], grad_tiles[24 * j + 2 * i + 1]
-            for tr, tc, t in cut(g, h, gw):
-                yield 12 * j + i + 1, tr, tc, t
+            k = 12 * j + i + 1
+            yield from emit_grad(GD, tape, grad_ids[k - 1], g, k, grad_tiles[2 * k - 2], grad_tiles[2 * k - 1])
     for tr, tc, t in cut(dy, th, tw):
         yield 0, tr, tc, t

@@ -4,10 +4,10 @@ per-op kernels stored the two gathers, their sum and the dropout's output (4 x N
 gradient: the head's part was written first, then read and written again with the embedding's part added (a second
 154 MB version of it, at GPT-2 small, that PostgreSQL cannot reuse before the step commits).
 
-So the LM head's gradient of the tied wte waits here, in the backend's memory, for the embedding's part: the fused
-head (head_train.head_kernel with a tape) keeps it as the tape's pending gradient of that tensor, and this backward
-adds it in, so wte's gradient is written once. A pending gradient nobody took (an untied head) is written by
-llm_head_nll_flush at the end of the backward.
+So the LM head's gradient of the tied wte waits in the backend's memory for the embedding's part: the fused head
+(head_train.head_kernel with a tape) keeps it as the tape's pending gradient of that tensor (held.py), and this
+backward adds it in, so wte's gradient is made once (and held, when the tape holds its gradients). A pending
+gradient nobody took (an untied head) is made by llm_head_nll_flush at the end of the backward.
 
 Numerics as the chain: the sum and the residual dropout mask in float32 per tile of x (dropout_rows), the scatter-add
 in float64 in token order then float32, added to the head's part.
@@ -20,22 +20,10 @@ from typing import Any
 import numpy as np
 
 from pg_llm.kernels.dropout import dropout_rows
+from pg_llm.kernels.held import emit_grad, take_pending
 from pg_llm.kernels.runtime import error
 from pg_llm.kernels.tiles import block, cut, whole
 from pg_llm.kernels.weight_cache import cache_budget, cached_tensors
-
-PENDING = 'llm_pending_grad'
-
-
-def keep_pending(GD: dict, tape: int, tensor: int, grad: np.ndarray) -> None:
-    """Keep grad as tape's pending gradient of tensor (entries of other tapes: an ended or failed step's, dropped)."""
-    GD[PENDING] = {k: v for k, v in GD.get(PENDING, {}).items() if k[0] == tape}
-    GD[PENDING][(tape, tensor)] = grad
-
-
-def take_pending(GD: dict, tape: int, tensor: int) -> np.ndarray | None:
-    """tape's pending gradient of tensor, removed from the backend's memory (None: there is none)."""
-    return GD.get(PENDING, {}).pop((tape, tensor), None)
 
 
 def _weights(plpy: Any, GD: dict, wte: int, wpe: int, op: str) -> tuple[np.ndarray, np.ndarray]:
@@ -79,9 +67,10 @@ def _scatter(rows: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
 
 def backward_kernel(plpy: Any, GD: dict, dy_tiles: Sequence[bytes], geom: Sequence[int], wte: int, wpe: int,
                     tokens: Sequence[int], seq_len: int, rate: float, seed: int, tape: int,
-                    grad_tiles: Sequence[int]) -> Iterator[tuple[int, int, int, bytes]]:
+                    grad_tiles: Sequence[int], grad_ids: Sequence[int]) -> Iterator[tuple[int, int, int, bytes]]:
     """llm_mk_gpt2_embed_backward: (k, tr, tc, data) rows, k = 0 wte's gradient (with tape's pending gradient of
-    wte: the tied head's), k = 1 wpe's, cut in grad_tiles[0:2] and grad_tiles[2:4]."""
+    wte: the tied head's), k = 1 wpe's, cut in grad_tiles[0:2] and grad_tiles[2:4]; none when the tape holds its
+    gradients (held.py: kept under grad_ids)."""
     rows, cols, th, tw = geom
     d = whole(dy_tiles, rows, cols, th, tw, 'gpt2_embed_backward')
     if rate > 0:
@@ -97,5 +86,4 @@ def backward_kernel(plpy: Any, GD: dict, dy_tiles: Sequence[bytes], geom: Sequen
     dpe = np.zeros_like(pe)
     _scatter(_positions(rows, seq_len, pe.shape[0], 'gpt2_embed_backward'), d, dpe)
     for k, g in enumerate((dte, dpe)):
-        for tr, tc, data in cut(g, grad_tiles[2 * k], grad_tiles[2 * k + 1]):
-            yield k, tr, tc, data
+        yield from emit_grad(GD, tape, grad_ids[k], g, k, grad_tiles[2 * k], grad_tiles[2 * k + 1])

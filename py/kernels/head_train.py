@@ -9,7 +9,8 @@ With ln_f's parameters, x is the last block's output: the kernel applies ln_f fi
 ln_f's gradients too (neither ln_f's output nor its gradient is stored).
 
 With a tape, dhead is not written but kept as the tape's pending gradient of the head (embed_train.keep_pending): the
-tied wte's embedding backward adds its part to it and writes wte's gradient once; flush_kernel writes one no op took.
+tied wte's embedding backward adds its part to it and makes wte's gradient once; flush_kernel makes one no op took.
+When the tape holds its gradients (held.py), ln_f's and a flushed head gradient are held instead of written.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pg_llm.kernels.embed_train import keep_pending, take_pending
+from pg_llm.kernels.held import emit_grad, keep_pending, take_pending
 from pg_llm.kernels.layernorm import layernorm_backward_rows, layernorm_rows
 from pg_llm.kernels.runtime import error
 from pg_llm.kernels.score import nll_exp
@@ -49,11 +50,12 @@ def head_nll(x: np.ndarray, head: np.ndarray, targets: np.ndarray,
 
 def head_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int], head_id: int,
                 targets: Sequence[int], scale: float, head_tile: Sequence[int], tape: int, ln: Sequence[int],
-                eps: float, ln_tiles: Sequence[int]) -> Iterator[tuple]:
+                eps: float, ln_tiles: Sequence[int], ln_ids: Sequence[int]) -> Iterator[tuple]:
     """llm_mk_head_nll: (k, tr, tc, data, nll) rows: k = 0 one row with the NLL sum, k = 1 dx's tiles (x's tiling
     geom = [rows, cols, tile rows, tile cols]), k = 2 dhead's tiles (tiles head_tile), for scale * sum(NLL); with
     tape (not 0) dhead is kept as the tape's pending gradient of the head instead. ln: [] or ln_f's (weight, bias)
-    ids, applied to x first (eps), their gradients as k = 3 and 4 (tiles ln_tiles[0:2], ln_tiles[2:4])."""
+    ids, applied to x first (eps), their gradients as k = 3 and 4 (tiles ln_tiles[0:2], ln_tiles[2:4]), or held
+    under ln_ids."""
     rows, cols, th, tw = geom
     x = whole(tiles, rows, cols, th, tw, 'head_nll')
     head = cached_tensors(plpy, GD, [head_id], block, cache_budget(plpy, GD))[0]
@@ -72,8 +74,9 @@ def head_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int]
     if ln:
         dx, dg, db = layernorm_backward_rows(x, dx, lnw[0], eps)
         for k, g in ((3, dg), (4, db)):
-            for tr, tc, data in cut(g.reshape(1, -1), ln_tiles[2 * k - 6], ln_tiles[2 * k - 5]):
-                yield k, tr, tc, data, None
+            lh, lw = ln_tiles[2 * k - 6], ln_tiles[2 * k - 5]
+            for row in emit_grad(GD, tape, ln_ids[k - 3], g.reshape(1, -1), k, lh, lw):
+                yield (*row, None)
     if tape:
         keep_pending(GD, tape, head_id, dh)
     for k, a, (h, w) in [(1, dx, (th, tw))] + ([] if tape else [(2, dh, tuple(head_tile))]):
@@ -81,9 +84,13 @@ def head_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int]
             yield k, tr, tc, data, None
 
 
-def flush_kernel(GD: dict, tape: int, head_id: int, head_tile: Sequence[int]) -> Iterator[tuple[int, int, bytes]]:
-    """llm_mk_head_nll_flush: the (tr, tc, data) tiles of the tape's pending gradient of the head (none when an op
-    took it: the tied wte's embedding backward)."""
+def flush_kernel(GD: dict, tape: int, head_id: int, head_tile: Sequence[int],
+                 grad_id: int) -> Iterator[tuple[int, int, int]]:
+    """llm_mk_head_nll_flush: (n, tr, tc, data) rows of the tape's pending gradient of the head, made tensor grad_id:
+    n = 1 and its tiles, or one row n = 1 without data when the tape holds it; none when an op took it (the tied
+    wte's embedding backward)."""
     g = take_pending(GD, tape, head_id)
-    if g is not None:
-        yield from cut(g, head_tile[0], head_tile[1])
+    if g is None:
+        return
+    rows = emit_grad(GD, tape, grad_id, g, 1, head_tile[0], head_tile[1])
+    yield from ((1, tr, tc, data) for _, tr, tc, data in rows) if rows else [(1, 0, 0, None)]

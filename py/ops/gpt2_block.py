@@ -38,7 +38,7 @@ OP = Op("gpt2_block", ("x",),
         FROM llm_gpt2_block_run(p_tape, r.seq, p_after) AS k
         CROSS JOIN LATERAL unnest(k.xs[1:1] || k.params,
                                   llm_gpt2_block_backward(k.xs, {g}, k.params, {n_head}, {seq_len}, {eps}, {dropout},
-                                                          k.seeds, {drop_tile})) AS u(t, g);""")
+                                                          k.seeds, {drop_tile}, p_tape)) AS u(t, g);""")
 
 # The run of gpt2_block rows of a tape ending at row p_seq: each earlier block whose output is the next one's input,
 # with the same arguments, while that output has no gradient of its own yet (no other consumer contributed): their
@@ -90,7 +90,8 @@ FORWARD = """
                                                 p_seeds, p_drop_tile)) WITH ORDINALITY AS o(data, n)"""
 
 BACKWARD = insert_rows("p_dy", """llm_mk_gpt2_block_backward(p_xs, d.tiles, v_geom, p_params, p_n_head, p_seq_len,
-                                                         p_eps, p_dropout, p_seeds, p_drop_tile, v_tiles)""")
+                                                         p_eps, p_dropout, p_seeds, p_drop_tile, v_tiles,
+                                                         coalesce(p_tape, 0), v_ids[2:])""")
 
 # each parameter's tiling (capped by its shape), 2 values per parameter in p_params order
 GRAD_TILES = """
@@ -160,13 +161,15 @@ def _backward() -> str:
         @backward;
         RETURN v_ids;
     """, tiles=GRAD_TILES, backward=BACKWARD)
-    return function("llm_gpt2_block_backward", "p_xs BIGINT[], p_dy BIGINT, " + ARGS, "BIGINT[]", body,
+    return function("llm_gpt2_block_backward", "p_xs BIGINT[], p_dy BIGINT, " + ARGS + ", p_tape BIGINT DEFAULT NULL",
+                    "BIGINT[]", body,
                     settings=KERNEL_SETTINGS, note="""
         op: backward of a run of n GPT-2 blocks (n >= 1). xs: the blocks' inputs (B*T, C), first block first; dy:
         the last block's output gradient -> ARRAY[dx of the first block, the 12 n parameter gradients] (new
         scratch tensors: dx with x's tiling, each gradient with its parameter's), each block's forward
         recomputed from its input. tiling: one llm_mk_gpt2_block_backward call, which reads the inputs' tiles
-        one block at a time.""")
+        one block at a time. When tape p_tape holds its gradients (ops/held.py), the parameter gradients are
+        kept in the backend's memory, without tiles.""")
 
 
 def emit() -> str:
@@ -178,11 +181,13 @@ def emit() -> str:
                    language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
         gpt2_block microkernel: y's tiles from x's tiles (geom = [rows, cols, tile rows, tile cols]) and the
         block's weights from the backend's weight cache.""")
-    bwd = function("llm_mk_gpt2_block_backward", "xs BIGINT[], dy_tiles BYTEA[], " + mk + ", grad_tiles INT[]",
+    bwd = function("llm_mk_gpt2_block_backward", "xs BIGINT[], dy_tiles BYTEA[], " + mk + ", grad_tiles INT[], "
+                   "tape BIGINT, grad_ids BIGINT[]",
                    "TABLE(k INT, tr INT, tc INT, data BYTEA)",
                    kernel_body(backward_kernel, "backward_kernel(plpy, GD, xs, dy_tiles, geom, params, n_head, "
-                                                "seq_len, eps, rate, seeds, drop_tile, grad_tiles)"),
+                                                "seq_len, eps, rate, seeds, drop_tile, grad_tiles, tape, "
+                                                "grad_ids)"),
                    language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
         gpt2_block backward microkernel: (k, tr, tc, data) rows, k = 0 dx's tiles, k = 1..12 the gradient tiles of
-        parameter k (its tiling: grad_tiles[2k-1:2k]).""")
+        parameter k (its tiling: grad_tiles[2k-1:2k]), or held under grad_ids when the tape holds its gradients.""")
     return "\n".join([comment(__doc__ or ""), fwd, bwd, _geom(), _forward(), _backward()])

@@ -60,7 +60,8 @@ FORWARD = """
       WITH ORDINALITY AS o(data, n)"""
 
 BACKWARD = insert_rows("p_dx", """llm_mk_gpt2_embed_backward(d.tiles, v_geom, p_wte, p_wpe, p_tokens, p_seq_len,
-                                                         p_dropout, coalesce(p_seed, 0), p_tape, v_gtiles)""")
+                                                         p_dropout, coalesce(p_seed, 0), coalesce(p_tape, 0), v_gtiles,
+                                                         v_ids)""")
 
 
 def _forward() -> str:
@@ -111,11 +112,12 @@ def emit() -> str:
                    language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
         gpt2_embed microkernel: x's tiles ((tr, tc) order, tiling `tile`), wte and wpe from the weight cache.""")
     bwd = function("llm_mk_gpt2_embed_backward", "dx_tiles BYTEA[], geom INT[], wte BIGINT, wpe BIGINT, tokens INT[], "
-                   "seq_len INT, rate FLOAT8, seed BIGINT, tape BIGINT, grad_tiles INT[]",
+                   "seq_len INT, rate FLOAT8, seed BIGINT, tape BIGINT, grad_tiles INT[], grad_ids BIGINT[]",
                    "TABLE(k INT, tr INT, tc INT, data BYTEA)",
                    kernel_body(backward_kernel, "backward_kernel(plpy, GD, dx_tiles, geom, wte, wpe, tokens, seq_len, "
-                                                "rate, seed, tape, grad_tiles)"),
+                                                "rate, seed, tape, grad_tiles, grad_ids)"),
                    language="plpython3u", volatility="VOLATILE", strict=True, settings=("jit = off",), note="""
         gpt2_embed backward microkernel: (k, tr, tc, data) rows, k = 0 wte's gradient tiles (with the tape's pending
-        gradient of wte, taken out of the backend's memory), k = 1 wpe's.""")
+        gradient of wte, taken out of the backend's memory), k = 1 wpe's; none when the tape holds its gradients
+        (kept under grad_ids).""")
     return "\n".join([comment(__doc__ or ""), fwd, bwd, _forward(), _backward()])

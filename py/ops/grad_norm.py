@@ -57,11 +57,13 @@ def _global_norm() -> str:
         RETURN (
           @q
         );
-    """, q="SELECT sqrt(coalesce(sum(llm_sq_norm(u.id)), 0)) FROM unnest(p_ids) AS u(id)")
+    """, q="SELECT sqrt(coalesce(sum(coalesce(llm_mk_held_sq_norm(u.id), llm_sq_norm(u.id))), 0)) "
+           "FROM unnest(p_ids) AS u(id)")
     return function("llm_global_grad_norm", "p_ids BIGINT[]", "FLOAT8", body, volatility="STABLE",
                     settings=KERNEL_SETTINGS, note="""
         op: global gradient norm sqrt(sum over tensors of sum(g^2)), the total_norm of
-        torch.nn.utils.clip_grad_norm_ (norm_type 2); an empty array gives 0. A tensor listed twice counts twice.""")
+        torch.nn.utils.clip_grad_norm_ (norm_type 2); an empty array gives 0. A tensor listed twice counts twice. A
+        gradient held in memory (ops/held.py) is read there.""")
 
 
 def _clip_coef() -> str:

@@ -23,7 +23,8 @@ RUN = """
         SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_x
       ) AS g
       CROSS JOIN LATERAL llm_mk_head_nll(g.tiles, v_geom, p_head, p_targets, p_scale / v_geom[1], v_htile,
-                                       coalesce(p_tape, 0), coalesce(p_ln, '{}'), p_eps, v_ltiles) AS k
+                                       coalesce(p_tape, 0), coalesce(p_ln, '{}'), p_eps, v_ltiles,
+                                       coalesce(dln, '{}')) AS k
     ), w AS (
       INSERT INTO llm_tile (tensor_id, tr, tc, data)
       SELECT CASE o.k WHEN 1 THEN dx WHEN 2 THEN dhead ELSE dln[o.k - 2] END, o.tr, o.tc, o.data
@@ -79,18 +80,22 @@ def _run() -> str:
         tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 256 rows, never stored.""")
 
 
-FLUSH = """
-    INSERT INTO llm_tile (tensor_id, tr, tc, data)
-    SELECT v_g, k.tr, k.tc, k.data FROM llm_mk_head_nll_flush(p_tape, p_head, v_htile) AS k"""
+FLUSH = "SELECT k.tr, k.tc, k.data FROM llm_mk_head_nll_flush(p_tape, p_head, v_htile, v_g) AS k"
 
 
 def _flush() -> str:
-    body = plpgsql("rh llm_tensor; v_htile INT[]; v_g BIGINT; v_n BIGINT;", """
+    body = plpgsql("rh llm_tensor; v_htile INT[]; v_g BIGINT; v_n BIGINT := 0; f RECORD;", """
         rh := llm_input(p_head, 'head_nll_flush', 'head');
         v_htile := ARRAY[least(rh.tile[1], llm_rows(rh.shape)), least(rh.tile[2], llm_cols(rh.shape))];
         v_g := llm_tensor_like(p_head, 'grad');
-        @flush;
-        GET DIAGNOSTICS v_n = ROW_COUNT;
+        FOR f IN
+          @flush
+        LOOP  -- the untied head's gradient, once per micro-batch: its tiles, or one row when the tape holds it
+          v_n := v_n + 1;
+          IF f.data IS NOT NULL THEN
+            INSERT INTO llm_tile (tensor_id, tr, tc, data) VALUES (v_g, f.tr, f.tc, f.data);
+          END IF;
+        END LOOP;
         IF v_n = 0 THEN
           PERFORM llm_tensor_drop(v_g);
           RETURN NULL;
@@ -103,16 +108,17 @@ def _flush() -> str:
 
 
 def emit() -> str:
-    flush = function("llm_mk_head_nll_flush", "tape BIGINT, head BIGINT, head_tile INT[]",
-                     "TABLE(tr INT, tc INT, data BYTEA)", kernel_body(flush_kernel, "flush_kernel(GD, tape, head, "
-                                                                                   "head_tile)"),
+    flush = function("llm_mk_head_nll_flush", "tape BIGINT, head BIGINT, head_tile INT[], grad BIGINT",
+                     "TABLE(n INT, tr INT, tc INT, data BYTEA)",
+                     kernel_body(flush_kernel, "flush_kernel(GD, tape, head, head_tile, grad)"),
                      language="plpython3u", volatility="VOLATILE", strict=True, settings=("jit = off",), note="""
-        head_nll microkernel: the tiles of the tape's pending head gradient, taken out of the backend's memory.""")
+        head_nll microkernel: the tiles of the tape's pending head gradient, taken out of the backend's memory, as
+        tensor grad's (one row without data when the tape holds its gradients: then kept under grad).""")
     mk = function("llm_mk_head_nll", "tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, "
-                  "head_tile INT[], tape BIGINT, ln BIGINT[], eps FLOAT8, ln_tiles INT[]",
+                  "head_tile INT[], tape BIGINT, ln BIGINT[], eps FLOAT8, ln_tiles INT[], ln_ids BIGINT[]",
                   "TABLE(k INT, tr INT, tc INT, data BYTEA, nll FLOAT8)",
                   kernel_body(head_kernel, "head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile, "
-                                           "tape, ln, eps, ln_tiles)"),
+                                           "tape, ln, eps, ln_tiles, ln_ids)"),
                   language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
         head_nll microkernel: k = 0 one row with the NLL sum (float64), k = 1 dx's tiles, k = 2 dhead's tiles,
         k = 3, 4 ln_f's gradients (ln: ln_f's ids applied to x first, or empty)

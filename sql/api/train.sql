@@ -168,8 +168,10 @@ END
 $fn$;
 
 -- Forward (recorded on p_tape) + mean cross-entropy + backward of p_loss_scale * loss.
---                     Parameter gradients accumulate on p_tape across calls (grad accumulation).
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_loss_backward(p_model TEXT, p_tokens INT[], p_targets INT[], p_seq_len INT, p_tape BIGINT, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_loss_scale FLOAT8 DEFAULT 1)
+--                     Parameter gradients accumulate on p_tape across calls (grad accumulation). p_hold (the fused
+--                     path): they stay in this backend's memory (ops/held.py: llm_grad_acc, llm_global_grad_norm and
+--                     llm_adamw_step read them there; llm_mk_hold(tape, FALSE) drops them).
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_loss_backward(p_model TEXT, p_tokens INT[], p_targets INT[], p_seq_len INT, p_tape BIGINT, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_loss_scale FLOAT8 DEFAULT 1, p_hold BOOLEAN DEFAULT FALSE)
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
@@ -182,6 +184,9 @@ DECLARE
   v_logits BIGINT; v_loss FLOAT8; v_x BIGINT; v_head BIGINT; v_ln BIGINT[]; h RECORD; c llm_model_config;
 BEGIN
   IF coalesce(current_setting('pg_llm.fused_train', TRUE), '') <> 'off' THEN  -- fused blocks and a fused LM head + cross-entropy (ops/head_nll.py)
+    IF p_hold THEN  -- parameter gradients in this backend's memory until the step ends (ops/held.py)
+      PERFORM llm_mk_hold(p_tape, TRUE);
+    END IF;
     v_x := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed, p_hidden => TRUE);
     c := llm_model_get(p_model);
     v_head := llm_param(p_model, CASE WHEN c.tied_embeddings THEN 'wte.weight' ELSE 'lm_head.weight' END);
@@ -246,7 +251,7 @@ BEGIN
         v_tokens := v_tokens || r.tokens; v_targets := v_targets || r.targets;
       END LOOP;
       v_loss := v_loss + llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
-        llm_site_seed(seed, v_step::TEXT || ':' || micro::TEXT), 1.0 / grad_accum) / grad_accum;
+        llm_site_seed(seed, v_step::TEXT || ':' || micro::TEXT), 1.0 / grad_accum, p_hold => TRUE) / grad_accum;
       v_ntok := v_ntok + cardinality(v_tokens);
     END LOOP;
     v_params := ARRAY(SELECT v.id FROM llm_tensor AS v WHERE v.model = llm_train_step.model AND v.role = 'param'
@@ -266,6 +271,7 @@ BEGIN
     UPDATE llm_model AS m SET step = v_step WHERE m.name = model;
     DELETE FROM llm_tape AS tp WHERE tp.tape = v_tape;
     DELETE FROM llm_tape_grad AS tg WHERE tg.tape = v_tape;
+    PERFORM llm_mk_hold(v_tape, FALSE);  -- the held gradients
     PERFORM llm_scratch_release(v_tape);
     INSERT INTO llm_train_log AS l (model, step, loss, lr, grad_norm, tokens, seconds, dataset, batch_size, seed,
                                     schedule)

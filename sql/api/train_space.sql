@@ -68,10 +68,8 @@ SELECT
   CAST((
     CASE
       WHEN COALESCE(current_setting('pg_llm.fused_train', TRUE), '') <> 'off'
-      THEN 4 * p_grad_accum * (
-        1.1 * p_tokens * c.n_embd * (
-          c.n_layer + 5
-        ) + s.params
+      THEN 4.4 * p_grad_accum * p_tokens * c.n_embd * (
+        c.n_layer + 5
       )
       ELSE 4 * (
         p_grad_accum * (

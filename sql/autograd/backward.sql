@@ -5,7 +5,8 @@
 -- this module names no op; each rule calls the op's backward kernels (the functions its tests check), writes a
 -- fresh tensor and hands it to llm_grad_acc, which registers it as the tensor's gradient or adds it into the
 -- existing one. The embedding backward adds straight into an owned gradient (it touches only the rows of the
--- ids), which is how the tied wte gets both of its gradients.
+-- ids), which is how the tied wte gets both of its gradients. Gradients held in memory (ops/held.py) are added
+-- there.
 -- Add p_grad into the gradient of p_tensor on a tape (register it when it is the first).
 CREATE OR REPLACE FUNCTION llm_internal.llm_grad_acc(p_tape BIGINT, p_tensor BIGINT, p_grad BIGINT, p_owned BOOLEAN DEFAULT TRUE)
 RETURNS VOID
@@ -20,9 +21,13 @@ BEGIN
   SELECT * INTO r FROM llm_tape_grad WHERE tape = p_tape AND tensor = p_tensor;
   IF NOT FOUND THEN
     INSERT INTO llm_tape_grad (tape, tensor, grad, owned) VALUES (p_tape, p_tensor, p_grad, p_owned);
+  ELSIF llm_mk_held_add(r.grad, p_grad) THEN  -- both held in memory (ops/held.py): added there
+    RETURN;
   ELSIF r.owned THEN
+    PERFORM llm_held_write(r.grad), llm_held_write(p_grad);  -- one of them held: tiles for the SQL path
     PERFORM llm_scale(p_grad, 1.0, r.grad, TRUE);
   ELSE
+    PERFORM llm_held_write(r.grad), llm_held_write(p_grad);
     v_new := llm_add(r.grad, p_grad);
     UPDATE llm_tape_grad SET grad = v_new, owned = TRUE WHERE tape = p_tape AND tensor = p_tensor;
   END IF;
@@ -99,7 +104,7 @@ BEGIN
       FROM llm_gpt2_block_run(p_tape, r.seq, p_after) AS k
       CROSS JOIN LATERAL unnest(k.xs[1:1] || k.params,
                                 llm_gpt2_block_backward(k.xs, g, k.params, (r.args ->> 'n_head')::INT, (r.args ->> 'seq_len')::INT, (r.args ->> 'eps')::FLOAT8, (r.args ->> 'dropout')::FLOAT8,
-                                                        k.seeds, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'drop_tile'))::INT[])) AS u(t, g);
+                                                        k.seeds, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'drop_tile'))::INT[], p_tape)) AS u(t, g);
     ELSIF r.op = 'gpt2_embed' THEN  -- x = dropout(wte[tokens] + wpe[pos]); dwte (+ the head's pending part), dwpe by scatter-add
       PERFORM llm_grad_acc(p_tape, u.t, u.g)
       FROM unnest(ARRAY[r.a, r.b], llm_gpt2_embed_backward(g, r.a, r.b, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'tokens'))::INT[], (r.args ->> 'seq_len')::INT, (r.args ->> 'dropout')::FLOAT8,

@@ -30,8 +30,8 @@ return forward_kernel(plpy, GD, tiles, geom, params, n_head, seq_len, eps, rate,
 $fn$;
 
 -- gpt2_block backward microkernel: (k, tr, tc, data) rows, k = 0 dx's tiles, k = 1..12 the gradient tiles of
--- parameter k (its tiling: grad_tiles[2k-1:2k]).
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_block_backward(xs BIGINT[], dy_tiles BYTEA[], geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], drop_tile INT[], grad_tiles INT[])
+-- parameter k (its tiling: grad_tiles[2k-1:2k]), or held under grad_ids when the tape holds its gradients.
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_block_backward(xs BIGINT[], dy_tiles BYTEA[], geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], drop_tile INT[], grad_tiles INT[], tape BIGINT, grad_ids BIGINT[])
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 STABLE
@@ -42,7 +42,7 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.block_train import backward_kernel
-return backward_kernel(plpy, GD, xs, dy_tiles, geom, params, n_head, seq_len, eps, rate, seeds, drop_tile, grad_tiles)
+return backward_kernel(plpy, GD, xs, dy_tiles, geom, params, n_head, seq_len, eps, rate, seeds, drop_tile, grad_tiles, tape, grad_ids)
 $fn$;
 
 -- The run of gpt2_block rows of a tape that ends at row p_seq (recorded after p_after): their
@@ -193,8 +193,9 @@ $fn$;
 -- the last block's output gradient -> ARRAY[dx of the first block, the 12 n parameter gradients] (new
 -- scratch tensors: dx with x's tiling, each gradient with its parameter's), each block's forward
 -- recomputed from its input. tiling: one llm_mk_gpt2_block_backward call, which reads the inputs' tiles
--- one block at a time.
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_backward(p_xs BIGINT[], p_dy BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[])
+-- one block at a time. When tape p_tape holds its gradients (ops/held.py), the parameter gradients are
+-- kept in the backend's memory, without tiles.
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_block_backward(p_xs BIGINT[], p_dy BIGINT, p_params BIGINT[], p_n_head INT, p_seq_len INT, p_eps FLOAT8, p_dropout FLOAT8, p_seeds BIGINT[], p_drop_tile INT[], p_tape BIGINT DEFAULT NULL)
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 VOLATILE
@@ -262,7 +263,9 @@ BEGIN
     p_dropout,
     p_seeds,
     p_drop_tile,
-    v_tiles
+    v_tiles,
+    COALESCE(p_tape, 0),
+    v_ids[2:]
   ) AS o;
   RETURN v_ids;
 END

@@ -27,8 +27,9 @@ return forward_kernel(plpy, GD, wte, wpe, tokens, seq_len, rate, seed, tile)
 $fn$;
 
 -- gpt2_embed backward microkernel: (k, tr, tc, data) rows, k = 0 wte's gradient tiles (with the tape's pending
--- gradient of wte, taken out of the backend's memory), k = 1 wpe's.
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_embed_backward(dx_tiles BYTEA[], geom INT[], wte BIGINT, wpe BIGINT, tokens INT[], seq_len INT, rate FLOAT8, seed BIGINT, tape BIGINT, grad_tiles INT[])
+-- gradient of wte, taken out of the backend's memory), k = 1 wpe's; none when the tape holds its gradients
+-- (kept under grad_ids).
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_embed_backward(dx_tiles BYTEA[], geom INT[], wte BIGINT, wpe BIGINT, tokens INT[], seq_len INT, rate FLOAT8, seed BIGINT, tape BIGINT, grad_tiles INT[], grad_ids BIGINT[])
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 VOLATILE
@@ -39,7 +40,7 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.embed_train import backward_kernel
-return backward_kernel(plpy, GD, dx_tiles, geom, wte, wpe, tokens, seq_len, rate, seed, tape, grad_tiles)
+return backward_kernel(plpy, GD, dx_tiles, geom, wte, wpe, tokens, seq_len, rate, seed, tape, grad_tiles, grad_ids)
 $fn$;
 
 -- op: GPT-2's input. wte (V, C), wpe (P, C), tokens (B*T ids, sequences of p_seq_len = T) -> x (B*T, C) =
@@ -169,8 +170,9 @@ BEGIN
         p_seq_len,
         p_dropout,
         COALESCE(p_seed, 0),
-        p_tape,
-        v_gtiles
+        COALESCE(p_tape, 0),
+        v_gtiles,
+        v_ids
       ) AS o;
       RETURN v_ids;
 END

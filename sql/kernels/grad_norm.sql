@@ -59,7 +59,8 @@ END
 $fn$;
 
 -- op: global gradient norm sqrt(sum over tensors of sum(g^2)), the total_norm of
--- torch.nn.utils.clip_grad_norm_ (norm_type 2); an empty array gives 0. A tensor listed twice counts twice.
+-- torch.nn.utils.clip_grad_norm_ (norm_type 2); an empty array gives 0. A tensor listed twice counts twice. A
+-- gradient held in memory (ops/held.py) is read there.
 CREATE OR REPLACE FUNCTION llm_global_grad_norm(p_ids BIGINT[])
 RETURNS FLOAT8
 LANGUAGE plpgsql
@@ -73,7 +74,7 @@ BEGIN
   END IF;
   RETURN (
     SELECT
-      SQRT(COALESCE(SUM(llm_sq_norm(u.id)), 0))
+      SQRT(COALESCE(SUM(COALESCE(llm_mk_held_sq_norm(u.id), llm_sq_norm(u.id))), 0))
     FROM UNNEST(p_ids) AS u(id)
   );
 END

@@ -12,7 +12,7 @@
 -- k = 3, 4 ln_f's gradients (ln: ln_f's ids applied to x first, or empty)
 -- (scale: the factor of the gradients, per row; tape not 0: dhead kept as its pending gradient, no k = 2
 -- rows). The head comes from the backend's weight cache.
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll(tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, head_tile INT[], tape BIGINT, ln BIGINT[], eps FLOAT8, ln_tiles INT[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll(tiles BYTEA[], geom INT[], head BIGINT, targets INT[], scale FLOAT8, head_tile INT[], tape BIGINT, ln BIGINT[], eps FLOAT8, ln_tiles INT[], ln_ids BIGINT[])
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA, nll FLOAT8)
 LANGUAGE plpython3u
 STABLE
@@ -23,12 +23,13 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.head_train import head_kernel
-return head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile, tape, ln, eps, ln_tiles)
+return head_kernel(plpy, GD, tiles, geom, head, targets, scale, head_tile, tape, ln, eps, ln_tiles, ln_ids)
 $fn$;
 
--- head_nll microkernel: the tiles of the tape's pending head gradient, taken out of the backend's memory.
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll_flush(tape BIGINT, head BIGINT, head_tile INT[])
-RETURNS TABLE(tr INT, tc INT, data BYTEA)
+-- head_nll microkernel: the tiles of the tape's pending head gradient, taken out of the backend's memory, as
+-- tensor grad's (one row without data when the tape holds its gradients: then kept under grad).
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_head_nll_flush(tape BIGINT, head BIGINT, head_tile INT[], grad BIGINT)
+RETURNS TABLE(n INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 VOLATILE
 STRICT
@@ -38,7 +39,7 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.head_train import flush_kernel
-return flush_kernel(GD, tape, head, head_tile)
+return flush_kernel(GD, tape, head, head_tile, grad)
 $fn$;
 
 -- op: fused LM head + cross-entropy. x (N, C), head (V, C), targets (N ids) -> the mean NLL of the targets
@@ -108,7 +109,8 @@ BEGIN
       COALESCE(p_tape, 0),
       COALESCE(p_ln, '{}'),
       p_eps,
-      v_ltiles
+      v_ltiles,
+      COALESCE(dln, '{}')
     ) AS k
   ), w AS (
     INSERT INTO llm_tile (
@@ -155,24 +157,23 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 SET jit = off
 AS $fn$
 DECLARE
-  rh llm_tensor; v_htile INT[]; v_g BIGINT; v_n BIGINT;
+  rh llm_tensor; v_htile INT[]; v_g BIGINT; v_n BIGINT := 0; f RECORD;
 BEGIN
   rh := llm_input(p_head, 'head_nll_flush', 'head');
   v_htile := ARRAY[least(rh.tile[1], llm_rows(rh.shape)), least(rh.tile[2], llm_cols(rh.shape))];
   v_g := llm_tensor_like(p_head, 'grad');
-  INSERT INTO llm_tile (
-    tensor_id,
-    tr,
-    tc,
-    data
-  )
-  SELECT
-    v_g,
-    k.tr,
-    k.tc,
-    k.data
-  FROM llm_mk_head_nll_flush(p_tape, p_head, v_htile) AS k;
-  GET DIAGNOSTICS v_n = ROW_COUNT;
+  FOR f IN
+    SELECT
+      k.tr,
+      k.tc,
+      k.data
+    FROM llm_mk_head_nll_flush(p_tape, p_head, v_htile, v_g) AS k
+  LOOP  -- the untied head's gradient, once per micro-batch: its tiles, or one row when the tape holds it
+    v_n := v_n + 1;
+    IF f.data IS NOT NULL THEN
+      INSERT INTO llm_tile (tensor_id, tr, tc, data) VALUES (v_g, f.tr, f.tc, f.data);
+    END IF;
+  END LOOP;
   IF v_n = 0 THEN
     PERFORM llm_tensor_drop(v_g);
     RETURN NULL;
