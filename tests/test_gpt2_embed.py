@@ -80,3 +80,31 @@ def test_an_untaken_heads_gradient_is_flushed(conn: psycopg.Connection, weights,
 def test_errors(conn: psycopg.Connection, weights, tokens: list[int], seq: int, rate: float, msg: str) -> None:
     _, _, ite, ipe = weights
     refused(conn, msg, "SELECT llm_internal.llm_gpt2_embed(%s, %s, %s, %s, %s, 9, 5)", ite, ipe, tokens, seq, rate)
+
+
+def test_adamw_on_held_gradients(conn: psycopg.Connection, weights, rng: np.random.Generator) -> None:
+    """A tape that holds its gradients (ops/held.py): the embedding backward writes no tile of them, and AdamW on
+    the held wte gradient (param, m and v from the weight cache, the new ones adopted) gives the parameters and
+    moments AdamW gives on the written gradient, over two steps."""
+    wte, _, ite, ipe = weights
+    dx = put(conn, rng.standard_normal((len(TOKENS), C)).astype(np.float32), (5, 16))
+    bwd = "SELECT llm_internal.llm_gpt2_embed_backward(%s, %s, %s, %s, 7, 0, NULL, %s)"
+    written = call(conn, bwd, dx, ite, ipe, TOKENS, None)
+    tape = 99887766
+    conn.execute("SELECT llm_internal.llm_mk_hold(%s, TRUE)", (tape,))
+    held = call(conn, bwd, dx, ite, ipe, TOKENS, tape)
+    assert call(conn, "SELECT count(*) FROM llm_tile WHERE tensor_id = ANY(%s::BIGINT[])", held) == 0
+    out = []
+    for name, grad in (("a", written[0]), ("b", held[0])):
+        w = param(conn, wte, f"{name}.weight", "emb", tile=(16, 16))
+        m, v = conn.execute("SELECT * FROM llm_internal.llm_adamw_state(%s)", (w,)).fetchone()
+        conn.execute("SELECT llm_internal.llm_head_nll(%s, %s, %s)", (dx, w, TOKENS))  # caches w whole
+        hits = []
+        for step in (1, 2):
+            conn.execute("SELECT llm_adamw_step(%s, %s, %s, %s, %s, 0.1)", (w, grad, m, v, step))
+            hits.append(call(conn, "SELECT hits FROM llm_weight_cache_stats()"))
+        if grad in held:  # the second step took param, m and v from the cache (the first step adopted them)
+            assert hits[1] - hits[0] == 3
+        out.append([get(conn, t) for t in (w, m, v)])
+    assert conn.execute("SELECT llm_internal.llm_mk_hold(%s, FALSE)", (tape,)).fetchone()[0] == 2
+    assert all(np.array_equal(a, b) for a, b in zip(*out, strict=True))

@@ -154,7 +154,8 @@ def test_held_gradients_are_the_written_ones(conn: psycopg.Connection, setup,
                 conn.execute(sql, (name, x, y, T, tape, hold))
             ids = [i for (i,) in conn.execute("SELECT llm_internal.llm_grad_of(%s, v.id) FROM llm_tensor AS v "
                                               "WHERE v.model = %s AND v.role = 'param' ORDER BY v.id", (tape, name))]
-            tiles = conn.execute("SELECT count(*) FROM llm_tile WHERE tensor_id = ANY(%s::BIGINT[])", (ids,)).fetchone()[0]
+            tiles = conn.execute("SELECT count(*) FROM llm_tile WHERE tensor_id = ANY(%s::BIGINT[])",
+                                 (ids,)).fetchone()[0]
             norm = conn.execute("SELECT llm_global_grad_norm(%s::BIGINT[])", (ids,)).fetchone()[0]
             if hold:
                 assert tiles == 0 and len(ids) == len(out[False][2])

@@ -11,34 +11,41 @@ import numpy as np
 
 from pg_llm.kernels.held import held
 from pg_llm.kernels.runtime import error
-from pg_llm.kernels.tiles import F32, block, floats, payload
+from pg_llm.kernels.tiles import F32, block, cut, floats, payload
 from pg_llm.kernels.weight_cache import adopt_tensor, cache_budget, cached_tensors
 
 
-def adamw_tile(p: bytes, g: bytes, m: bytes, v: bytes, h: Sequence[float]) -> list[bytes]:
-    """New (param, m, v) payloads of one tile. h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step]."""
+def adamw_arrays(x: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,
+                 h: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New (param, m, v) float32 arrays from param x, grad g, moments m, v of one shape (none modified).
+    h = [lr, beta1, beta2, eps, weight_decay, grad_scale, step]."""
     lr, b1, b2, eps, wd, scale, t = h
     bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t  # Python floats: beta^t underflows quietly to 0 at late steps
-    x = floats(p).copy()
-    n = x.size
-    if not (len(g) == len(m) == len(v) == 4 * n):
-        error('pg_llm: adamw: param, grad, m and v tiles of %d, %d, %d and %d floats (tile shapes differ)'
-              % (n, len(g) // 4, len(m) // 4, len(v) // 4))
     c = np.float32  # float32 arithmetic, in place, as torch's: 2.7x faster than float64 per tile
-    grad = floats(g) * c(scale)
-    m32 = floats(m) * c(b1)
+    grad = g * c(scale)
+    m32 = m * c(b1)
     m32 += c(1.0 - b1) * grad
     grad *= grad
-    v32 = floats(v) * c(b2)
+    v32 = v * c(b2)
     v32 += c(1.0 - b2) * grad
-    x *= c(1.0 - lr * wd)
+    x = x * c(1.0 - lr * wd)
     step = np.sqrt(v32)
     step *= c(1.0 / bc2 ** 0.5)
     step += c(eps)
     np.divide(m32, step, out=step)
     step *= c(lr / bc1)
     x -= step
-    return [payload(x), payload(m32), payload(v32)]
+    return x, m32, v32
+
+
+def adamw_tile(p: bytes, g: bytes, m: bytes, v: bytes, h: Sequence[float]) -> list[bytes]:
+    """New (param, m, v) payloads of one tile (adamw_arrays). h = [lr, beta1, beta2, eps, weight_decay,
+    grad_scale, step]."""
+    n = len(p) // 4
+    if not (len(g) == len(m) == len(v) == 4 * n):
+        error('pg_llm: adamw: param, grad, m and v tiles of %d, %d, %d and %d floats (tile shapes differ)'
+              % (n, len(g) // 4, len(m) // 4, len(v) // 4))
+    return [payload(a) for a in adamw_arrays(floats(p), floats(g), floats(m), floats(v), h)]
 
 
 # The tiles of each (tr, tc) of a range of tile rows (the param's own left out when it comes from the weight
@@ -85,6 +92,8 @@ def adamw_rows(plpy: Any, GD: dict, ids: Sequence[int], h: Sequence[float], r0: 
     gm = held(GD, g)
     if gm is not None and gm.shape != (rows, cols):
         error('pg_llm: adamw: the held gradient %s has shape %s, the param (%d, %d)' % (g, gm.shape, rows, cols))
+    if whole and gm is not None:
+        return _in_memory(plpy, GD, ids, h, geom, budget, plans['write'], pm, gm)
     new = np.empty((rows, cols), dtype=F32) if whole else None
     n = 0
     cur = plpy.cursor(plans[(not whole, gm is None)], list(ids) + [r0, r1])
@@ -102,4 +111,23 @@ def adamw_rows(plpy: Any, GD: dict, ids: Sequence[int], h: Sequence[float], r0: 
                 n += plpy.execute(plans['write'], [tid, r['tr'], r['tc'], data]).nrows()
     if whole and n == 3 * (-(-rows // th)) * (-(-cols // tw)):
         adopt_tensor(plpy, GD, p, new, budget)
+    return n
+
+
+def _in_memory(plpy: Any, GD: dict, ids: Sequence[int], h: Sequence[float], geom: Sequence[int], budget: int,
+               write: Any, pm: np.ndarray, gm: np.ndarray) -> int:
+    """adamw_rows over a whole param whose grad is held and whose param comes from the weight cache: m and v from
+    the weight cache too (read whole on a miss), one array step, each new tile written, and the new param, m and
+    v adopted by the cache (the next step reads no tile of any of them)."""
+    p, _, m, v = ids
+    th, tw = geom[2], geom[3]
+    mm, vm = cached_tensors(plpy, GD, [m, v], block, budget)
+    out = adamw_arrays(pm, gm, mm, vm, h)
+    n = 0
+    for tid, a in zip((p, m, v), out, strict=True):
+        for tr, tc, data in cut(a, th, tw):
+            n += plpy.execute(write, [tid, tr, tc, data]).nrows()
+    if n == 3 * (-(-geom[0] // th)) * (-(-geom[1] // tw)):
+        for tid, a in zip((p, m, v), out, strict=True):
+            adopt_tensor(plpy, GD, tid, a, budget)
     return n

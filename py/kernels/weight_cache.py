@@ -26,7 +26,7 @@ updates). Only 32-bit xid wraparound could alias (a version with the cached one'
 same slot, every other tile unchanged). On a miss the fingerprint and the payloads come from ONE query, so the
 stored pair is consistent even in a VOLATILE kernel.
 
-Memory: an LRU over bytes, budget pg_llm.weight_cache_mb (default 1024; 0 disables the cache and frees it);
+Memory: an LRU over bytes, budget pg_llm.weight_cache_mb (default 2048; 0 disables the cache and frees it);
 a block larger than the budget is used but not kept. Memory is per backend (Python heap, outside work_mem);
 entries of dropped tensors stay until evicted. llm_weight_cache_stats() reports it, llm_weight_cache_clear()
 empties it and resets the counters, llm_weight_cache_forget(ids) drops some tensors (a finished generation's
@@ -41,7 +41,7 @@ import numpy as np
 
 from pg_llm.kernels.tiles import floats
 
-DEFAULT_MB = 1024
+DEFAULT_MB = 2048  # a training backend keeps params and both AdamW moments: 1.5 GB at GPT-2 small
 
 FP_ROW = ("t.tr || ':' || t.tc || ':' || t.tableoid::TEXT || ':' || pg_relation_filenode(t.tableoid)::TEXT || ':' "
           "|| t.ctid::TEXT || ':' || t.xmin::TEXT")  # concatenation: half the cost of format()

@@ -11,7 +11,9 @@ be four different tensors of one shape, cut in the same tiles. One llm_mk_adamw_
 tile rows holding at most 64M parameter floats (setting pg_llm.adamw_chunk_floats) reads the four tiles of each
 (tr, tc) through a cursor, 16 at a time, steps them (llm_mk_adamw's function) and writes the three new tiles with
 a prepared UPDATE each, so memory stays bounded and no new payload is materialized twice. A call over the whole
-param reads it from the weight cache and leaves the new value there for the next step's forward. Arithmetic is in
+param reads it from the weight cache and leaves the new value there for the next step's forward; with the
+gradient held in memory (ops/held.py) it also takes m and v from the cache, steps the whole arrays, writes each new
+tile and leaves the new m and v in the cache. Arithmetic is in
 float32 like torch's, in place (float64 was 2.7x slower per tile and no closer to torch's float32 results). The
 numpy side: py/kernels/adamw.py.
 
