@@ -15,6 +15,7 @@ and create the PL/Proxy functions (LANGUAGE plproxy) the first time a rank is re
 from __future__ import annotations
 
 from pg_llm.api.cluster_check import inspect
+from pg_llm.api.cluster_infer import PROXIES as INFER_PROXIES
 from pg_llm.api.cluster_rank import INFO_COLS
 from pg_llm.api.cluster_sync import sync
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
@@ -24,8 +25,9 @@ SQL_FILE = "api/cluster.sql"
 ORDER = 91
 
 NAME_RE = "^[a-z][a-z0-9_]{0,39}$"  # server and foreign table names are derived from it (63-byte identifiers)
-# (proxy name, arguments after p_cluster, returns, rank-side function)
-PROXIES = (
+# (proxy name, arguments after p_cluster, returns, rank-side function[, the arguments SPLIT: p_ranks when not
+# given]); the inference proxies (api/cluster_infer.py) are appended: one mechanism creates them all.
+PROXIES: tuple[tuple[str, ...], ...] = (
     ("llm_cluster_px_info", "p_ranks INT[], p_model TEXT, p_config JSONB, p_sums BOOLEAN", f"TABLE({INFO_COLS})",
      "llm_cluster_rank_info(p_ranks, p_model, p_config, p_sums)"),
     ("llm_cluster_px_sums", "p_ranks INT[], p_model TEXT", "TABLE(rank INT, name TEXT, role TEXT, checksum TEXT)",
@@ -33,7 +35,7 @@ PROXIES = (
     ("llm_cluster_px_prepare", "p_ranks INT[], p_model TEXT, p_config JSONB, p_tensors JSONB",
      "TABLE(rank INT, name TEXT, role TEXT, id BIGINT)", "llm_cluster_rank_prepare(p_ranks, p_model, p_config, "
      "p_tensors)"),
-)
+) + INFER_PROXIES
 
 
 def _table() -> str:
@@ -101,10 +103,10 @@ def _proxy_sql() -> list[tuple[str, str, str]]:
     """(name, identity arguments, CREATE FUNCTION text) of each PL/Proxy function; '$px$'-quoted so it can be
     a literal inside a function body."""
     out = []
-    for name, args, returns, target in PROXIES:
+    for name, args, returns, target, *split in PROXIES:
         names = ", ".join(a.split()[0] for a in args.split(", "))
-        body = (f"CLUSTER {INTERNAL}.llm_cluster_server(p_cluster);\nSPLIT p_ranks;\nRUN ON p_ranks;\n"
-                f"SELECT * FROM {INTERNAL}.{target};")
+        body = (f"CLUSTER {INTERNAL}.llm_cluster_server(p_cluster);\nSPLIT {split[0] if split else 'p_ranks'};\n"
+                f"RUN ON p_ranks;\nSELECT * FROM {INTERNAL}.{target};")
         assert names.startswith("p_ranks")
         text = function(name, f"p_cluster TEXT, {args}", returns, body, language="plproxy")
         text = text.replace("$fn$", "$px$").rstrip().removesuffix(";")

@@ -232,8 +232,16 @@ def _dataset() -> str:
         source's stream, which is scored like llm_perplexity_tokens (sliding windows, stride), pooled exactly.""")
 
 
-def _texts() -> str:
-    body = plpgsql("""
+# How llm_perplexity_texts gets a text's token ids (v_t), skipping NULL and empty texts; texts_body() takes
+# another (api/cluster_infer.py: token ids the coordinator encoded, as int[] literals).
+ENCODE = """
+          CONTINUE WHEN texts[i] IS NULL OR texts[i] = '';
+          v_t := llm_encode(texts[i], c.tokenizer);"""
+
+
+def texts_body(encode: str = ENCODE) -> str:
+    """The body of llm_perplexity_texts (model, texts, stride): `encode` sets v_t from texts[i]."""
+    return plpgsql("""
         c llm_model_config; v_stride INT; v_t INT[]; n INT; v_off INT; w RECORD; v FLOAT8[]; v_nll FLOAT8[];
         v_x INT[] := '{}'; v_y INT[] := '{}'; v_wb INT[] := '{}'; v_we INT[] := '{}'; v_ws INT[] := '{}';
         v_doc INT[] := '{}'; v_sum FLOAT8[]; v_count BIGINT[]; v_top INT; v_fused BOOLEAN;
@@ -246,9 +254,7 @@ def _texts() -> str:
         END IF;
         v_sum := array_fill(0::FLOAT8, ARRAY[cardinality(texts)]);
         v_count := array_fill(0::BIGINT, ARRAY[cardinality(texts)]);
-        FOR i IN 1 .. cardinality(texts) LOOP
-          CONTINUE WHEN texts[i] IS NULL OR texts[i] = '';
-          v_t := llm_encode(texts[i], c.tokenizer);
+        FOR i IN 1 .. cardinality(texts) LOOP""" + encode + """
           n := cardinality(v_t);
           CONTINUE WHEN n < 2;
           v_top := (SELECT max(u.id) FROM unnest(v_t) AS u(id));
@@ -287,9 +293,13 @@ def _texts() -> str:
                  CASE WHEN v_count[i.i] > 0 THEN v_sum[i.i] / v_count[i.i] END
           FROM generate_subscripts(texts, 1) AS i(i) ORDER BY i.i;
     """)
+
+
+def _texts() -> str:
     return function(
         "llm_perplexity_texts", "model TEXT, texts TEXT[], stride INT DEFAULT NULL",
-        "TABLE(ord INT, perplexity FLOAT8, tokens_scored BIGINT, mean_loss FLOAT8)", body, settings=KERNEL_SETTINGS,
+        "TABLE(ord INT, perplexity FLOAT8, tokens_scored BIGINT, mean_loss FLOAT8)", texts_body(),
+        settings=KERNEL_SETTINGS,
         note="""
         Perplexity of many texts at once (a table's rows: texts => ARRAY(SELECT body FROM docs ORDER BY id)): one
         row per text, ord = its index in the array; each exactly as llm_perplexity(model, text, stride), but all

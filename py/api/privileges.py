@@ -40,12 +40,15 @@ TABLES: dict[str, dict[str, str]] = {
     "llm_bpe_vocab": {R: "SELECT", A: "INSERT, UPDATE, DELETE"},
     "llm_bpe_merges": {R: "SELECT", A: "INSERT, UPDATE, DELETE"},
     "llm_bpe_cache": {R: "SELECT", A: "DELETE"},  # filled by llm_bpe_cache_fill (SECURITY DEFINER) only
-    "llm_cluster_rank": {T: "SELECT", A: "INSERT, UPDATE, DELETE"},  # registering ranks is for admins
+    # registering ranks is for admins; readers route inference to them (host, port and dbname are in
+    # pg_foreign_server's options anyway, which every role reads; passwords only in user mappings)
+    "llm_cluster_rank": {R: "SELECT", A: "INSERT, UPDATE, DELETE"},
+    f"{INTERNAL}.llm_cluster_verified": {R: "SELECT, INSERT, UPDATE, DELETE"},  # a role's own rows (policy)
     f"{INTERNAL}.llm_cluster_tile_md5": {R: "SELECT"},  # what a coordinator reads from a rank
     "llm_py_module": {},  # SELECT to PUBLIC (py/gen/pymodules.py); its code runs in every role's kernels
     **{v: {R: "SELECT"} for v in ("llm_tensors", "llm_models", "llm_tokenizers", "llm_datasets", "llm_checkpoints",
                                   "llm_param", "llm_param_rows", "llm_train_progress")},
-    "llm_cluster_ranks": {T: "SELECT"},
+    "llm_cluster_ranks": {R: "SELECT"},
 }
 
 # Scratch tensors (negative ids) belong to the backend that made them (a dead backend's are anyone's to drop);
@@ -55,6 +58,7 @@ SCRATCH = "{t}.id < 0 AND ({t}.backend_pid = pg_backend_pid() OR NOT EXISTS (SEL
 DURABLE = "{t}.id > 0 AND CASE WHEN {t}.model = '' THEN llm_may_own({t}.owner) ELSE {t}.model IN " + WRITABLE + " END"
 TILE = "EXISTS (SELECT 1 FROM llm_tensor AS t WHERE t.id = llm_tile.tensor_id AND {cond})"
 
+VERIFIED_MINE = "llm_cluster_verified.owner = CURRENT_USER::TEXT::REGROLE"
 # (table, policy, command, role, USING, WITH CHECK); reads are open: every table gets a SELECT policy for R.
 POLICIES = [
     ("llm_tensor", "scratch", "ALL", R, SCRATCH.format(t="llm_tensor"),
@@ -82,6 +86,8 @@ POLICIES = [
     ("llm_dataset_source", "drop", "DELETE", T, OWNS.format(t="llm_dataset_source"), None),
     ("llm_dataset", "owner", "ALL", T, "EXISTS (SELECT 1 FROM llm_dataset_source AS s WHERE s.dataset = "
      "llm_dataset.dataset AND s.source_hash = llm_dataset.source_hash AND llm_may_own(s.owner))", None),
+    # the checks a role's inference fan-out trusts are its own (api/cluster_infer.py)
+    (f"{INTERNAL}.llm_cluster_verified", "own", "ALL", R, VERIFIED_MINE, VERIFIED_MINE),
 ]
 RLS_TABLES = sorted({p[0] for p in POLICIES})
 

@@ -185,6 +185,90 @@ BEGIN
     REVOKE ALL ON FUNCTION llm_internal.llm_cluster_px_prepare(text, integer[], text, jsonb, jsonb) FROM PUBLIC;
     GRANT EXECUTE ON FUNCTION llm_internal.llm_cluster_px_prepare(text, integer[], text, jsonb, jsonb) TO llm_reader;
   END IF;
+  IF to_regprocedure('llm_internal.llm_cluster_px_version(text, integer[], text)') IS NULL
+     OR (SELECT p.prosrc FROM pg_proc AS p WHERE p.oid = to_regprocedure('llm_internal.llm_cluster_px_version(text, integer[], text)')) <> '
+  CLUSTER llm_internal.llm_cluster_server(p_cluster);
+  SPLIT p_ranks;
+  RUN ON p_ranks;
+  SELECT * FROM llm_internal.llm_cluster_rank_version(p_ranks, p_model);
+  ' THEN
+    EXECUTE 'CREATE OR REPLACE FUNCTION llm_internal.llm_cluster_px_version(p_cluster TEXT, p_ranks INT[], p_model TEXT)
+  RETURNS TABLE(rank INT, version TEXT)
+  LANGUAGE plproxy
+  VOLATILE
+  SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+  AS $px$
+  CLUSTER llm_internal.llm_cluster_server(p_cluster);
+  SPLIT p_ranks;
+  RUN ON p_ranks;
+  SELECT * FROM llm_internal.llm_cluster_rank_version(p_ranks, p_model);
+  $px$';
+    REVOKE ALL ON FUNCTION llm_internal.llm_cluster_px_version(text, integer[], text) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION llm_internal.llm_cluster_px_version(text, integer[], text) TO llm_reader;
+  END IF;
+  IF to_regprocedure('llm_internal.llm_cluster_px_generate(text, integer[], text, int, integer[], int, float8, int, float8, bigint, boolean, boolean)') IS NULL
+     OR (SELECT p.prosrc FROM pg_proc AS p WHERE p.oid = to_regprocedure('llm_internal.llm_cluster_px_generate(text, integer[], text, int, integer[], int, float8, int, float8, bigint, boolean, boolean)')) <> '
+  CLUSTER llm_internal.llm_cluster_server(p_cluster);
+  SPLIT p_ranks;
+  RUN ON p_ranks;
+  SELECT * FROM llm_internal.llm_cluster_rank_generate(p_ranks, p_model, p_eos_id, p_tokens, p_max_new_tokens, p_temperature, p_top_k, p_top_p, p_seed, p_eos, p_use_cache);
+  ' THEN
+    EXECUTE 'CREATE OR REPLACE FUNCTION llm_internal.llm_cluster_px_generate(p_cluster TEXT, p_ranks INT[], p_model TEXT, p_eos_id INT, p_tokens INT[], p_max_new_tokens INT, p_temperature FLOAT8, p_top_k INT, p_top_p FLOAT8, p_seed BIGINT, p_eos BOOLEAN, p_use_cache BOOLEAN)
+  RETURNS TABLE(rank INT, tokens INT[])
+  LANGUAGE plproxy
+  VOLATILE
+  SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+  AS $px$
+  CLUSTER llm_internal.llm_cluster_server(p_cluster);
+  SPLIT p_ranks;
+  RUN ON p_ranks;
+  SELECT * FROM llm_internal.llm_cluster_rank_generate(p_ranks, p_model, p_eos_id, p_tokens, p_max_new_tokens, p_temperature, p_top_k, p_top_p, p_seed, p_eos, p_use_cache);
+  $px$';
+    REVOKE ALL ON FUNCTION llm_internal.llm_cluster_px_generate(text, integer[], text, int, integer[], int, float8, int, float8, bigint, boolean, boolean) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION llm_internal.llm_cluster_px_generate(text, integer[], text, int, integer[], int, float8, int, float8, bigint, boolean, boolean) TO llm_reader;
+  END IF;
+  IF to_regprocedure('llm_internal.llm_cluster_px_perplexity(text, integer[], text, integer[], int)') IS NULL
+     OR (SELECT p.prosrc FROM pg_proc AS p WHERE p.oid = to_regprocedure('llm_internal.llm_cluster_px_perplexity(text, integer[], text, integer[], int)')) <> '
+  CLUSTER llm_internal.llm_cluster_server(p_cluster);
+  SPLIT p_ranks;
+  RUN ON p_ranks;
+  SELECT * FROM llm_internal.llm_cluster_rank_perplexity(p_ranks, p_model, p_tokens, p_stride);
+  ' THEN
+    EXECUTE 'CREATE OR REPLACE FUNCTION llm_internal.llm_cluster_px_perplexity(p_cluster TEXT, p_ranks INT[], p_model TEXT, p_tokens INT[], p_stride INT)
+  RETURNS TABLE(rank INT, perplexity FLOAT8, tokens_scored BIGINT, mean_loss FLOAT8)
+  LANGUAGE plproxy
+  VOLATILE
+  SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+  AS $px$
+  CLUSTER llm_internal.llm_cluster_server(p_cluster);
+  SPLIT p_ranks;
+  RUN ON p_ranks;
+  SELECT * FROM llm_internal.llm_cluster_rank_perplexity(p_ranks, p_model, p_tokens, p_stride);
+  $px$';
+    REVOKE ALL ON FUNCTION llm_internal.llm_cluster_px_perplexity(text, integer[], text, integer[], int) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION llm_internal.llm_cluster_px_perplexity(text, integer[], text, integer[], int) TO llm_reader;
+  END IF;
+  IF to_regprocedure('llm_internal.llm_cluster_px_perplexity_lists(text, integer[], integer[], text, text[], int)') IS NULL
+     OR (SELECT p.prosrc FROM pg_proc AS p WHERE p.oid = to_regprocedure('llm_internal.llm_cluster_px_perplexity_lists(text, integer[], integer[], text, text[], int)')) <> '
+  CLUSTER llm_internal.llm_cluster_server(p_cluster);
+  SPLIT p_ranks, p_ords, p_lists;
+  RUN ON p_ranks;
+  SELECT * FROM llm_internal.llm_cluster_rank_perplexity_lists(p_ranks, p_ords, p_model, p_lists, p_stride);
+  ' THEN
+    EXECUTE 'CREATE OR REPLACE FUNCTION llm_internal.llm_cluster_px_perplexity_lists(p_cluster TEXT, p_ranks INT[], p_ords INT[], p_model TEXT, p_lists TEXT[], p_stride INT)
+  RETURNS TABLE(rank INT, ord INT, perplexity FLOAT8, tokens_scored BIGINT, mean_loss FLOAT8)
+  LANGUAGE plproxy
+  VOLATILE
+  SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+  AS $px$
+  CLUSTER llm_internal.llm_cluster_server(p_cluster);
+  SPLIT p_ranks, p_ords, p_lists;
+  RUN ON p_ranks;
+  SELECT * FROM llm_internal.llm_cluster_rank_perplexity_lists(p_ranks, p_ords, p_model, p_lists, p_stride);
+  $px$';
+    REVOKE ALL ON FUNCTION llm_internal.llm_cluster_px_perplexity_lists(text, integer[], integer[], text, text[], int) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION llm_internal.llm_cluster_px_perplexity_lists(text, integer[], integer[], text, text[], int) TO llm_reader;
+  END IF;
 END
 $fn$;
 
