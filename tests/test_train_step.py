@@ -193,3 +193,24 @@ def test_fused_step_equals_chain_with_dropout(conn: psycopg.Connection, setup, t
     for role, tensors in chain.items():
         for n, a in tensors.items():
             assert np.abs(fused[role][n] - a).max() <= 1e-6 + 1e-5 * np.abs(a).max(), (role, n)
+
+
+def test_kept_intermediates_change_nothing(conn: psycopg.Connection, setup,
+                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A step's blocks keep their forward intermediates for the backward (pg_llm.train_keep_mb) or recompute them
+    (0): the same parameters and moments, bit for bit, with dropout; one kept block of two (0.13 MB: a block keeps
+    15 x 32 x 48 floats here)."""
+    out = {}
+    for keep in ("0", "0.13", "64"):
+        name = f"trk_{keep.replace('.', '_')}"
+        import_tiny(conn, tmp_path_factory.mktemp(name), name)
+        conn.execute("SELECT set_config('pg_llm.train_keep_mb', %s, FALSE)", (keep,))
+        try:
+            conn.execute("SELECT llm_train_step(%s, dataset => 'ds', batch_size => 2, dropout => 0.2, seed => 3)",
+                         (name,))
+        finally:
+            conn.execute("RESET pg_llm.train_keep_mb")
+        out[keep] = {r: params(conn, name, r) for r in ("param", "adam_m", "adam_v")}
+    for keep in ("0.13", "64"):
+        for role, tensors in out["0"].items():
+            assert all(np.array_equal(out[keep][role][n], a) for n, a in tensors.items()), (keep, role)

@@ -22,7 +22,7 @@ from pg_llm.kernels.attention import causal_attention, causal_attention_backward
 from pg_llm.kernels.block_step import block_shapes, gpt2_block
 from pg_llm.kernels.dropout import dropout_rows
 from pg_llm.kernels.gelu import gelu_backward
-from pg_llm.kernels.held import emit_grad
+from pg_llm.kernels.held import emit_grad, holds_any, keep_acts, take_acts
 from pg_llm.kernels.layernorm import layernorm_backward_rows
 from pg_llm.kernels.matmul import read_tiles
 from pg_llm.kernels.runtime import error
@@ -62,12 +62,13 @@ def _colsum(d: np.ndarray) -> np.ndarray:
     return d.sum(axis=0, dtype=np.float64).astype(F32).reshape(1, -1)
 
 
-def block_backward(x: np.ndarray, dy: np.ndarray, w: Sequence[np.ndarray],
-                   k: BlockArgs) -> tuple[np.ndarray, list[np.ndarray]]:
+def block_backward(x: np.ndarray, dy: np.ndarray, w: Sequence[np.ndarray], k: BlockArgs,
+                   s: dict | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """(dx, the 12 parameter gradients in BLOCK_PARAMS order) of block_forward at x for the output gradient dy,
-    the forward recomputed first."""
+    with the forward's intermediates s (block_forward's keep), recomputed when not given (consumed)."""
     ln1g, ln1b, wqkv, bqkv, wo, bo, ln2g, ln2b, wfc, bfc, wp, bp = w
-    _, s = block_forward(x, w, k, keep=True)
+    if s is None:
+        _, s = block_forward(x, w, k, keep=True)
     dm = _undrop(dy, k, 2)
     dwp, dbp = np.matmul(s['g'].T, dm), _colsum(dm)
     df = gelu_backward(s['f'], np.matmul(dm, wp.T))
@@ -114,12 +115,15 @@ def _args(n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[in
 
 def forward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int], params: Sequence[int],
                    n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int],
-                   drop_tile: Sequence[int]) -> list[bytes]:
-    """llm_mk_gpt2_block: y's tiles (x's tiling, (tr, tc) order) from x's tiles and the block's cached weights."""
+                   drop_tile: Sequence[int], x_id: int) -> list[bytes]:
+    """llm_mk_gpt2_block: y's tiles (x's tiling, (tr, tc) order) from x's tiles (tensor x_id) and the block's
+    cached weights; the intermediates kept for the backward when a training step holds them (held.keep_acts)."""
     x = whole(tiles, *geom, 'gpt2_block')
     w = _weights(plpy, GD, params, geom[1], 'gpt2_block')
     k = _args(n_head, seq_len, eps, rate, seeds, drop_tile, geom[0], geom[1], 'gpt2_block')
-    y, _ = block_forward(x, w, k)
+    y, saved = block_forward(x, w, k, keep=holds_any(GD))
+    if saved:
+        keep_acts(plpy, GD, x_id, saved)
     return [t for _, _, t in cut(y, geom[2], geom[3])]
 
 
@@ -144,7 +148,7 @@ def backward_kernel(plpy: Any, GD: dict, xs: Sequence[int], dy_tiles: Sequence[b
         k = _args(n_head, seq_len, eps, rate, seeds[3 * j:3 * j + 3], drop_tile, rows, cols, 'gpt2_block_backward')
         w = _weights(plpy, GD, params[12 * j:12 * j + 12], cols, 'gpt2_block_backward')
         x = whole(read_tiles(plpy, GD, xs[j], box), rows, cols, th, tw, 'gpt2_block_backward')
-        dy, grads = block_backward(x, dy, w, k)
+        dy, grads = block_backward(x, dy, w, k, take_acts(GD, xs[j]))
         for i, g in enumerate(grads):
             k = 12 * j + i + 1
             yield from emit_grad(GD, tape, grad_ids[k - 1], g, k, grad_tiles[2 * k - 2], grad_tiles[2 * k - 1])

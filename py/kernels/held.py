@@ -9,7 +9,9 @@ do not. llm_grad_acc adds held gradients in memory, llm_global_grad_norm and llm
 and anything else first writes them out (held_write). The step drops them at its end; a failed step's are dropped
 when the next one starts (one tape holds at a time per backend).
 
-Also the LM head's pending gradient (not a tensor yet): the tied wte's embedding backward adds its part to it.
+Also the LM head's pending gradient (not a tensor yet): the tied wte's embedding backward adds its part to it; and
+while a tape holds its gradients, the fused blocks' forward intermediates, up to pg_llm.train_keep_mb, so that
+their backward does not recompute them (each block's input stays a scratch tensor either way).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from pg_llm.kernels.tiles import cut
 
 CHUNK = 1 << 20  # floats per float64 chunk of a sum of squares
+KEEP_MB = 2048  # a training step's kept block intermediates (pg_llm.train_keep_mb)
 HOLD = 'llm_held_grads'  # GD: {'tape': id, 'hold': bool, 'grads': {tensor id: array}, 'pending': {id: array}}
 
 
@@ -28,7 +31,7 @@ def start(GD: dict, tape: int, hold: bool = True) -> dict:
     """tape's state (a previous tape's held gradients dropped); hold: it keeps its parameter gradients."""
     h = GD.get(HOLD)
     if h is None or h['tape'] != tape:
-        h = GD[HOLD] = {'tape': tape, 'hold': hold, 'grads': {}, 'pending': {}}
+        h = GD[HOLD] = {'tape': tape, 'hold': hold, 'grads': {}, 'pending': {}, 'acts': {}, 'acts_bytes': 0}
     h['hold'] = h['hold'] or hold
     return h
 
@@ -46,6 +49,51 @@ def holds_grads(GD: dict, tape: int | None) -> bool:
     """Whether tape keeps its parameter gradients in memory."""
     h = GD.get(HOLD)
     return tape is not None and h is not None and h['tape'] == tape and h['hold']
+
+
+def keep_acts(plpy: Any, GD: dict, x: int, saved: dict) -> bool:
+    """Keep a fused block's forward intermediates (saved) under its input tensor x for its backward, while a tape
+    holds its gradients and they fit pg_llm.train_keep_mb (default KEEP_MB) with those kept already."""
+    h = GD.get(HOLD)
+    if h is None or not h['hold']:
+        return False
+    size = sum(a.nbytes for a in saved.values())
+    if h['acts_bytes'] + size > keep_budget(plpy, GD):
+        return False
+    h['acts'][x] = saved
+    h['acts_bytes'] += size
+    return True
+
+
+def take_acts(GD: dict, x: int) -> dict | None:
+    """The intermediates kept for the block whose input is tensor x (removed), or None: recompute them."""
+    h = GD.get(HOLD)
+    saved = None if h is None else h['acts'].pop(x, None)
+    if saved is not None:
+        h['acts_bytes'] -= sum(a.nbytes for a in saved.values())
+    return saved
+
+
+def keep_budget(plpy: Any, GD: dict) -> int:
+    """pg_llm.train_keep_mb in bytes (default KEEP_MB; 0: every block's backward recomputes its forward)."""
+    plan = GD.get('llm_keep_budget_plan')
+    if plan is None:
+        plan = GD['llm_keep_budget_plan'] = plpy.prepare("SELECT current_setting('pg_llm.train_keep_mb', TRUE) AS v")
+    v = plpy.execute(plan)[0]['v']
+    try:
+        mb = KEEP_MB if v is None or v.strip() == '' else float(v)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb < float('inf'):
+        plpy.error('pg_llm: pg_llm.train_keep_mb must be a number of megabytes >= 0, got %r' % v,
+                   hint='0 recomputes every block in the backward; the default is %d.' % KEEP_MB)
+    return int(mb * 1048576)
+
+
+def holds_any(GD: dict) -> bool:
+    """Whether a tape of this backend holds its gradients now (a training step's forward is running)."""
+    h = GD.get(HOLD)
+    return h is not None and h['hold']
 
 
 def held(GD: dict, tid: int) -> np.ndarray | None:

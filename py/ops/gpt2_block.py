@@ -87,7 +87,7 @@ FORWARD = """
       SELECT array_agg(t.data ORDER BY t.tr, t.tc) AS tiles FROM llm_tile AS t WHERE t.tensor_id = p_x
     ) AS g
     CROSS JOIN LATERAL unnest(llm_mk_gpt2_block(g.tiles, v_geom, p_params, p_n_head, p_seq_len, p_eps, p_dropout,
-                                                p_seeds, p_drop_tile)) WITH ORDINALITY AS o(data, n)"""
+                                                p_seeds, p_drop_tile, p_x)) WITH ORDINALITY AS o(data, n)"""
 
 BACKWARD = insert_rows("p_dy", """llm_mk_gpt2_block_backward(p_xs, d.tiles, v_geom, p_params, p_n_head, p_seq_len,
                                                          p_eps, p_dropout, p_seeds, p_drop_tile, v_tiles,
@@ -175,12 +175,13 @@ def _backward() -> str:
 def emit() -> str:
     mk = ("geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], "
           "drop_tile INT[]")
-    fwd = function("llm_mk_gpt2_block", "tiles BYTEA[], " + mk, "BYTEA[]",
+    fwd = function("llm_mk_gpt2_block", "tiles BYTEA[], " + mk + ", x BIGINT", "BYTEA[]",
                    kernel_body(forward_kernel, "forward_kernel(plpy, GD, tiles, geom, params, n_head, seq_len, eps, "
-                                               "rate, seeds, drop_tile)"),
+                                               "rate, seeds, drop_tile, x)"),
                    language="plpython3u", volatility="STABLE", strict=True, settings=("jit = off",), note="""
-        gpt2_block microkernel: y's tiles from x's tiles (geom = [rows, cols, tile rows, tile cols]) and the
-        block's weights from the backend's weight cache.""")
+        gpt2_block microkernel: y's tiles from x's tiles (tensor x; geom = [rows, cols, tile rows, tile cols]) and
+        the block's weights from the backend's weight cache; during a training step the intermediates stay in
+        memory for the backward, up to pg_llm.train_keep_mb (ops/held.py).""")
     bwd = function("llm_mk_gpt2_block_backward", "xs BIGINT[], dy_tiles BYTEA[], " + mk + ", grad_tiles INT[], "
                    "tape BIGINT, grad_ids BIGINT[]",
                    "TABLE(k INT, tr INT, tc INT, data BYTEA)",

@@ -13,9 +13,10 @@
 -- dy and reads each block's input itself; y and dx have x's tiling, each gradient its parameter's. The parameters
 -- come from the backend's weight cache. The training forward (llm_gpt2_forward with a tape) records its blocks as
 -- this op unless pg_llm.fused_train = off (the chain of per-op kernels, the reference).
--- gpt2_block microkernel: y's tiles from x's tiles (geom = [rows, cols, tile rows, tile cols]) and the
--- block's weights from the backend's weight cache.
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_block(tiles BYTEA[], geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], drop_tile INT[])
+-- gpt2_block microkernel: y's tiles from x's tiles (tensor x; geom = [rows, cols, tile rows, tile cols]) and
+-- the block's weights from the backend's weight cache; during a training step the intermediates stay in
+-- memory for the backward, up to pg_llm.train_keep_mb (ops/held.py).
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_block(tiles BYTEA[], geom INT[], params BIGINT[], n_head INT, seq_len INT, eps FLOAT8, rate FLOAT8, seeds BIGINT[], drop_tile INT[], x BIGINT)
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 STABLE
@@ -26,7 +27,7 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.block_train import forward_kernel
-return forward_kernel(plpy, GD, tiles, geom, params, n_head, seq_len, eps, rate, seeds, drop_tile)
+return forward_kernel(plpy, GD, tiles, geom, params, n_head, seq_len, eps, rate, seeds, drop_tile, x)
 $fn$;
 
 -- gpt2_block backward microkernel: (k, tr, tc, data) rows, k = 0 dx's tiles, k = 1..12 the gradient tiles of
@@ -184,7 +185,7 @@ BEGIN
         WHERE
           t.tensor_id = p_x
       ) AS g
-      CROSS JOIN LATERAL UNNEST(llm_mk_gpt2_block(g.tiles, v_geom, p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile)) WITH ORDINALITY AS o(data, n);
+      CROSS JOIN LATERAL UNNEST(llm_mk_gpt2_block(g.tiles, v_geom, p_params, p_n_head, p_seq_len, p_eps, p_dropout, p_seeds, p_drop_tile, p_x)) WITH ORDINALITY AS o(data, n);
       RETURN v_out;
 END
 $fn$;
