@@ -108,10 +108,17 @@ def scores(conn: psycopg.Connection, query: str, *args: object) -> list[tuple]:
 
 
 def same_scores(got: list[tuple], want: list[tuple]) -> None:
+    """The single-node mean loss within 1e-6 relative, as test_perplexity's texts form against one text at a time:
+    a rank packs its share of the texts into other forwards than one node packs all of them, and OpenBLAS may
+    round a row of a product differently with the matrix's height (equal on SkylakeX kernels, 1e-8 apart on
+    Haswell kernels, 2026-12-03)."""
     assert [g[0] for g in got] == [w[0] for w in want] and [g[2] for g in got] == [w[2] for w in want]
     for g, w in zip(got, want, strict=True):
-        for a, b in ((g[1], w[1]), (g[3], w[3])):
-            assert (a is None and b is None) or abs(a - b) <= 1e-9 * abs(b), (g, w)
+        if w[3] is None:
+            assert g[1] is None and g[3] is None, (g, w)
+            continue
+        # perplexity = exp(mean loss): the loss's absolute difference is the perplexity's relative one
+        assert abs(g[3] - w[3]) <= 1e-6 * w[3] and abs(g[1] - w[1]) <= 1e-6 * w[3] * w[1], (g, w)
 
 
 @pytest.mark.parametrize("cluster", ["two", "three"])
