@@ -64,15 +64,21 @@ MAPPING_HINT = ("format('Every rank of SELECT * FROM llm_cluster_ranks WHERE clu
                 "(docs/scaleout.md).', p_cluster, llm_cluster_server(p_cluster))")
 
 
-def _rank_side() -> str:
-    """What the coordinator calls on a rank (every install has these: a database is a rank because a coordinator
-    registered it)."""
-    tiles = """
-        SELECT string_agg(concat_ws(':', v.id, v.ctid, v.xmin, t.tr, t.tc, t.ctid, t.xmin), ';'
+def row_versions(model: str, roles: str) -> str:
+    """The row versions (ctid, xmin) of a model's tensor rows and tiles of the roles `roles` selects, as one
+    string: any write of one of them changes it."""
+    return f"""
+        SELECT string_agg(concat_ws(':', v.id, v.role, v.ctid, v.xmin, t.tr, t.tc, t.ctid, t.xmin), ';'
                           ORDER BY v.id, t.tr, t.tc)
         FROM llm_tensor AS v
         JOIN llm_tile AS t ON t.tensor_id = v.id
-        WHERE v.model = m.name AND v.role = 'param' AND v.id > 0"""
+        WHERE v.model = {model} AND {roles} AND v.id > 0"""
+
+
+def _rank_side() -> str:
+    """What the coordinator calls on a rank (every install has these: a database is a rank because a coordinator
+    registered it)."""
+    tiles = row_versions("m.name", "v.role = 'param'")
     version = f"""
         SELECT p_ranks[1], CASE WHEN m.name IS NOT NULL THEN md5(concat_ws(E'\\n', llm_build(), m.step::TEXT,
                (to_jsonb(k) - 'owner' - 'note')::TEXT, llm_generate_eos(k)::TEXT, ({tiles}))) END

@@ -45,6 +45,11 @@ TABLES: dict[str, dict[str, str]] = {
     "llm_cluster_rank": {R: "SELECT", A: "INSERT, UPDATE, DELETE"},
     f"{INTERNAL}.llm_cluster_verified": {R: "SELECT, INSERT, UPDATE, DELETE"},  # a role's own rows (policy)
     f"{INTERNAL}.llm_cluster_tile_md5": {R: "SELECT"},  # what a coordinator reads from a rank
+    # data-parallel training (api/cluster_train*.py): a rank's gradient shares (its peers read them), the
+    # coordinator's verified rank versions and commit decisions (a role's own rows)
+    f"{INTERNAL}.llm_dp_grad": {R: "SELECT", T: "INSERT, DELETE"},
+    f"{INTERNAL}.llm_dp_state": {R: "SELECT, INSERT, UPDATE, DELETE"},
+    f"{INTERNAL}.llm_dp_decision": {R: "SELECT", T: "INSERT, DELETE"},
     "llm_py_module": {},  # SELECT to PUBLIC (py/gen/pymodules.py); its code runs in every role's kernels
     **{v: {R: "SELECT"} for v in ("llm_tensors", "llm_models", "llm_tokenizers", "llm_datasets", "llm_checkpoints",
                                   "llm_param", "llm_param_rows", "llm_train_progress")},
@@ -59,6 +64,7 @@ DURABLE = "{t}.id > 0 AND CASE WHEN {t}.model = '' THEN llm_may_own({t}.owner) E
 TILE = "EXISTS (SELECT 1 FROM llm_tensor AS t WHERE t.id = llm_tile.tensor_id AND {cond})"
 
 VERIFIED_MINE = "llm_cluster_verified.owner = CURRENT_USER::TEXT::REGROLE"
+MINE_OF = "{t}.owner = CURRENT_USER::TEXT::REGROLE"
 # (table, policy, command, role, USING, WITH CHECK); reads are open: every table gets a SELECT policy for R.
 POLICIES = [
     ("llm_tensor", "scratch", "ALL", R, SCRATCH.format(t="llm_tensor"),
@@ -88,6 +94,11 @@ POLICIES = [
      "llm_dataset.dataset AND s.source_hash = llm_dataset.source_hash AND llm_may_own(s.owner))", None),
     # the checks a role's inference fan-out trusts are its own (api/cluster_infer.py)
     (f"{INTERNAL}.llm_cluster_verified", "own", "ALL", R, VERIFIED_MINE, VERIFIED_MINE),
+    # a cluster step writes gradient shares of models the role trains, and its own state and decisions
+    (f"{INTERNAL}.llm_dp_grad", "train", "ALL", T, "llm_dp_grad.model IN " + WRITABLE, None),
+    (f"{INTERNAL}.llm_dp_state", "own", "ALL", R, MINE_OF.format(t="llm_dp_state"), MINE_OF.format(t="llm_dp_state")),
+    (f"{INTERNAL}.llm_dp_decision", "own", "ALL", T, MINE_OF.format(t="llm_dp_decision"),
+     MINE_OF.format(t="llm_dp_decision")),
 ]
 RLS_TABLES = sorted({p[0] for p in POLICIES})
 

@@ -46,7 +46,7 @@ BEGIN
             (
               SELECT
                 STRING_AGG(
-                  CONCAT_WS(':', v.id, v.ctid, v.xmin, t.tr, t.tc, t.ctid, t.xmin), ';'
+                  CONCAT_WS(':', v.id, v.role, v.ctid, v.xmin, t.tr, t.tc, t.ctid, t.xmin), ';'
                   ORDER BY
                     v.id,
                     t.tr,

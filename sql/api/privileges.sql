@@ -39,18 +39,19 @@ BEGIN
     'llm_adamw_step', 'llm_add', 'llm_add_backward', 'llm_add_bias', 'llm_add_bias_backward', 'llm_attention',
     'llm_attention_backward', 'llm_bpe_cache_clear', 'llm_bpe_pattern', 'llm_bpe_pieces', 'llm_build', 'llm_checkpoint_drop',
     'llm_checkpoint_load', 'llm_checkpoint_save', 'llm_clip_coef', 'llm_cluster_add', 'llm_cluster_check', 'llm_cluster_drop',
-    'llm_cluster_generate', 'llm_cluster_perplexity', 'llm_cluster_perplexity_texts', 'llm_cluster_route', 'llm_cluster_sync', 'llm_cross_entropy',
-    'llm_cross_entropy_backward', 'llm_dataset_drop', 'llm_decode', 'llm_decode_bytes', 'llm_doctor', 'llm_dropout',
-    'llm_dropout_backward', 'llm_embedding', 'llm_embedding_backward', 'llm_encode', 'llm_eval_loss', 'llm_gelu',
-    'llm_gelu_backward', 'llm_generate', 'llm_generate_stream', 'llm_generate_tokens', 'llm_global_grad_norm', 'llm_layernorm',
-    'llm_layernorm_backward', 'llm_linear', 'llm_linear_backward', 'llm_logits', 'llm_logits_all', 'llm_loss',
-    'llm_lr_at', 'llm_matmul', 'llm_matmul_backward', 'llm_model_create', 'llm_model_drop', 'llm_model_grant',
-    'llm_model_init', 'llm_model_revoke', 'llm_mul', 'llm_mul_backward', 'llm_param', 'llm_perplexity',
-    'llm_perplexity_texts', 'llm_perplexity_tokens', 'llm_scale', 'llm_scale_backward', 'llm_scratch_clear', 'llm_scratch_mark',
-    'llm_scratch_release', 'llm_softmax_causal', 'llm_softmax_causal_backward', 'llm_sum_cols', 'llm_sum_cols_backward', 'llm_sum_rows',
-    'llm_sum_rows_backward', 'llm_tensor', 'llm_tensor_create', 'llm_tensor_drop', 'llm_tensor_rows', 'llm_tensor_validate',
-    'llm_tile_values', 'llm_tile_values_2d', 'llm_tokenize', 'llm_train', 'llm_train_check', 'llm_train_run',
-    'llm_train_step', 'llm_utf8_lossy', 'llm_weight_cache_clear', 'llm_weight_cache_stats', 'pg_llm_export_npz', 'pg_llm_import_npz']::NAME[])) LOOP
+    'llm_cluster_generate', 'llm_cluster_perplexity', 'llm_cluster_perplexity_texts', 'llm_cluster_recover', 'llm_cluster_route', 'llm_cluster_sync',
+    'llm_cluster_train_step', 'llm_cross_entropy', 'llm_cross_entropy_backward', 'llm_dataset_drop', 'llm_decode', 'llm_decode_bytes',
+    'llm_doctor', 'llm_dropout', 'llm_dropout_backward', 'llm_embedding', 'llm_embedding_backward', 'llm_encode',
+    'llm_eval_loss', 'llm_gelu', 'llm_gelu_backward', 'llm_generate', 'llm_generate_stream', 'llm_generate_tokens',
+    'llm_global_grad_norm', 'llm_layernorm', 'llm_layernorm_backward', 'llm_linear', 'llm_linear_backward', 'llm_logits',
+    'llm_logits_all', 'llm_loss', 'llm_lr_at', 'llm_matmul', 'llm_matmul_backward', 'llm_model_create',
+    'llm_model_drop', 'llm_model_grant', 'llm_model_init', 'llm_model_revoke', 'llm_mul', 'llm_mul_backward',
+    'llm_param', 'llm_perplexity', 'llm_perplexity_texts', 'llm_perplexity_tokens', 'llm_scale', 'llm_scale_backward',
+    'llm_scratch_clear', 'llm_scratch_mark', 'llm_scratch_release', 'llm_softmax_causal', 'llm_softmax_causal_backward', 'llm_sum_cols',
+    'llm_sum_cols_backward', 'llm_sum_rows', 'llm_sum_rows_backward', 'llm_tensor', 'llm_tensor_create', 'llm_tensor_drop',
+    'llm_tensor_rows', 'llm_tensor_validate', 'llm_tile_values', 'llm_tile_values_2d', 'llm_tokenize', 'llm_train',
+    'llm_train_check', 'llm_train_run', 'llm_train_step', 'llm_utf8_lossy', 'llm_weight_cache_clear', 'llm_weight_cache_stats',
+    'pg_llm_export_npz', 'pg_llm_import_npz']::NAME[])) LOOP
     EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON ROUTINE %s TO llm_reader', f);
   END LOOP;
@@ -93,6 +94,11 @@ GRANT SELECT ON llm_cluster_rank TO llm_reader;
 GRANT INSERT, UPDATE, DELETE ON llm_cluster_rank TO llm_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON llm_internal.llm_cluster_verified TO llm_reader;
 GRANT SELECT ON llm_internal.llm_cluster_tile_md5 TO llm_reader;
+GRANT SELECT ON llm_internal.llm_dp_grad TO llm_reader;
+GRANT INSERT, DELETE ON llm_internal.llm_dp_grad TO llm_trainer;
+GRANT SELECT, INSERT, UPDATE, DELETE ON llm_internal.llm_dp_state TO llm_reader;
+GRANT SELECT ON llm_internal.llm_dp_decision TO llm_reader;
+GRANT INSERT, DELETE ON llm_internal.llm_dp_decision TO llm_trainer;
 GRANT SELECT ON llm_tensors TO llm_reader;
 GRANT SELECT ON llm_models TO llm_reader;
 GRANT SELECT ON llm_tokenizers TO llm_reader;
@@ -123,6 +129,18 @@ CREATE POLICY may_read ON llm_dataset_source FOR SELECT TO llm_reader USING (tru
 ALTER TABLE llm_internal.llm_cluster_verified ENABLE ROW LEVEL SECURITY;
 
 CREATE POLICY may_read ON llm_internal.llm_cluster_verified FOR SELECT TO llm_reader USING (true);
+
+ALTER TABLE llm_internal.llm_dp_decision ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY may_read ON llm_internal.llm_dp_decision FOR SELECT TO llm_reader USING (true);
+
+ALTER TABLE llm_internal.llm_dp_grad ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY may_read ON llm_internal.llm_dp_grad FOR SELECT TO llm_reader USING (true);
+
+ALTER TABLE llm_internal.llm_dp_state ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY may_read ON llm_internal.llm_dp_state FOR SELECT TO llm_reader USING (true);
 
 ALTER TABLE llm_model ENABLE ROW LEVEL SECURITY;
 
@@ -482,3 +500,44 @@ CREATE POLICY may_own_update ON llm_internal.llm_cluster_verified FOR UPDATE TO 
 
 CREATE POLICY may_own_delete ON llm_internal.llm_cluster_verified FOR DELETE TO llm_reader
   USING (llm_cluster_verified.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE));
+
+CREATE POLICY may_train_insert ON llm_internal.llm_dp_grad FOR INSERT TO llm_trainer
+  WITH CHECK (llm_dp_grad.model IN (
+    SELECT
+      w.name
+    FROM llm_writable_models() AS w
+  ));
+
+CREATE POLICY may_train_update ON llm_internal.llm_dp_grad FOR UPDATE TO llm_trainer
+  USING (llm_dp_grad.model IN (
+    SELECT
+      w.name
+    FROM llm_writable_models() AS w
+  ));
+
+CREATE POLICY may_train_delete ON llm_internal.llm_dp_grad FOR DELETE TO llm_trainer
+  USING (llm_dp_grad.model IN (
+    SELECT
+      w.name
+    FROM llm_writable_models() AS w
+  ));
+
+CREATE POLICY may_own_insert ON llm_internal.llm_dp_state FOR INSERT TO llm_reader
+  WITH CHECK (llm_dp_state.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE));
+
+CREATE POLICY may_own_update ON llm_internal.llm_dp_state FOR UPDATE TO llm_reader
+  USING (llm_dp_state.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE))
+  WITH CHECK (llm_dp_state.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE));
+
+CREATE POLICY may_own_delete ON llm_internal.llm_dp_state FOR DELETE TO llm_reader
+  USING (llm_dp_state.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE));
+
+CREATE POLICY may_own_insert ON llm_internal.llm_dp_decision FOR INSERT TO llm_trainer
+  WITH CHECK (llm_dp_decision.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE));
+
+CREATE POLICY may_own_update ON llm_internal.llm_dp_decision FOR UPDATE TO llm_trainer
+  USING (llm_dp_decision.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE))
+  WITH CHECK (llm_dp_decision.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE));
+
+CREATE POLICY may_own_delete ON llm_internal.llm_dp_decision FOR DELETE TO llm_trainer
+  USING (llm_dp_decision.owner = CAST(CAST(CURRENT_USER AS TEXT) AS REGROLE));
