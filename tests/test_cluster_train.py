@@ -6,6 +6,7 @@ commits nothing anywhere and leaves no prepared transaction; refusals touch no r
 resolves dangling prepared transactions as the coordinator decided."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from test_cluster import add, state, tiles
 
 from conftest import Server
-from train_fixtures import snapshot, synthetic_dataset
+from train_fixtures import run_async, snapshot, synthetic_dataset
 
 RANKS = ("t_dp_r0", "t_dp_r1", "t_dp_r2")
 HYPER = "lr => 1e-3, warmup_steps => 1, max_steps => 4, seed => 3, dropout => 0"
@@ -224,3 +225,64 @@ def test_recover_resolves_dangling_prepared_transactions(coord: psycopg.Connecti
     assert coord.execute("SELECT count(*) FROM llm_cluster_recover('dp2')").fetchone()[0] == 0
     coord.execute(STEP.format(b=4), ("dp2",))
     assert steps(ranks, 2) == [1, 1]
+
+
+RUN = "CALL llm_cluster_train_run('dp2', 'tiny', {steps}{args})"
+
+
+def sessions(server: Server, cluster: str) -> set[tuple[str, int]]:
+    """The coordinator's sessions on the ranks of `cluster` (llm_dp_open names them), as (application_name, pid)."""
+    with psycopg.connect(server.admin_dsn) as c:
+        return set(c.execute("SELECT application_name, pid FROM pg_stat_activity WHERE application_name LIKE %s",
+                             (f"pg_llm {cluster}/%",)).fetchall())
+
+
+def test_the_loop_equals_its_steps_on_one_session_per_rank(coord: psycopg.Connection, ranks: dict[str, str],
+                                                           server: Server) -> None:
+    """CALL llm_cluster_train_run: 1 step, then resumed to 3 with no arguments (the run's schedule, read from rank
+    0's log), byte for byte the tiles of three llm_cluster_train_step calls; the resumed call's two steps ran on one
+    session per rank, closed at its end; a progress NOTICE per step."""
+    reset(coord, ranks, "dp2")
+    for _ in range(3):
+        coord.execute(STEP.format(b=4), ("dp2",))
+    want = tiles(ranks[RANKS[0]])
+    reset(coord, ranks, "dp2")
+    notices: list[str] = []
+    coord.add_notice_handler(lambda d: notices.append(d.message_primary))
+    coord.execute(RUN.format(steps=1, args=", dataset => 'ds', batch_size => 4, " + HYPER))
+    assert steps(ranks, 2) == [1, 1] and coord.execute("SELECT dblink_get_connections()").fetchone()[0] is None
+    seen: set[tuple[str, int]] = set()
+    t, out = run_async(coord.info.dsn, RUN.format(steps=3, args=""))
+    while t.is_alive():
+        seen |= sessions(server, "dp2")
+        time.sleep(0.01)
+    assert "error" not in out, out
+    assert sorted(a for a, _ in seen) == ["pg_llm dp2/0", "pg_llm dp2/1"], seen  # one pid each over two steps
+    assert sessions(server, "dp2") == set()
+    assert steps(ranks, 2) == [3, 3]
+    assert tiles(ranks[RANKS[0]]) == want and tiles(ranks[RANKS[1]]) == want
+    assert [n.split(" | ")[0] for n in notices + out["notices"] if n.startswith("step ")] == \
+        ["step 1/1", "step 2/3", "step 3/3"]
+    with psycopg.connect(ranks[RANKS[1]]) as c:
+        logged = c.execute("SELECT step, batch_size, schedule ->> 'max_steps', schedule ->> 'lr' FROM llm_train_log "
+                           "WHERE model = 'tiny' ORDER BY step").fetchall()
+    assert logged == [(1, 4, "4", "0.001"), (2, 4, "4", "0.001"), (3, 4, "4", "0.001")]
+
+
+@pytest.mark.parametrize("args, msg, hint", [
+    (", dataset => 'ds', batch_size => 4, " + HYPER + ", grad_accum => 2", "llm_cluster_train_run: grad_accum 2",
+     "grad_accum => 1"),
+    (", batch_size => 4", "has no run on cluster \"dp2\" to resume", "dataset => NAME"),
+    (", dataset => 'nope', batch_size => 4, " + HYPER, 'dataset "nope"', ""),
+])
+def test_loop_refusals_touch_no_rank_and_close_the_connections(coord: psycopg.Connection, ranks: dict[str, str],
+                                                               server: Server, args: str, msg: str,
+                                                               hint: str) -> None:
+    reset(coord, ranks, "dp2")
+    before = [state(ranks[name]) for name in RANKS[:2]]
+    with pytest.raises(psycopg.Error) as e:
+        coord.execute(RUN.format(steps=2, args=args))
+    assert msg in str(e.value) and hint in (e.value.diag.message_hint or ""), str(e.value)
+    assert [state(ranks[name]) for name in RANKS[:2]] == before
+    assert coord.execute("SELECT dblink_get_connections()").fetchone()[0] is None
+    assert sessions(server, "dp2") == set()

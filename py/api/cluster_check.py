@@ -40,9 +40,15 @@ def _inspect() -> str:
             @ask
           );
         EXCEPTION WHEN OTHERS THEN
-          RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
-            USING HINT = format('Every rank of SELECT * FROM llm_cluster_ranks WHERE cluster = %L needs a running '
-                                'server that accepts the mapped role, and pg_llm installed.', p_cluster);
+          BEGIN  -- once more: PL/Proxy reuses a connection idle < 10 s unchecked, and a rank restarted since fails it
+            v_rows := (
+              @ask
+            );
+          EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
+              USING HINT = format('Every rank of SELECT * FROM llm_cluster_ranks WHERE cluster = %L needs a running '
+                                  'server that accepts the mapped role, and pg_llm installed.', p_cluster);
+          END;
         END;
         FOR r IN SELECT * FROM jsonb_to_recordset(v_rows) AS i({INFO_COLS}) ORDER BY i.rank LOOP
           v_where := format('{WHERE}', r.rank, p_cluster, r.dbname);

@@ -33,7 +33,12 @@ ORDER = 94  # after api/cluster.sql, api/cluster_train_rank.sql and api/train_sp
 STEP_NAMES = ("model", "dataset", "batch_size", *TrainConfig.names(), "split")
 # the step's own arguments in named notation, every value a literal (format %L)
 NAMED = "format('" + ", ".join(f"{n} => %L" for n in STEP_NAMES) + "', " + ", ".join(
-    f"llm_cluster_train_step.{n}" for n in STEP_NAMES) + ")"
+    f"llm_dp_train.{n}" for n in STEP_NAMES) + ")"
+# llm_cluster_train_step's arguments, passed on to llm_dp_train
+PASS = "cluster, model, dataset, batch_size, " + ", ".join(f"{n} => {n}" for n in TrainConfig.names()) + \
+    ", split => split"
+ARGS = (f"cluster TEXT, model TEXT, dataset TEXT, batch_size INT DEFAULT {DEFAULTS['batch_size']}, {HYPER}, "
+        f"split TEXT DEFAULT '{DEFAULTS['split']}'")
 RI = f"{INTERNAL}.llm_dp_rank"
 LOCK = "pg_try_advisory_xact_lock(hashtext('pg_llm.cluster_train'), hashtext({c}))"
 STATE_T = f"{INTERNAL}.llm_dp_state"
@@ -164,25 +169,25 @@ def _step() -> str:
         v_counts BIGINT[] := '{}'; v_prepared INT := 0; v_decided BOOLEAN := FALSE; v_log JSONB; v_failed TEXT;
         v_out llm_train_log; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
     """, f"""
-        v_cluster := llm_cluster_train_step.cluster;
-        v_model := llm_cluster_train_step.model;
+        v_cluster := llm_dp_train.cluster;
+        v_model := llm_dp_train.model;
         PERFORM llm_cluster_require();
         v_ranks := llm_cluster_ranks_of(v_cluster);
         v_n := cardinality(v_ranks);
         IF coalesce(v_model, '') = '' THEN
-          RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: model must be named' USING HINT = 'Pass model => NAME.';
+          RAISE EXCEPTION 'pg_llm: %: model must be named', p_caller USING HINT = 'Pass model => NAME.';
         END IF;
         IF dropout > 0 THEN
-          RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: dropout % is not supported over a cluster yet', dropout
+          RAISE EXCEPTION 'pg_llm: %: dropout % is not supported over a cluster yet', p_caller, dropout
             USING HINT = 'Pass dropout => 0. Dropout masks are drawn per tile of a rank''s own rows, so a cluster '
                          'step would differ from the single-node step; deriving them from global rows comes next.';
         END IF;
         IF grad_accum > 1 THEN
-          RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: grad_accum % is not supported over a cluster yet',
+          RAISE EXCEPTION 'pg_llm: %: grad_accum % is not supported over a cluster yet', p_caller,
             grad_accum USING HINT = 'Pass grad_accum => 1 and a larger batch_size: the ranks share its rows.';
         END IF;
         IF batch_size < v_n THEN
-          RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: batch_size % is smaller than the % ranks of cluster "%"',
+          RAISE EXCEPTION 'pg_llm: %: batch_size % is smaller than the % ranks of cluster "%"', p_caller,
             batch_size, v_n, v_cluster USING HINT = 'Every rank needs at least one row of the batch.';
         END IF;
         IF NOT {LOCK.format(c='v_cluster')} THEN
@@ -190,7 +195,7 @@ def _step() -> str:
             USING HINT = 'One step per cluster at a time.';
         END IF;
         v_args := {NAMED};
-        PERFORM llm_dp_open(v_cluster, v_ranks);
+        PERFORM llm_dp_open(v_cluster, v_ranks, p_keep);
         BEGIN
           v_rows := llm_dp_gather(v_cluster, v_ranks, ARRAY(SELECT {info.format(sums='FALSE')} FROM unnest(v_ranks)
                                                               AS r(r)));
@@ -208,7 +213,7 @@ def _step() -> str:
           v_gids := ARRAY(SELECT format('pg_llm:%s:%s:%s:%s:%s', v_cluster, v_step, u.r, left(v_nonce, 12), v_model)
                           FROM unnest(v_ranks) AS u(r));
           IF (SELECT max(octet_length(g)) FROM unnest(v_gids) AS g) >= 200 THEN
-            RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: model name "%" is too long for a transaction id', v_model
+            RAISE EXCEPTION 'pg_llm: %: model name "%" is too long for a transaction id', p_caller, v_model
               USING HINT = 'Prepared transaction ids hold up to 199 bytes: use a shorter model name.';
           END IF;
           PERFORM llm_dp_peers(v_cluster, v_ranks);
@@ -225,7 +230,7 @@ def _step() -> str:
             v_counts := v_counts || (v_rows[i] ->> 'tiles')::BIGINT;
           END LOOP;
           -- ---- phase 2: sums, AdamW, step and log on every rank, prepared ----
-          PERFORM dblink_exec({CONN.format(r='u.r')}, 'BEGIN') FROM unnest(v_ranks) AS u(r);
+          PERFORM llm_dp_exec(v_cluster, u.r, 'BEGIN') FROM unnest(v_ranks) AS u(r);
           v_rows := llm_dp_gather(v_cluster, v_ranks, ARRAY(SELECT {apply} FROM unnest(v_ranks) AS r(r)));
           IF (SELECT count(DISTINCT e ->> 'checksum') FROM unnest(v_rows) AS e) <> 1 THEN
             RAISE EXCEPTION 'pg_llm: the ranks of cluster "%" computed different parameters in step % of model "%"',
@@ -234,7 +239,7 @@ def _step() -> str:
           END IF;
           v_log := v_rows[1] -> 'log';
           FOR i IN 1 .. v_n LOOP
-            PERFORM dblink_exec({CONN.format(r='v_ranks[i]')}, format('PREPARE TRANSACTION %L', v_gids[i]));
+            PERFORM llm_dp_exec(v_cluster, v_ranks[i], format('PREPARE TRANSACTION %L', v_gids[i]));
             v_prepared := i;
           END LOOP;
           PERFORM llm_dp_decide(v_cluster, v_model, v_step, v_gids);
@@ -276,19 +281,28 @@ def _step() -> str:
             PERFORM llm_reraise(v_msg, v_detail, v_hint, v_state);
           END IF;
         END;
-        PERFORM llm_dp_close(v_ranks);
+        IF NOT p_keep THEN  -- a loop keeps them for its next step (llm_dp_open p_reuse), and closes them at its end
+          PERFORM llm_dp_close(v_ranks);
+        END IF;
         v_out := jsonb_populate_record(NULL::llm_train_log, v_log);
         v_out.seconds := extract(EPOCH FROM clock_timestamp() - v_t0);
         RETURN v_out;
     """, known=known, remember=remember)
-    return function("llm_cluster_train_step", f"cluster TEXT, model TEXT, dataset TEXT, batch_size INT DEFAULT "
-                    f"{DEFAULTS['batch_size']}, {HYPER}, split TEXT DEFAULT '{DEFAULTS['split']}'", "llm_train_log",
+    out = [function("llm_dp_train", f"{ARGS}, p_keep BOOLEAN DEFAULT FALSE, "
+                    "p_caller TEXT DEFAULT 'llm_cluster_train_step'", "llm_train_log",
                     "#variable_conflict use_column\n" + body, settings=KERNEL_SETTINGS, note="""
+        llm_cluster_train_step's body; p_keep: leave the connections to the ranks open after a step that committed
+        (CALL llm_cluster_train_run's next step reuses them; any failure closes them), p_caller: who to name in
+        errors.""")]
+    out.append(function("llm_cluster_train_step", ARGS, "llm_train_log", plpgsql("", f"""
+        RETURN llm_dp_train({PASS});
+    """), settings=KERNEL_SETTINGS, note="""
         One optimizer step of llm_train_step(model, dataset, batch_size, ...) on every rank of a cluster: each rank
         runs forward and backward on its share of the step's global batch, the gradients are summed on every rank
         in rank order and every rank applies the same AdamW update; the step commits on every rank or on none
         (two-phase commit). Returns the step's llm_train_log row (loss of the global batch). dropout must be 0 and
-        grad_accum 1 (for now).""")
+        grad_accum 1 (for now)."""))
+    return "\n".join(out)
 
 
 def _recover() -> str:

@@ -10,13 +10,27 @@ from __future__ import annotations
 from pg_llm.gen.emit import function, plpgsql
 
 CONN = "'pg_llm_dp_' || {r}"
+# a rank's server went away (its connection failed: 08xxx; or its backend was shut down: 57P0x)
+GONE = "({s} LIKE '08%' OR {s} IN ('57P01', '57P02', '57P03'))"
+GONE_HINT = ("format('Nothing of the step is committed unless a WARNING said so. Once the rank accepts connections "
+             "again, SELECT * FROM llm_cluster_recover(%L) resolves what the step left prepared there; then run the "
+             "step again (CALL llm_cluster_train_run resumes at the ranks'' step).', p_cluster)")
 
 
 def io() -> str:
-    body = plpgsql("v_r INT; v_conn TEXT;", f"""
+    body = plpgsql("v_r INT; v_conn TEXT; v_id TEXT;", f"""
         FOREACH v_r IN ARRAY p_ranks LOOP
           v_conn := {CONN.format(r='v_r')};
+          v_id := p_cluster || '/' || v_r;
           IF v_conn = ANY (coalesce(dblink_get_connections(), '{{}}')) THEN
+            IF p_reuse THEN  -- a loop's next step: keep the rank's session (its weight cache) if it is alive
+              BEGIN
+                CONTINUE WHEN (SELECT x.v FROM dblink(v_conn, 'SELECT pg_catalog.current_setting(''pg_llm.dp_rank'', '
+                                                              'TRUE)') AS x(v TEXT)) = v_id;
+              EXCEPTION WHEN OTHERS THEN
+                NULL;  -- gone (the rank restarted since): connect anew
+              END;
+            END IF;
             PERFORM dblink_disconnect(v_conn);  -- left open by an interrupted earlier call of this session
           END IF;
           BEGIN
@@ -29,11 +43,16 @@ def io() -> str:
           PERFORM dblink_exec(v_conn, 'SET search_path = pg_catalog, pg_temp');  -- every name we send is qualified
           -- a rank's statement stops within a second of this session's end (a crash, pg_terminate_backend)
           PERFORM dblink_exec(v_conn, 'SET client_connection_check_interval = 1000');
+          -- which rank this session serves (a reused connection is checked against it), also in pg_stat_activity
+          PERFORM dblink_exec(v_conn, format('SET pg_llm.dp_rank = %L', v_id));
+          PERFORM dblink_exec(v_conn, format('SET application_name = %L', left('pg_llm ' || v_id, 63)));
         END LOOP;
     """)
-    out = [function("llm_dp_open", "p_cluster TEXT, p_ranks INT[]", "VOID", body, note="""
+    out = [function("llm_dp_open", "p_cluster TEXT, p_ranks INT[], p_reuse BOOLEAN DEFAULT FALSE", "VOID", body,
+                    note="""
         Open dblink connection pg_llm_dp_<rank> to every rank of p_ranks, through its postgres_fdw server
-        llm_rank_<cluster>_<rank> (options and the caller's user mapping).""")]
+        llm_rank_<cluster>_<rank> (options and the caller's user mapping). p_reuse: keep a connection of this
+        session to the same rank that still answers (a loop's steps share one session per rank).""")]
     body = plpgsql("v_r INT;", f"""
         FOREACH v_r IN ARRAY p_ranks LOOP
           IF {CONN.format(r='v_r')} = ANY (coalesce(dblink_get_connections(), '{{}}')) THEN
@@ -57,23 +76,27 @@ def io() -> str:
     """)
     out.append(function("llm_dp_wait", "p_ranks INT[]", "VOID", body, note="""
         Wait until no rank of p_ranks is busy; a cancel of the caller cancels the ranks' statements too."""))
-    body = plpgsql("v_out JSONB[] := '{}'; v_bad INT; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;", f"""
+    body = plpgsql("""
+        v_out JSONB[] := '{}'; v_bad INT; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT; v_dead INT;
+        v_dmsg TEXT; v_ddetail TEXT; v_dstate TEXT; e_msg TEXT; e_detail TEXT; e_hint TEXT; e_state TEXT;
+    """, f"""
         FOR i IN 1 .. cardinality(p_ranks) LOOP
           IF dblink_send_query({CONN.format(r='p_ranks[i]')}, p_sqls[i]) <> 1 THEN
-            RAISE EXCEPTION 'pg_llm: rank % of cluster "%" did not take the statement: %', p_ranks[i], p_cluster,
-              dblink_error_message({CONN.format(r='p_ranks[i]')})
-              USING HINT = 'Is the rank''s server running and reachable? SELECT * FROM llm_cluster_ranks.';
+            RAISE EXCEPTION 'pg_llm: rank % of cluster "%" went away in the middle of a step: %', p_ranks[i],
+              p_cluster, dblink_error_message({CONN.format(r='p_ranks[i]')})
+              USING HINT = {GONE_HINT}, ERRCODE = 'connection_failure';
           END IF;
         END LOOP;
         PERFORM llm_dp_wait(p_ranks);
         FOR i IN 1 .. cardinality(p_ranks) LOOP
+          e_state := NULL;
           BEGIN
             v_out[i] := (SELECT x.v FROM dblink_get_result({CONN.format(r='p_ranks[i]')}) AS x(v JSONB) LIMIT 1);
           EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS e_msg = MESSAGE_TEXT, e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT,
+                                    e_state = RETURNED_SQLSTATE;
             IF v_bad IS NULL THEN
-              GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
-                                      v_state = RETURNED_SQLSTATE;
-              v_bad := p_ranks[i];
+              v_bad := p_ranks[i]; v_msg := e_msg; v_detail := e_detail; v_hint := e_hint; v_state := e_state;
             END IF;
           END;
           BEGIN
@@ -81,17 +104,56 @@ def io() -> str:
           EXCEPTION WHEN OTHERS THEN
             NULL;
           END;
+          IF {GONE.format(s='e_state')} AND v_dead IS NULL THEN
+            -- a connection error: ours to this rank (it went away), or one the rank raised (a peer of its went away)
+            BEGIN
+              PERFORM * FROM dblink({CONN.format(r='p_ranks[i]')}, 'SELECT 1') AS x(v INT);
+            EXCEPTION WHEN OTHERS THEN
+              GET STACKED DIAGNOSTICS v_dstate = RETURNED_SQLSTATE;
+              -- not even this answered (a live rank in a failed transaction says so): report it, others follow
+              IF v_dstate <> '25P02' THEN  -- in_failed_sql_transaction
+                v_dead := p_ranks[i]; v_dmsg := e_msg; v_ddetail := e_detail; v_dstate := e_state;
+              END IF;
+            END;
+          END IF;
         END LOOP;
+        IF v_dead IS NOT NULL THEN
+          PERFORM llm_dp_raise(p_cluster, v_dead, TRUE, v_dmsg, v_ddetail, NULL, v_dstate);
+        END IF;
         IF v_bad IS NOT NULL THEN
-          PERFORM llm_reraise(v_msg, concat_ws(' ', nullif(v_detail, ''),
-                              format('(raised on rank %s of cluster "%s")', v_bad, p_cluster)), v_hint, v_state);
+          PERFORM llm_dp_raise(p_cluster, v_bad, FALSE, v_msg, v_detail, v_hint, v_state);
         END IF;
         RETURN v_out;
     """)
     out.append(function("llm_dp_gather", "p_cluster TEXT, p_ranks INT[], p_sqls TEXT[]", "JSONB[]", body, note="""
         Send p_sqls[i] (a query of one JSONB column) to rank p_ranks[i], all at once, wait for all of them, and
-        return each one's first row; the first rank that raised is re-raised with its message, HINT and SQLSTATE
-        (the rank in the DETAIL) once every rank has answered."""))
+        return each one's first row; once every rank has answered, a rank whose connection failed is reported
+        (llm_dp_raise), else the first rank that raised, with its message, HINT and SQLSTATE."""))
+    body = plpgsql("", f"""
+        IF p_gone THEN
+          PERFORM llm_reraise(format('pg_llm: rank %s of cluster "%s" went away in the middle of a step: %s', p_rank,
+                                     p_cluster, p_msg), p_detail, {GONE_HINT}, p_state);
+        END IF;
+        PERFORM llm_reraise(p_msg, concat_ws(' ', nullif(p_detail, ''),
+                            format('(raised on rank %s of cluster "%s")', p_rank, p_cluster)), p_hint, p_state);
+    """)
+    out.append(function("llm_dp_raise", "p_cluster TEXT, p_rank INT, p_gone BOOLEAN, p_msg TEXT, p_detail TEXT, "
+                        "p_hint TEXT, p_state TEXT", "VOID", body, note="""
+        Re-raise an error of rank p_rank: its own message, HINT and SQLSTATE with the rank in the DETAIL, or, when
+        the rank's server went away (p_gone: a crash, a shutdown, the network), a pg_llm error that says what to
+        do."""))
+    body = plpgsql("v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;", f"""
+        BEGIN
+          PERFORM dblink_exec({CONN.format(r='p_rank')}, p_sql);
+        EXCEPTION WHEN OTHERS THEN
+          GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                                  v_state = RETURNED_SQLSTATE;
+          PERFORM llm_dp_raise(p_cluster, p_rank, {GONE.format(s='v_state')}, v_msg, v_detail, v_hint,
+                               v_state);
+        END;
+    """)
+    out.append(function("llm_dp_exec", "p_cluster TEXT, p_rank INT, p_sql TEXT", "VOID", body, note="""
+        Run the command p_sql on rank p_rank's connection; its error re-raised as llm_dp_raise does."""))
     body = plpgsql("v_conn TEXT := 'pg_llm_dp_decide';", """
         PERFORM llm_loopback_connect(v_conn);
         PERFORM llm_loopback_run(v_conn, format('INSERT INTO llm_internal.llm_dp_decision (gid, cluster, model, step) '

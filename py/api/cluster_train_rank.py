@@ -89,17 +89,17 @@ def _info() -> str:
         END IF;
         c := llm_model_get(model);
         PERFORM llm_model_writable(model, 'llm_cluster_train_step');
-        PERFORM llm_train_guard(model);
-        PERFORM {check_call("llm_cluster_train_step")};
         v_gids := (
           @prepared
         );
-        IF v_gids IS NOT NULL THEN
+        IF v_gids IS NOT NULL THEN  -- before llm_train_guard: a prepared step holds the model's training lock
           RAISE EXCEPTION 'pg_llm: rank % of cluster "%" (database "%") holds the prepared transaction(s) % of an '
             'unfinished cluster step', p_rank, p_cluster, current_database(), v_gids
             USING HINT = format('SELECT * FROM llm_cluster_recover(%L) on the coordinator commits or rolls them back, '
                                 'as the coordinator decided.', p_cluster);
         END IF;
+        PERFORM llm_train_guard(model);
+        PERFORM {check_call("llm_cluster_train_step")};
         config := to_jsonb(c) - 'owner' - 'note';
         step := (SELECT m.step FROM llm_model AS m WHERE m.name = llm_dp_rank_info.model);
         version := llm_dp_rank_version(model);
@@ -121,6 +121,19 @@ def _info() -> str:
         );
     """, version=version_sql("p_model")), volatility="STABLE",
         note="The version of a model's parameters and moments here (version_sql), after a committed step."))
+    out.append(function("llm_dp_rank_resume", "p_model TEXT", "TABLE(step BIGINT, schedule JSONB)", """
+        SELECT m.step, (SELECT l.schedule FROM llm_train_log AS l WHERE l.model = p_model ORDER BY l.step DESC LIMIT 1)
+        FROM llm_model AS m WHERE m.name = p_model""", language="sql", volatility="STABLE", note="""
+        Where a cluster loop resumes: the model's step here and the schedule its last step logged (no row: no such
+        model)."""))
+    out.append(function("llm_dp_rank_vacuum_sql", "", "TEXT", """
+        SELECT 'VACUUM ' || string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY c.relname)
+        FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        WHERE c.oid IN ('llm_tile_durable'::REGCLASS, 'llm_tile_scratch'::REGCLASS, '{GRAD}'::REGCLASS)""".replace(
+        "{GRAD}", GRAD), language="sql", volatility="STABLE", note="""
+        The VACUUM a cluster loop runs on this rank after each committed step (what the step rewrote: the tile
+        partitions and llm_dp_grad), its names schema-qualified: the coordinator's session here has no pg_llm
+        schema in its search_path."""))
     return "\n".join(out)
 
 

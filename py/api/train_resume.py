@@ -25,15 +25,17 @@ def schedule_of(max_steps: str) -> str:
     return GIVEN.replace("'max_steps', max_steps", f"'max_steps', {max_steps}")
 
 
-def prologue() -> str:
-    """PL/pgSQL lines for a loop's start: its arguments become the run's schedule (llm_train_resume)."""
+def prologue(stored: str | None = None) -> str:
+    """PL/pgSQL lines for a loop's start: its arguments become the run's schedule (llm_train_resume); stored: an
+    expression for the last logged schedule when it is not in this database's llm_train_log (a cluster's ranks)."""
     sets = "\n".join(f"        {n} := (v_sched ->> '{n}')::{t};" for n, t in TYPES.items())
-    return f"\n        v_sched := llm_train_resume(model, steps, {GIVEN});\n{sets}"
+    call = f"llm_train_resume_from(model, steps, {GIVEN}, {stored})" if stored else \
+        f"llm_train_resume(model, steps, {GIVEN})"
+    return f"\n        v_sched := {call};\n{sets}"
 
 
 def _resume() -> str:
-    body = plpgsql("v_stored JSONB; v_out JSONB; v_changed TEXT;", f"""
-        v_stored := (SELECT l.schedule FROM llm_train_log AS l WHERE l.model = p_model ORDER BY l.step DESC LIMIT 1);
+    body = plpgsql("v_stored JSONB := p_stored; v_out JSONB; v_changed TEXT;", f"""
         v_out := '{json.dumps(DEFAULTS)}'::JSONB || jsonb_build_object('max_steps', p_steps)
                  || coalesce(v_stored, '{{}}') || p_given;
         IF v_stored IS NULL THEN
@@ -55,9 +57,16 @@ def _resume() -> str:
         END IF;
         RETURN v_out;
     """)
-    return function("llm_train_resume", "p_model TEXT, p_steps INT, p_given JSONB", "JSONB", body,
+    out = [function("llm_train_resume_from", "p_model TEXT, p_steps INT, p_given JSONB, p_stored JSONB", "JSONB", body,
                     note="A loop's schedule: the arguments it was given (p_given, NULLs left out) over the model's "
-                         "last logged schedule over the defaults; NOTICEs what a resumed run changes.")
+                         "last logged schedule (p_stored) over the defaults; NOTICEs what a resumed run changes.")]
+    out.append(function("llm_train_resume", "p_model TEXT, p_steps INT, p_given JSONB", "JSONB", plpgsql("", """
+        RETURN llm_train_resume_from(p_model, p_steps, p_given, (
+          @stored
+        ));
+    """, stored="SELECT l.schedule FROM llm_train_log AS l WHERE l.model = p_model ORDER BY l.step DESC LIMIT 1"),
+        note="llm_train_resume_from with the model's last schedule in this database's llm_train_log."))
+    return "\n".join(out)
 
 
 def emit() -> str:

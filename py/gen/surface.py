@@ -29,7 +29,7 @@ PUBLIC = frozenset({
     # scale-out: a cluster of ranks (docs/scaleout.md)
     "llm_cluster_add", "llm_cluster_drop", "llm_cluster_check", "llm_cluster_sync",
     "llm_cluster_generate", "llm_cluster_perplexity", "llm_cluster_perplexity_texts", "llm_cluster_route",
-    "llm_cluster_train_step", "llm_cluster_recover",
+    "llm_cluster_train_step", "llm_cluster_train_run", "llm_cluster_recover",
     # tensors and kernels (each op with its backward)
     "llm_tensor_create", "llm_tensor", "llm_param", "llm_tensor_drop", "llm_tile_values", "llm_tile_values_2d",
     "llm_tensor_rows", "llm_tensor_validate", "llm_adamw_step", "llm_global_grad_norm", "llm_clip_coef",

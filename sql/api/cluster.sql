@@ -419,9 +419,17 @@ BEGIN
       FROM llm_internal.llm_cluster_px_info(p_cluster, v_ranks, p_model, v_me.config, NOT COALESCE(p_sync, FALSE)) AS i
     );
   EXCEPTION WHEN OTHERS THEN
-    RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
-      USING HINT = format('Every rank of SELECT * FROM llm_cluster_ranks WHERE cluster = %L needs a running '
-                          'server that accepts the mapped role, and pg_llm installed.', p_cluster);
+    BEGIN  -- once more: PL/Proxy reuses a connection idle < 10 s unchecked, and a rank restarted since fails it
+      v_rows := (
+        SELECT
+          jsonb_agg(to_jsonb(i))
+        FROM llm_internal.llm_cluster_px_info(p_cluster, v_ranks, p_model, v_me.config, NOT COALESCE(p_sync, FALSE)) AS i
+      );
+    EXCEPTION WHEN OTHERS THEN
+      RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
+        USING HINT = format('Every rank of SELECT * FROM llm_cluster_ranks WHERE cluster = %L needs a running '
+                            'server that accepts the mapped role, and pg_llm installed.', p_cluster);
+    END;
   END;
   FOR r IN SELECT * FROM jsonb_to_recordset(v_rows) AS i(rank INT, build TEXT, dbname TEXT, schema TEXT, node TEXT, config JSONB, step BIGINT, writable BOOLEAN, tensors BIGINT, bytes BIGINT, checksum TEXT, conflict TEXT) ORDER BY i.rank LOOP
     v_where := format('rank %s of cluster "%s" (database "%s")', r.rank, p_cluster, r.dbname);

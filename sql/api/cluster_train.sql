@@ -39,19 +39,29 @@ CREATE TABLE llm_internal.llm_dp_decision (
 );
 
 -- Open dblink connection pg_llm_dp_<rank> to every rank of p_ranks, through its postgres_fdw server
--- llm_rank_<cluster>_<rank> (options and the caller's user mapping).
-CREATE OR REPLACE FUNCTION llm_internal.llm_dp_open(p_cluster TEXT, p_ranks INT[])
+-- llm_rank_<cluster>_<rank> (options and the caller's user mapping). p_reuse: keep a connection of this
+-- session to the same rank that still answers (a loop's steps share one session per rank).
+CREATE OR REPLACE FUNCTION llm_internal.llm_dp_open(p_cluster TEXT, p_ranks INT[], p_reuse BOOLEAN DEFAULT FALSE)
 RETURNS VOID
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
-  v_r INT; v_conn TEXT;
+  v_r INT; v_conn TEXT; v_id TEXT;
 BEGIN
   FOREACH v_r IN ARRAY p_ranks LOOP
     v_conn := 'pg_llm_dp_' || v_r;
+    v_id := p_cluster || '/' || v_r;
     IF v_conn = ANY (coalesce(dblink_get_connections(), '{}')) THEN
+      IF p_reuse THEN  -- a loop's next step: keep the rank's session (its weight cache) if it is alive
+        BEGIN
+          CONTINUE WHEN (SELECT x.v FROM dblink(v_conn, 'SELECT pg_catalog.current_setting(''pg_llm.dp_rank'', '
+                                                        'TRUE)') AS x(v TEXT)) = v_id;
+        EXCEPTION WHEN OTHERS THEN
+          NULL;  -- gone (the rank restarted since): connect anew
+        END;
+      END IF;
       PERFORM dblink_disconnect(v_conn);  -- left open by an interrupted earlier call of this session
     END IF;
     BEGIN
@@ -64,6 +74,9 @@ BEGIN
     PERFORM dblink_exec(v_conn, 'SET search_path = pg_catalog, pg_temp');  -- every name we send is qualified
     -- a rank's statement stops within a second of this session's end (a crash, pg_terminate_backend)
     PERFORM dblink_exec(v_conn, 'SET client_connection_check_interval = 1000');
+    -- which rank this session serves (a reused connection is checked against it), also in pg_stat_activity
+    PERFORM dblink_exec(v_conn, format('SET pg_llm.dp_rank = %L', v_id));
+    PERFORM dblink_exec(v_conn, format('SET application_name = %L', left('pg_llm ' || v_id, 63)));
   END LOOP;
 END
 $fn$;
@@ -108,8 +121,8 @@ END
 $fn$;
 
 -- Send p_sqls[i] (a query of one JSONB column) to rank p_ranks[i], all at once, wait for all of them, and
--- return each one's first row; the first rank that raised is re-raised with its message, HINT and SQLSTATE
--- (the rank in the DETAIL) once every rank has answered.
+-- return each one's first row; once every rank has answered, a rank whose connection failed is reported
+-- (llm_dp_raise), else the first rank that raised, with its message, HINT and SQLSTATE.
 CREATE OR REPLACE FUNCTION llm_internal.llm_dp_gather(p_cluster TEXT, p_ranks INT[], p_sqls TEXT[])
 RETURNS JSONB[]
 LANGUAGE plpgsql
@@ -117,24 +130,26 @@ VOLATILE
 SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
-  v_out JSONB[] := '{}'; v_bad INT; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
+  v_out JSONB[] := '{}'; v_bad INT; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT; v_dead INT;
+  v_dmsg TEXT; v_ddetail TEXT; v_dstate TEXT; e_msg TEXT; e_detail TEXT; e_hint TEXT; e_state TEXT;
 BEGIN
   FOR i IN 1 .. cardinality(p_ranks) LOOP
     IF dblink_send_query('pg_llm_dp_' || p_ranks[i], p_sqls[i]) <> 1 THEN
-      RAISE EXCEPTION 'pg_llm: rank % of cluster "%" did not take the statement: %', p_ranks[i], p_cluster,
-        dblink_error_message('pg_llm_dp_' || p_ranks[i])
-        USING HINT = 'Is the rank''s server running and reachable? SELECT * FROM llm_cluster_ranks.';
+      RAISE EXCEPTION 'pg_llm: rank % of cluster "%" went away in the middle of a step: %', p_ranks[i],
+        p_cluster, dblink_error_message('pg_llm_dp_' || p_ranks[i])
+        USING HINT = format('Nothing of the step is committed unless a WARNING said so. Once the rank accepts connections again, SELECT * FROM llm_cluster_recover(%L) resolves what the step left prepared there; then run the step again (CALL llm_cluster_train_run resumes at the ranks'' step).', p_cluster), ERRCODE = 'connection_failure';
     END IF;
   END LOOP;
   PERFORM llm_dp_wait(p_ranks);
   FOR i IN 1 .. cardinality(p_ranks) LOOP
+    e_state := NULL;
     BEGIN
       v_out[i] := (SELECT x.v FROM dblink_get_result('pg_llm_dp_' || p_ranks[i]) AS x(v JSONB) LIMIT 1);
     EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS e_msg = MESSAGE_TEXT, e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT,
+                              e_state = RETURNED_SQLSTATE;
       IF v_bad IS NULL THEN
-        GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
-                                v_state = RETURNED_SQLSTATE;
-        v_bad := p_ranks[i];
+        v_bad := p_ranks[i]; v_msg := e_msg; v_detail := e_detail; v_hint := e_hint; v_state := e_state;
       END IF;
     END;
     BEGIN
@@ -142,12 +157,66 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
       NULL;
     END;
+    IF (e_state LIKE '08%' OR e_state IN ('57P01', '57P02', '57P03')) AND v_dead IS NULL THEN
+      -- a connection error: ours to this rank (it went away), or one the rank raised (a peer of its went away)
+      BEGIN
+        PERFORM * FROM dblink('pg_llm_dp_' || p_ranks[i], 'SELECT 1') AS x(v INT);
+      EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_dstate = RETURNED_SQLSTATE;
+        -- not even this answered (a live rank in a failed transaction says so): report it, others follow
+        IF v_dstate <> '25P02' THEN  -- in_failed_sql_transaction
+          v_dead := p_ranks[i]; v_dmsg := e_msg; v_ddetail := e_detail; v_dstate := e_state;
+        END IF;
+      END;
+    END IF;
   END LOOP;
+  IF v_dead IS NOT NULL THEN
+    PERFORM llm_dp_raise(p_cluster, v_dead, TRUE, v_dmsg, v_ddetail, NULL, v_dstate);
+  END IF;
   IF v_bad IS NOT NULL THEN
-    PERFORM llm_reraise(v_msg, concat_ws(' ', nullif(v_detail, ''),
-                        format('(raised on rank %s of cluster "%s")', v_bad, p_cluster)), v_hint, v_state);
+    PERFORM llm_dp_raise(p_cluster, v_bad, FALSE, v_msg, v_detail, v_hint, v_state);
   END IF;
   RETURN v_out;
+END
+$fn$;
+
+-- Re-raise an error of rank p_rank: its own message, HINT and SQLSTATE with the rank in the DETAIL, or, when
+-- the rank's server went away (p_gone: a crash, a shutdown, the network), a pg_llm error that says what to
+-- do.
+CREATE OR REPLACE FUNCTION llm_internal.llm_dp_raise(p_cluster TEXT, p_rank INT, p_gone BOOLEAN, p_msg TEXT, p_detail TEXT, p_hint TEXT, p_state TEXT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+BEGIN
+  IF p_gone THEN
+    PERFORM llm_reraise(format('pg_llm: rank %s of cluster "%s" went away in the middle of a step: %s', p_rank,
+                               p_cluster, p_msg), p_detail, format('Nothing of the step is committed unless a WARNING said so. Once the rank accepts connections again, SELECT * FROM llm_cluster_recover(%L) resolves what the step left prepared there; then run the step again (CALL llm_cluster_train_run resumes at the ranks'' step).', p_cluster), p_state);
+  END IF;
+  PERFORM llm_reraise(p_msg, concat_ws(' ', nullif(p_detail, ''),
+                      format('(raised on rank %s of cluster "%s")', p_rank, p_cluster)), p_hint, p_state);
+END
+$fn$;
+
+-- Run the command p_sql on rank p_rank's connection; its error re-raised as llm_dp_raise does.
+CREATE OR REPLACE FUNCTION llm_internal.llm_dp_exec(p_cluster TEXT, p_rank INT, p_sql TEXT)
+RETURNS VOID
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+DECLARE
+  v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
+BEGIN
+  BEGIN
+    PERFORM dblink_exec('pg_llm_dp_' || p_rank, p_sql);
+  EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_state = RETURNED_SQLSTATE;
+    PERFORM llm_dp_raise(p_cluster, p_rank, (v_state LIKE '08%' OR v_state IN ('57P01', '57P02', '57P03')), v_msg, v_detail, v_hint,
+                         v_state);
+  END;
 END
 $fn$;
 
@@ -263,12 +332,10 @@ BEGIN
 END
 $fn$;
 
--- One optimizer step of llm_train_step(model, dataset, batch_size, ...) on every rank of a cluster: each rank
--- runs forward and backward on its share of the step's global batch, the gradients are summed on every rank
--- in rank order and every rank applies the same AdamW update; the step commits on every rank or on none
--- (two-phase commit). Returns the step's llm_train_log row (loss of the global batch). dropout must be 0 and
--- grad_accum 1 (for now).
-CREATE OR REPLACE FUNCTION llm_cluster_train_step(cluster TEXT, model TEXT, dataset TEXT, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, split TEXT DEFAULT 'train')
+-- llm_cluster_train_step's body; p_keep: leave the connections to the ranks open after a step that committed
+-- (CALL llm_cluster_train_run's next step reuses them; any failure closes them), p_caller: who to name in
+-- errors.
+CREATE OR REPLACE FUNCTION llm_internal.llm_dp_train(cluster TEXT, model TEXT, dataset TEXT, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, split TEXT DEFAULT 'train', p_keep BOOLEAN DEFAULT FALSE, p_caller TEXT DEFAULT 'llm_cluster_train_step')
 RETURNS llm_train_log
 LANGUAGE plpgsql
 VOLATILE
@@ -282,33 +349,33 @@ DECLARE
   v_counts BIGINT[] := '{}'; v_prepared INT := 0; v_decided BOOLEAN := FALSE; v_log JSONB; v_failed TEXT;
   v_out llm_train_log; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
 BEGIN
-  v_cluster := llm_cluster_train_step.cluster;
-  v_model := llm_cluster_train_step.model;
+  v_cluster := llm_dp_train.cluster;
+  v_model := llm_dp_train.model;
   PERFORM llm_cluster_require();
   v_ranks := llm_cluster_ranks_of(v_cluster);
   v_n := cardinality(v_ranks);
   IF coalesce(v_model, '') = '' THEN
-    RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: model must be named' USING HINT = 'Pass model => NAME.';
+    RAISE EXCEPTION 'pg_llm: %: model must be named', p_caller USING HINT = 'Pass model => NAME.';
   END IF;
   IF dropout > 0 THEN
-    RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: dropout % is not supported over a cluster yet', dropout
+    RAISE EXCEPTION 'pg_llm: %: dropout % is not supported over a cluster yet', p_caller, dropout
       USING HINT = 'Pass dropout => 0. Dropout masks are drawn per tile of a rank''s own rows, so a cluster '
                    'step would differ from the single-node step; deriving them from global rows comes next.';
   END IF;
   IF grad_accum > 1 THEN
-    RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: grad_accum % is not supported over a cluster yet',
+    RAISE EXCEPTION 'pg_llm: %: grad_accum % is not supported over a cluster yet', p_caller,
       grad_accum USING HINT = 'Pass grad_accum => 1 and a larger batch_size: the ranks share its rows.';
   END IF;
   IF batch_size < v_n THEN
-    RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: batch_size % is smaller than the % ranks of cluster "%"',
+    RAISE EXCEPTION 'pg_llm: %: batch_size % is smaller than the % ranks of cluster "%"', p_caller,
       batch_size, v_n, v_cluster USING HINT = 'Every rank needs at least one row of the batch.';
   END IF;
   IF NOT pg_try_advisory_xact_lock(hashtext('pg_llm.cluster_train'), hashtext(v_cluster)) THEN
     RAISE EXCEPTION 'pg_llm: cluster "%" is running a step in another session', v_cluster
       USING HINT = 'One step per cluster at a time.';
   END IF;
-  v_args := format('model => %L, dataset => %L, batch_size => %L, lr => %L, warmup_steps => %L, max_steps => %L, min_lr => %L, weight_decay => %L, beta1 => %L, beta2 => %L, eps => %L, grad_clip => %L, dropout => %L, grad_accum => %L, seed => %L, split => %L', llm_cluster_train_step.model, llm_cluster_train_step.dataset, llm_cluster_train_step.batch_size, llm_cluster_train_step.lr, llm_cluster_train_step.warmup_steps, llm_cluster_train_step.max_steps, llm_cluster_train_step.min_lr, llm_cluster_train_step.weight_decay, llm_cluster_train_step.beta1, llm_cluster_train_step.beta2, llm_cluster_train_step.eps, llm_cluster_train_step.grad_clip, llm_cluster_train_step.dropout, llm_cluster_train_step.grad_accum, llm_cluster_train_step.seed, llm_cluster_train_step.split);
-  PERFORM llm_dp_open(v_cluster, v_ranks);
+  v_args := format('model => %L, dataset => %L, batch_size => %L, lr => %L, warmup_steps => %L, max_steps => %L, min_lr => %L, weight_decay => %L, beta1 => %L, beta2 => %L, eps => %L, grad_clip => %L, dropout => %L, grad_accum => %L, seed => %L, split => %L', llm_dp_train.model, llm_dp_train.dataset, llm_dp_train.batch_size, llm_dp_train.lr, llm_dp_train.warmup_steps, llm_dp_train.max_steps, llm_dp_train.min_lr, llm_dp_train.weight_decay, llm_dp_train.beta1, llm_dp_train.beta2, llm_dp_train.eps, llm_dp_train.grad_clip, llm_dp_train.dropout, llm_dp_train.grad_accum, llm_dp_train.seed, llm_dp_train.split);
+  PERFORM llm_dp_open(v_cluster, v_ranks, p_keep);
   BEGIN
     v_rows := llm_dp_gather(v_cluster, v_ranks, ARRAY(SELECT format('SELECT to_jsonb(x) FROM llm_internal.llm_dp_rank_info(%L, %s, %L, %s) AS x', v_cluster, r.r, FALSE, v_args) FROM unnest(v_ranks)
                                                         AS r(r)));
@@ -343,7 +410,7 @@ BEGIN
     v_gids := ARRAY(SELECT format('pg_llm:%s:%s:%s:%s:%s', v_cluster, v_step, u.r, left(v_nonce, 12), v_model)
                     FROM unnest(v_ranks) AS u(r));
     IF (SELECT max(octet_length(g)) FROM unnest(v_gids) AS g) >= 200 THEN
-      RAISE EXCEPTION 'pg_llm: llm_cluster_train_step: model name "%" is too long for a transaction id', v_model
+      RAISE EXCEPTION 'pg_llm: %: model name "%" is too long for a transaction id', p_caller, v_model
         USING HINT = 'Prepared transaction ids hold up to 199 bytes: use a shorter model name.';
     END IF;
     PERFORM llm_dp_peers(v_cluster, v_ranks);
@@ -360,7 +427,7 @@ BEGIN
       v_counts := v_counts || (v_rows[i] ->> 'tiles')::BIGINT;
     END LOOP;
     -- ---- phase 2: sums, AdamW, step and log on every rank, prepared ----
-    PERFORM dblink_exec('pg_llm_dp_' || u.r, 'BEGIN') FROM unnest(v_ranks) AS u(r);
+    PERFORM llm_dp_exec(v_cluster, u.r, 'BEGIN') FROM unnest(v_ranks) AS u(r);
     v_rows := llm_dp_gather(v_cluster, v_ranks, ARRAY(SELECT format('SELECT to_jsonb(x) FROM llm_internal.llm_dp_rank_apply(%L, %L, %L, %s, %s, %L, %L, %L, %L, %s) AS x', v_cluster, v_nonce, v_ranks, r.r, v_step, v_counts, v_loss, v_tokens, v_t0, v_args) FROM unnest(v_ranks) AS r(r)));
     IF (SELECT count(DISTINCT e ->> 'checksum') FROM unnest(v_rows) AS e) <> 1 THEN
       RAISE EXCEPTION 'pg_llm: the ranks of cluster "%" computed different parameters in step % of model "%"',
@@ -369,7 +436,7 @@ BEGIN
     END IF;
     v_log := v_rows[1] -> 'log';
     FOR i IN 1 .. v_n LOOP
-      PERFORM dblink_exec('pg_llm_dp_' || v_ranks[i], format('PREPARE TRANSACTION %L', v_gids[i]));
+      PERFORM llm_dp_exec(v_cluster, v_ranks[i], format('PREPARE TRANSACTION %L', v_gids[i]));
       v_prepared := i;
     END LOOP;
     PERFORM llm_dp_decide(v_cluster, v_model, v_step, v_gids);
@@ -419,10 +486,29 @@ BEGIN
       PERFORM llm_reraise(v_msg, v_detail, v_hint, v_state);
     END IF;
   END;
-  PERFORM llm_dp_close(v_ranks);
+  IF NOT p_keep THEN  -- a loop keeps them for its next step (llm_dp_open p_reuse), and closes them at its end
+    PERFORM llm_dp_close(v_ranks);
+  END IF;
   v_out := jsonb_populate_record(NULL::llm_train_log, v_log);
   v_out.seconds := extract(EPOCH FROM clock_timestamp() - v_t0);
   RETURN v_out;
+END
+$fn$;
+
+-- One optimizer step of llm_train_step(model, dataset, batch_size, ...) on every rank of a cluster: each rank
+-- runs forward and backward on its share of the step's global batch, the gradients are summed on every rank
+-- in rank order and every rank applies the same AdamW update; the step commits on every rank or on none
+-- (two-phase commit). Returns the step's llm_train_log row (loss of the global batch). dropout must be 0 and
+-- grad_accum 1 (for now).
+CREATE OR REPLACE FUNCTION llm_cluster_train_step(cluster TEXT, model TEXT, dataset TEXT, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, split TEXT DEFAULT 'train')
+RETURNS llm_train_log
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+SET jit = off
+AS $fn$
+BEGIN
+  RETURN llm_dp_train(cluster, model, dataset, batch_size, lr => lr, warmup_steps => warmup_steps, max_steps => max_steps, min_lr => min_lr, weight_decay => weight_decay, beta1 => beta1, beta2 => beta2, eps => eps, grad_clip => grad_clip, dropout => dropout, grad_accum => grad_accum, seed => seed, split => split);
 END
 $fn$;
 

@@ -60,8 +60,6 @@ BEGIN
   END IF;
   c := llm_model_get(model);
   PERFORM llm_model_writable(model, 'llm_cluster_train_step');
-  PERFORM llm_train_guard(model);
-  PERFORM llm_train_check('llm_cluster_train_step', dataset, split, batch_size, lr, warmup_steps, max_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
   v_gids := (
     SELECT
       STRING_AGG(x.gid, ', '
@@ -72,12 +70,14 @@ BEGIN
       x.database = CURRENT_DATABASE()
       AND STARTS_WITH(x.gid, 'pg_llm:' || p_cluster || ':')
   );
-  IF v_gids IS NOT NULL THEN
+  IF v_gids IS NOT NULL THEN  -- before llm_train_guard: a prepared step holds the model's training lock
     RAISE EXCEPTION 'pg_llm: rank % of cluster "%" (database "%") holds the prepared transaction(s) % of an '
       'unfinished cluster step', p_rank, p_cluster, current_database(), v_gids
       USING HINT = format('SELECT * FROM llm_cluster_recover(%L) on the coordinator commits or rolls them back, '
                           'as the coordinator decided.', p_cluster);
   END IF;
+  PERFORM llm_train_guard(model);
+  PERFORM llm_train_check('llm_cluster_train_step', dataset, split, batch_size, lr, warmup_steps, max_steps, min_lr, weight_decay, beta1, beta2, eps, grad_clip, dropout, grad_accum, seed);
   config := to_jsonb(c) - 'owner' - 'note';
   step := (SELECT m.step FROM llm_model AS m WHERE m.name = llm_dp_rank_info.model);
   version := llm_dp_rank_version(model);
@@ -130,6 +130,55 @@ BEGIN
       m.name = p_model
   );
 END
+$fn$;
+
+-- Where a cluster loop resumes: the model's step here and the schedule its last step logged (no row: no such
+-- model).
+CREATE OR REPLACE FUNCTION llm_internal.llm_dp_rank_resume(p_model TEXT)
+RETURNS TABLE(step BIGINT, schedule JSONB)
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+SELECT
+  m.step,
+  (
+    SELECT
+      l.schedule
+    FROM llm_train_log AS l
+    WHERE
+      l.model = p_model
+    ORDER BY
+      l.step DESC
+    LIMIT 1
+  )
+FROM llm_model AS m
+WHERE
+  m.name = p_model
+$fn$;
+
+-- The VACUUM a cluster loop runs on this rank after each committed step (what the step rewrote: the tile
+-- partitions and llm_dp_grad), its names schema-qualified: the coordinator's session here has no pg_llm
+-- schema in its search_path.
+CREATE OR REPLACE FUNCTION llm_internal.llm_dp_rank_vacuum_sql()
+RETURNS TEXT
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+SELECT
+  'VACUUM ' || STRING_AGG(FORMAT('%I.%I', n.nspname, c.relname), ', '
+  ORDER BY
+    c.relname)
+FROM pg_class AS c
+JOIN pg_namespace AS n
+  ON n.oid = c.relnamespace
+WHERE
+  c.oid IN (
+    CAST('llm_tile_durable' AS REGCLASS),
+    CAST('llm_tile_scratch' AS REGCLASS),
+    CAST('llm_internal.llm_dp_grad' AS REGCLASS)
+  )
 $fn$;
 
 -- Whether this rank (p_rank) has a dblink_fdw server and user mapping for every other rank of the cluster, as

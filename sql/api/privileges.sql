@@ -40,18 +40,18 @@ BEGIN
     'llm_attention_backward', 'llm_bpe_cache_clear', 'llm_bpe_pattern', 'llm_bpe_pieces', 'llm_build', 'llm_checkpoint_drop',
     'llm_checkpoint_load', 'llm_checkpoint_save', 'llm_clip_coef', 'llm_cluster_add', 'llm_cluster_check', 'llm_cluster_drop',
     'llm_cluster_generate', 'llm_cluster_perplexity', 'llm_cluster_perplexity_texts', 'llm_cluster_recover', 'llm_cluster_route', 'llm_cluster_sync',
-    'llm_cluster_train_step', 'llm_cross_entropy', 'llm_cross_entropy_backward', 'llm_dataset_drop', 'llm_decode', 'llm_decode_bytes',
-    'llm_doctor', 'llm_dropout', 'llm_dropout_backward', 'llm_embedding', 'llm_embedding_backward', 'llm_encode',
-    'llm_eval_loss', 'llm_gelu', 'llm_gelu_backward', 'llm_generate', 'llm_generate_stream', 'llm_generate_tokens',
-    'llm_global_grad_norm', 'llm_layernorm', 'llm_layernorm_backward', 'llm_linear', 'llm_linear_backward', 'llm_logits',
-    'llm_logits_all', 'llm_loss', 'llm_lr_at', 'llm_matmul', 'llm_matmul_backward', 'llm_model_create',
-    'llm_model_drop', 'llm_model_grant', 'llm_model_init', 'llm_model_revoke', 'llm_mul', 'llm_mul_backward',
-    'llm_param', 'llm_perplexity', 'llm_perplexity_texts', 'llm_perplexity_tokens', 'llm_scale', 'llm_scale_backward',
-    'llm_scratch_clear', 'llm_scratch_mark', 'llm_scratch_release', 'llm_softmax_causal', 'llm_softmax_causal_backward', 'llm_sum_cols',
-    'llm_sum_cols_backward', 'llm_sum_rows', 'llm_sum_rows_backward', 'llm_tensor', 'llm_tensor_create', 'llm_tensor_drop',
-    'llm_tensor_rows', 'llm_tensor_validate', 'llm_tile_values', 'llm_tile_values_2d', 'llm_tokenize', 'llm_train',
-    'llm_train_check', 'llm_train_run', 'llm_train_step', 'llm_utf8_lossy', 'llm_weight_cache_clear', 'llm_weight_cache_stats',
-    'pg_llm_export_npz', 'pg_llm_import_npz']::NAME[])) LOOP
+    'llm_cluster_train_run', 'llm_cluster_train_step', 'llm_cross_entropy', 'llm_cross_entropy_backward', 'llm_dataset_drop', 'llm_decode',
+    'llm_decode_bytes', 'llm_doctor', 'llm_dropout', 'llm_dropout_backward', 'llm_embedding', 'llm_embedding_backward',
+    'llm_encode', 'llm_eval_loss', 'llm_gelu', 'llm_gelu_backward', 'llm_generate', 'llm_generate_stream',
+    'llm_generate_tokens', 'llm_global_grad_norm', 'llm_layernorm', 'llm_layernorm_backward', 'llm_linear', 'llm_linear_backward',
+    'llm_logits', 'llm_logits_all', 'llm_loss', 'llm_lr_at', 'llm_matmul', 'llm_matmul_backward',
+    'llm_model_create', 'llm_model_drop', 'llm_model_grant', 'llm_model_init', 'llm_model_revoke', 'llm_mul',
+    'llm_mul_backward', 'llm_param', 'llm_perplexity', 'llm_perplexity_texts', 'llm_perplexity_tokens', 'llm_scale',
+    'llm_scale_backward', 'llm_scratch_clear', 'llm_scratch_mark', 'llm_scratch_release', 'llm_softmax_causal', 'llm_softmax_causal_backward',
+    'llm_sum_cols', 'llm_sum_cols_backward', 'llm_sum_rows', 'llm_sum_rows_backward', 'llm_tensor', 'llm_tensor_create',
+    'llm_tensor_drop', 'llm_tensor_rows', 'llm_tensor_validate', 'llm_tile_values', 'llm_tile_values_2d', 'llm_tokenize',
+    'llm_train', 'llm_train_check', 'llm_train_run', 'llm_train_step', 'llm_utf8_lossy', 'llm_weight_cache_clear',
+    'llm_weight_cache_stats', 'pg_llm_export_npz', 'pg_llm_import_npz']::NAME[])) LOOP
     EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON ROUTINE %s TO llm_reader', f);
   END LOOP;

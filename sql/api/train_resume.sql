@@ -5,17 +5,16 @@
 -- argument the call passes overrides it (a NOTICE says what changed); one it leaves out keeps the run's value,
 -- not the default. So extending a 20-step run to 24 steps keeps max_steps 20 (steps 21-24 at min_lr, as
 -- nanoGPT's lr_decay_iters), and resuming with fewer arguments trains exactly as the run began.
--- A loop's schedule: the arguments it was given (p_given, NULLs left out) over the model's last logged schedule over the defaults; NOTICEs what a resumed run changes.
-CREATE OR REPLACE FUNCTION llm_internal.llm_train_resume(p_model TEXT, p_steps INT, p_given JSONB)
+-- A loop's schedule: the arguments it was given (p_given, NULLs left out) over the model's last logged schedule (p_stored) over the defaults; NOTICEs what a resumed run changes.
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_resume_from(p_model TEXT, p_steps INT, p_given JSONB, p_stored JSONB)
 RETURNS JSONB
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 DECLARE
-  v_stored JSONB; v_out JSONB; v_changed TEXT;
+  v_stored JSONB := p_stored; v_out JSONB; v_changed TEXT;
 BEGIN
-  v_stored := (SELECT l.schedule FROM llm_train_log AS l WHERE l.model = p_model ORDER BY l.step DESC LIMIT 1);
   v_out := '{"lr": 0.00025, "warmup_steps": 2000, "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-08, "grad_clip": 1.0, "dropout": 0.1, "grad_accum": 1, "seed": 1337, "batch_size": 8, "split": "train"}'::JSONB || jsonb_build_object('max_steps', p_steps)
            || coalesce(v_stored, '{}') || p_given;
   IF v_stored IS NULL THEN
@@ -36,5 +35,26 @@ BEGIN
                           p_steps);
   END IF;
   RETURN v_out;
+END
+$fn$;
+
+-- llm_train_resume_from with the model's last schedule in this database's llm_train_log.
+CREATE OR REPLACE FUNCTION llm_internal.llm_train_resume(p_model TEXT, p_steps INT, p_given JSONB)
+RETURNS JSONB
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+BEGIN
+  RETURN llm_train_resume_from(p_model, p_steps, p_given, (
+    SELECT
+      l.schedule
+    FROM llm_train_log AS l
+    WHERE
+      l.model = p_model
+    ORDER BY
+      l.step DESC
+    LIMIT 1
+  ));
 END
 $fn$;
