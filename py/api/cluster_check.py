@@ -10,6 +10,11 @@ from pg_llm.api.cluster_rank import INFO_COLS
 from pg_llm.gen.emit import function, plpgsql
 from pg_llm.gen.surface import INTERNAL
 
+# libpq's words for a connection that is dead: PL/Proxy reuses a connection used in the last 10 s without checking
+# it, so its first call after a rank restarted fails on one; the same call again connects anew (nothing else is
+# retried: a missing user mapping, say, must fail)
+STALE = "'server closed the connection unexpectedly|no connection to the server|terminating connection'"
+
 WHERE = "rank %s of cluster \"%s\" (database \"%s\")"
 SYNC_HINT = "format('SELECT * FROM llm_cluster_sync(%L, %L) replicates the coordinator''s model to every rank.', " \
             "p_model, p_cluster)"
@@ -35,21 +40,19 @@ def _inspect() -> str:
         v_ranks := llm_cluster_ranks_of(p_cluster);
         SELECT * INTO v_me FROM llm_cluster_rank_info(ARRAY[-1], p_model, NULL, p_sync IS NULL OR NOT p_sync) AS i;
         v_nodes := ARRAY[v_me.node];
-        BEGIN
-          v_rows := (
-            @ask
-          );
-        EXCEPTION WHEN OTHERS THEN
-          BEGIN  -- once more: PL/Proxy reuses a connection idle < 10 s unchecked, and a rank restarted since fails it
+        FOR i IN 1 .. 2 LOOP
+          BEGIN
             v_rows := (
               @ask
             );
+            EXIT;
           EXCEPTION WHEN OTHERS THEN
+            CONTINUE WHEN i = 1 AND SQLERRM ~ {STALE};  -- a connection dead since its last use: once more
             RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
               USING HINT = format('Every rank of SELECT * FROM llm_cluster_ranks WHERE cluster = %L needs a running '
                                   'server that accepts the mapped role, and pg_llm installed.', p_cluster);
           END;
-        END;
+        END LOOP;
         FOR r IN SELECT * FROM jsonb_to_recordset(v_rows) AS i({INFO_COLS}) ORDER BY i.rank LOOP
           v_where := format('{WHERE}', r.rank, p_cluster, r.dbname);
           IF r.build IS DISTINCT FROM v_me.build THEN

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import textwrap
 
+from pg_llm.api.cluster_check import STALE
 from pg_llm.api.generate import ARGS as GEN_ARGS
 from pg_llm.api.perplexity import OUT, STRIDE, texts_body
 from pg_llm.gen.emit import comment, function, plpgsql, stmt
@@ -160,13 +161,17 @@ def _ready() -> str:
         v_ranks := llm_cluster_ranks_of(p_cluster);
         PERFORM llm_model_check(p_model);
         PERFORM llm_cluster_proxies();
-        BEGIN
-          v_versions := ARRAY(SELECT x.version FROM llm_cluster_rank_version(ARRAY[-1], p_model) AS x)
-            || ARRAY(SELECT x.version FROM {PX}_version(p_cluster, v_ranks, p_model) AS x ORDER BY x.rank);
-        EXCEPTION WHEN OTHERS THEN
-          RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
-            USING HINT = {MAPPING_HINT};
-        END;
+        FOR i IN 1 .. 2 LOOP
+          BEGIN
+            v_versions := ARRAY(SELECT x.version FROM llm_cluster_rank_version(ARRAY[-1], p_model) AS x)
+              || ARRAY(SELECT x.version FROM {PX}_version(p_cluster, v_ranks, p_model) AS x ORDER BY x.rank);
+            EXIT;
+          EXCEPTION WHEN OTHERS THEN
+            CONTINUE WHEN i = 1 AND SQLERRM ~ {STALE};  -- a connection dead since its last use: once more
+            RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
+              USING HINT = {MAPPING_HINT};
+          END;
+        END LOOP;
         IF NOT EXISTS (
           @lookup
         ) THEN

@@ -412,25 +412,21 @@ BEGIN
   v_ranks := llm_cluster_ranks_of(p_cluster);
   SELECT * INTO v_me FROM llm_cluster_rank_info(ARRAY[-1], p_model, NULL, p_sync IS NULL OR NOT p_sync) AS i;
   v_nodes := ARRAY[v_me.node];
-  BEGIN
-    v_rows := (
-      SELECT
-        jsonb_agg(to_jsonb(i))
-      FROM llm_internal.llm_cluster_px_info(p_cluster, v_ranks, p_model, v_me.config, NOT COALESCE(p_sync, FALSE)) AS i
-    );
-  EXCEPTION WHEN OTHERS THEN
-    BEGIN  -- once more: PL/Proxy reuses a connection idle < 10 s unchecked, and a rank restarted since fails it
+  FOR i IN 1 .. 2 LOOP
+    BEGIN
       v_rows := (
         SELECT
           jsonb_agg(to_jsonb(i))
         FROM llm_internal.llm_cluster_px_info(p_cluster, v_ranks, p_model, v_me.config, NOT COALESCE(p_sync, FALSE)) AS i
       );
+      EXIT;
     EXCEPTION WHEN OTHERS THEN
+      CONTINUE WHEN i = 1 AND SQLERRM ~ 'server closed the connection unexpectedly|no connection to the server|terminating connection';  -- a connection dead since its last use: once more
       RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
         USING HINT = format('Every rank of SELECT * FROM llm_cluster_ranks WHERE cluster = %L needs a running '
                             'server that accepts the mapped role, and pg_llm installed.', p_cluster);
     END;
-  END;
+  END LOOP;
   FOR r IN SELECT * FROM jsonb_to_recordset(v_rows) AS i(rank INT, build TEXT, dbname TEXT, schema TEXT, node TEXT, config JSONB, step BIGINT, writable BOOLEAN, tensors BIGINT, bytes BIGINT, checksum TEXT, conflict TEXT) ORDER BY i.rank LOOP
     v_where := format('rank %s of cluster "%s" (database "%s")', r.rank, p_cluster, r.dbname);
     IF r.build IS DISTINCT FROM v_me.build THEN

@@ -230,13 +230,17 @@ BEGIN
   v_ranks := llm_cluster_ranks_of(p_cluster);
   PERFORM llm_model_check(p_model);
   PERFORM llm_cluster_proxies();
-  BEGIN
-    v_versions := ARRAY(SELECT x.version FROM llm_cluster_rank_version(ARRAY[-1], p_model) AS x)
-      || ARRAY(SELECT x.version FROM llm_internal.llm_cluster_px_version(p_cluster, v_ranks, p_model) AS x ORDER BY x.rank);
-  EXCEPTION WHEN OTHERS THEN
-    RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
-      USING HINT = format('Every rank of SELECT * FROM llm_cluster_ranks WHERE cluster = %L needs a running server and pg_llm; the calling role needs USAGE on foreign server %I and a user mapping for it (docs/scaleout.md).', p_cluster, llm_cluster_server(p_cluster));
-  END;
+  FOR i IN 1 .. 2 LOOP
+    BEGIN
+      v_versions := ARRAY(SELECT x.version FROM llm_cluster_rank_version(ARRAY[-1], p_model) AS x)
+        || ARRAY(SELECT x.version FROM llm_internal.llm_cluster_px_version(p_cluster, v_ranks, p_model) AS x ORDER BY x.rank);
+      EXIT;
+    EXCEPTION WHEN OTHERS THEN
+      CONTINUE WHEN i = 1 AND SQLERRM ~ 'server closed the connection unexpectedly|no connection to the server|terminating connection';  -- a connection dead since its last use: once more
+      RAISE EXCEPTION 'pg_llm: cluster "%": a rank did not answer: %', p_cluster, SQLERRM
+        USING HINT = format('Every rank of SELECT * FROM llm_cluster_ranks WHERE cluster = %L needs a running server and pg_llm; the calling role needs USAGE on foreign server %I and a user mapping for it (docs/scaleout.md).', p_cluster, llm_cluster_server(p_cluster));
+    END;
+  END LOOP;
   IF NOT EXISTS (
     SELECT
       1
