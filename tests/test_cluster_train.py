@@ -6,8 +6,11 @@ commits nothing anywhere and leaves no prepared transaction; refusals touch no r
 resolves dangling prepared transactions as the coordinator decided."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -286,3 +289,21 @@ def test_loop_refusals_touch_no_rank_and_close_the_connections(coord: psycopg.Co
     assert [state(ranks[name]) for name in RANKS[:2]] == before
     assert coord.execute("SELECT dblink_get_connections()").fetchone()[0] is None
     assert sessions(server, "dp2") == set()
+
+
+def test_cli_train(coord: psycopg.Connection, ranks: dict[str, str]) -> None:
+    """pg-llm cluster train: CALL llm_cluster_train_run, its NOTICE lines on stderr, the last step on stdout."""
+    reset(coord, ranks, "dp2")
+    cli = str(Path(sys.executable).parent / "pg-llm")
+    base = [cli, "cluster", "train", "tiny", "--name", "dp2", "--dsn", coord.info.dsn]
+    p = subprocess.run([*base, "--steps", "1", "--dataset", "ds", "--batch-size", "4", "--lr", "1e-3",
+                        "--warmup-steps", "1", "--max-steps", "4", "--seed", "3", "--dropout", "0"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("step 1/1 | loss ") and "step 1/1" in p.stderr
+    assert steps(ranks, 2) == [1, 1]
+    p = subprocess.run([*base, "--steps", "1"], capture_output=True, text=True)
+    assert p.returncode == 0 and "has made 1 steps already" in p.stdout, p.stderr
+    p = subprocess.run([*base, "--steps", "2", "--dropout", "0.1"], capture_output=True, text=True)
+    assert p.returncode != 0 and "llm_cluster_train_run: dropout 0.1 is not supported" in p.stderr
+    assert steps(ranks, 2) == [1, 1]

@@ -1,7 +1,8 @@
-"""pg-llm cluster up|add|list|sync|down: a cluster of ranks registered on a coordinator database (the dev
+"""pg-llm cluster up|add|list|sync|train|down: a cluster of ranks registered on a coordinator database (the dev
 database by default; docs/scaleout.md). `up --ranks N` makes N rank databases on the coordinator's own server
 (one backend per rank: every core of one machine) with pg_llm installed and registers them; `add DSN`
-registers a database anywhere (another machine) that already has pg_llm."""
+registers a database anywhere (another machine) that already has pg_llm; `train MODEL --steps N` is CALL
+llm_cluster_train_run (data-parallel training on the ranks, its NOTICE lines on stderr)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,10 @@ import psycopg
 from psycopg import sql
 
 from pg_llm.commands.db import dsn_argument, resolve_dsn
+from pg_llm.commands.run import STEP, TRAIN_ARGS, _named, _options
+
+# llm_cluster_train_run's arguments: llm_train_run's but the evaluation (the loop does not evaluate yet)
+CLUSTER_TRAIN_ARGS = {k: v for k, v in TRAIN_ARGS.items() if not k.startswith("eval_")}
 
 EXTENSIONS = ("plproxy", "postgres_fdw")
 
@@ -112,6 +117,24 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    named, params = _named({k: getattr(args, k) for k in CLUSTER_TRAIN_ARGS})
+    last: list[str] = []
+
+    def on_notice(d: psycopg.errors.Diagnostic) -> None:
+        msg = d.message_primary or ""
+        print(msg, file=sys.stderr)
+        if STEP.match(msg):
+            last[:] = [msg]
+
+    with psycopg.connect(resolve_dsn(args.dsn), autocommit=True) as conn:
+        conn.add_notice_handler(on_notice)
+        conn.execute(sql.SQL("CALL llm_cluster_train_run(%s, %s, %s{})").format(named),
+                     [args.name, args.model, args.steps, *params])
+    print(last[0] if last else f"cluster {args.name}: model {args.model} has made {args.steps} steps already")
+    return 0
+
+
 def _down(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(args.dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -130,7 +153,7 @@ def _down(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="a cluster of ranks (databases with pg_llm) on a coordinator: up, add, list, "
-                       "sync, down", description=__doc__)
+                       "sync, train, down", description=__doc__)
     csub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
 
     def action(name: str, help: str, default: str | None = "local") -> argparse.ArgumentParser:
@@ -154,6 +177,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = action("sync", "replicate MODEL (config, parameters, AdamW moments, step) to every rank and verify checksums")
     s.add_argument("model", metavar="MODEL", help="the coordinator's model")
     s.set_defaults(func=_sync)
+    t = action("train", "CALL llm_cluster_train_run: train MODEL on the ranks up to --steps steps in all (resumes "
+               "at the ranks' step; options left out keep the run's schedule, else llm_train_step's defaults)")
+    t.add_argument("model", metavar="MODEL", help="the model the ranks hold (llm_cluster_sync put it there)")
+    t.add_argument("--steps", type=int, required=True, help="train up to this many steps in total")
+    _options(t, CLUSTER_TRAIN_ARGS)
+    t.set_defaults(func=_train)
     d = action("down", "unregister the cluster; the databases `up` made for it are dropped")
     d.add_argument("--keep-databases", action="store_true", help="keep the rank databases `up` made")
     d.set_defaults(func=_down)
