@@ -1,7 +1,9 @@
 """The coordinator's connections to the ranks of a data-parallel step (api/cluster_train.py): one dblink
 connection per rank, pg_llm_dp_<rank>, opened through the rank's postgres_fdw server (its options and the
 caller's user mapping), statements sent to every rank at once and their results gathered, the first error
-re-raised as the rank raised it (message, HINT, SQLSTATE) with the rank in its DETAIL.
+re-raised as the rank raised it (message, HINT, SQLSTATE) with the rank in its DETAIL, unless a rank's connection
+died: then a pg_llm error names that rank (the others' errors, a peer gone, follow from it) and what to do. A
+loop's steps reuse the connections (llm_dp_open p_reuse).
 
 Emitted into sql/api/cluster_train.sql by pg_llm.api.cluster_train.
 """
