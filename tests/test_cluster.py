@@ -27,17 +27,24 @@ TILES = """SELECT v.name, v.role, v.shape, v.tile, t.tr, t.tc, t.data FROM llm_t
            WHERE v.model = %s AND v.id > 0 ORDER BY v.name, v.role, t.tr, t.tc"""
 
 
-@pytest.fixture(scope="module")
-def coord(server: Server) -> Iterator[psycopg.Connection]:
-    """The coordinator: plproxy, postgres_fdw and model 'tiny' (1 layer, vocab 301: ragged tiles) after one
-    AdamW step (parameters and both moments)."""
-    dsn = server.fresh_db("t_cl_coord")
+def coordinator_db(server: Server, name: str) -> str:
+    """A fresh coordinator database: plproxy, postgres_fdw and model 'tiny' (1 layer, vocab 301: ragged tiles)
+    at step 0."""
+    dsn = server.fresh_db(name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION plproxy")
         conn.execute("CREATE EXTENSION postgres_fdw")
         conn.execute("INSERT INTO llm_model_config (name, n_layer, n_head, n_embd, n_ctx, vocab_size) "
                      "VALUES ('tiny', 1, 2, 32, 16, 301)")
         conn.execute("SELECT llm_model_init('tiny', 'tiny', seed => 1)")
+    return dsn
+
+
+@pytest.fixture(scope="module")
+def coord(server: Server) -> Iterator[psycopg.Connection]:
+    """The coordinator: plproxy, postgres_fdw and model 'tiny' (1 layer, vocab 301: ragged tiles) after one
+    AdamW step (parameters and both moments)."""
+    with psycopg.connect(coordinator_db(server, "t_cl_coord"), autocommit=True) as conn:
         synthetic_dataset(conn, "ds")
         conn.execute("SELECT llm_train_step('tiny', dataset => 'ds', batch_size => 2, lr => 1e-2, warmup_steps => 1,"
                      " max_steps => 4, seed => 3)")

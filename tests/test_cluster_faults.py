@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from test_cluster import add, state, tiles
+from test_cluster import add, coordinator_db, state, tiles
 
 from pg_llm.harness.cluster import Cluster, start_ephemeral
 
@@ -61,13 +61,7 @@ def ranks(server: Server, victim: Cluster) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def coord(server: Server, ranks: dict[str, str], victim: Cluster) -> Iterator[psycopg.Connection]:
     """The coordinator: model 'tiny' at step 0, cluster 'f' of rank 0 (here) and rank 1 (the victim's server)."""
-    dsn = server.fresh_db("t_fl_coord")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION plproxy")
-        conn.execute("CREATE EXTENSION postgres_fdw")
-        conn.execute("INSERT INTO llm_model_config (name, n_layer, n_head, n_embd, n_ctx, vocab_size) "
-                     "VALUES ('tiny', 1, 2, 32, 16, 301)")
-        conn.execute("SELECT llm_model_init('tiny', 'tiny', seed => 1)")
+    with psycopg.connect(coordinator_db(server, "t_fl_coord"), autocommit=True) as conn:
         add(conn, server, "f", R0)
         conn.execute("SELECT llm_cluster_add('f', '127.0.0.1', %s, %s, %s, NULL)", (victim.port, R1, victim.user))
         yield conn

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
-from test_cluster import add, state, tiles
+from test_cluster import add, coordinator_db, state, tiles
 
 from conftest import Server
 from train_fixtures import run_async, snapshot, synthetic_dataset
@@ -40,13 +40,7 @@ def ranks(server: Server) -> dict[str, str]:
 def coord(server: Server, ranks: dict[str, str]) -> Iterator[psycopg.Connection]:
     """The coordinator: model 'tiny' at step 0 (synced to the ranks), clusters dp1, dp2 and dp3 of the first 1,
     2 and 3 rank databases, and the dataset (for the single-node reference)."""
-    dsn = server.fresh_db("t_dp_coord")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION plproxy")
-        conn.execute("CREATE EXTENSION postgres_fdw")
-        conn.execute("INSERT INTO llm_model_config (name, n_layer, n_head, n_embd, n_ctx, vocab_size) "
-                     "VALUES ('tiny', 1, 2, 32, 16, 301)")
-        conn.execute("SELECT llm_model_init('tiny', 'tiny', seed => 1)")
+    with psycopg.connect(coordinator_db(server, "t_dp_coord"), autocommit=True) as conn:
         synthetic_dataset(conn, "ds")
         for n in (1, 2, 3):
             for name in RANKS[:n]:
