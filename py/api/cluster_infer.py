@@ -134,18 +134,25 @@ def _rank_side() -> str:
     return "\n".join(out)
 
 
-def _table() -> str:
+def versions_table(name: str, note: str) -> str:
+    """A table of the row versions (one per node) at which a role last saw a cluster's copies of a model agree:
+    one row per cluster, model and role, each role trusting only its own (row-level security, api/privileges)."""
     return stmt(f"""
-        CREATE TABLE {INTERNAL}.llm_cluster_verified (
+        CREATE TABLE {name} (
           cluster TEXT NOT NULL,
           model TEXT NOT NULL,
           versions TEXT[] NOT NULL,
           checked_at TIMESTAMPTZ NOT NULL DEFAULT now(),
           {OWNER},
           PRIMARY KEY (cluster, model, owner)
-        )""", "The last full check (llm_cluster_inspect) that passed for a cluster, model and calling role, with the "
-              "versions (llm_cluster_rank_version: the coordinator's, then rank 0, 1, ...) it was made at. A role "
-              "trusts only its own rows (row-level security: it writes only those).")
+        )""", note)
+
+
+def _table() -> str:
+    return versions_table(f"{INTERNAL}.llm_cluster_verified", "The last full check (llm_cluster_inspect) that passed "
+                          "for a cluster, model and calling role, with the versions (llm_cluster_rank_version: the "
+                          "coordinator's, then rank 0, 1, ...) it was made at. A role trusts only its own rows "
+                          "(row-level security: it writes only those).")
 
 
 def _ready() -> str:

@@ -19,6 +19,7 @@ A step, from the coordinator, over one dblink connection per rank (api/cluster_t
 """
 from __future__ import annotations
 
+from pg_llm.api.cluster_infer import versions_table
 from pg_llm.api.cluster_train_io import CONN, io
 from pg_llm.api.train import HYPER
 from pg_llm.api.train_resume import DEFAULTS
@@ -49,17 +50,10 @@ WHERE = "format('rank %s of cluster \"%s\" (database \"%s\")', v_ranks[i], v_clu
 
 
 def _tables() -> str:
-    return "\n".join([stmt(f"""
-        CREATE TABLE {STATE_T} (
-          cluster TEXT NOT NULL,
-          model TEXT NOT NULL,
-          versions TEXT[] NOT NULL,
-          checked_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-          {OWNER},
-          PRIMARY KEY (cluster, model, owner)
-        )""", "The ranks' versions (llm_dp_rank_version, rank 0, 1, ...) of a model when the caller last saw them "
-              "identical: after a full check, or after a step every rank committed with the same checksum. A "
-              "role trusts its own rows only (row-level security)."),
+    return "\n".join([versions_table(STATE_T, "The ranks' versions (llm_dp_rank_version, rank 0, 1, ...) of a "
+                                     "model when the caller last saw them identical: after a full check, or after "
+                                     "a step every rank committed with the same checksum. A role trusts its own rows "
+                                     "only (row-level security)."),
         stmt(f"""
         CREATE TABLE {DECISION_T} (
           gid TEXT PRIMARY KEY,

@@ -23,10 +23,10 @@ from contextlib import contextmanager
 import psycopg
 
 from pg_llm.bench import Context, Table, random_dataset
+from pg_llm.bench.loop import CONFIG, step_gaps
 from pg_llm.harness.cluster import Cluster, start_ephemeral
 
 OPTIONAL = False
-CONFIG = dict(n_layer=4, n_head=6, n_embd=384, n_ctx=128, vocab_size=50257)  # 27.5M parameters
 T, BATCH = 128, 8
 HP = "lr => 6e-4, warmup_steps => 2, max_steps => 100, dropout => 0, seed => 1"
 # (label, ranks, BLAS threads of the rank servers); 1 rank x 2 threads is the single node's setting
@@ -82,8 +82,8 @@ def _phase_seconds(server: Cluster, dbs: list[str]) -> dict[str, float]:
     return out
 
 
-def _run_setup(ctx: Context, server: Cluster, label: str, n: int, runs: int) -> dict[str, float]:
-    conn, cluster = ctx.conn, f"bench_{n}_{label.split()[-2]}"
+def _run_setup(ctx: Context, server: Cluster, n: int, threads: int, runs: int) -> dict[str, float]:
+    conn, cluster = ctx.conn, f"bench_{n}_{threads}"
     dbs = _rank_dbs(server, n)
     conn.execute("SELECT llm_cluster_drop(%s) WHERE EXISTS (SELECT 1 FROM llm_cluster_ranks WHERE cluster = %s)",
                  (cluster, cluster))
@@ -103,12 +103,9 @@ def _run_setup(ctx: Context, server: Cluster, label: str, n: int, runs: int) -> 
 
 
 def _warm_step(conn: psycopg.Connection, model: str) -> float:
-    """Median seconds between a loop's committed steps after its first (llm_train_log.logged_at): a step, its
-    commit and the loop's VACUUM, with warm backends."""
-    gaps = [float(r[0]) for r in conn.execute(
-        "SELECT extract(epoch FROM logged_at - lag(logged_at) OVER (ORDER BY step)) FROM llm_train_log "
-        "WHERE model = %s ORDER BY step", (model,)).fetchall()[1:]]
-    return statistics.median(gaps)
+    """Median seconds between a loop's committed steps after its first: a step, its commit and the loop's VACUUM,
+    with warm backends."""
+    return statistics.median(step_gaps(conn, model))
 
 
 def _single(ctx: Context, runs: int) -> float:
@@ -141,7 +138,7 @@ def run(ctx: Context) -> list[Table]:
         with _servers() as servers:
             for label, n, threads in SETUPS:
                 ctx.log(f"cluster: {label}")
-                rows.append((label, n, _run_setup(ctx, servers[threads], label, n, runs)))
+                rows.append((label, n, _run_setup(ctx, servers[threads], n, threads, runs)))
     finally:
         conn.execute("SELECT llm_model_drop(%s, TRUE)", (model,))
         conn.execute("DELETE FROM llm_dataset_source WHERE dataset = 'bench_dp'")

@@ -12,6 +12,8 @@ import statistics
 import threading
 import time
 
+import psycopg
+
 from pg_llm.bench import Context, Table, random_dataset
 
 OPTIONAL = False
@@ -20,6 +22,14 @@ T, BATCH = 64, 1
 SIZES = "SELECT pg_total_relation_size('llm_tile_durable'), pg_total_relation_size('llm_tile_scratch')"
 LOOPS = {"CALL llm_train_run": "CALL llm_train_run(%s, %s, dataset => %s, batch_size => %s, dropout => 0.0)",
          "SELECT llm_train": "SELECT llm_train(%s, %s, dataset => %s, batch_size => %s, dropout => 0.0)"}
+
+
+def step_gaps(conn: psycopg.Connection, model: str) -> list[float]:
+    """Seconds between a loop's consecutive committed steps (llm_train_log.logged_at), from its second step on:
+    a step, its commit and what the loop does between steps."""
+    return [float(r[0]) for r in conn.execute(
+        "SELECT extract(epoch FROM logged_at - lag(logged_at) OVER (ORDER BY step)) FROM llm_train_log "
+        "WHERE model = %s ORDER BY step", (model,)).fetchall()[1:]]
 
 
 def _run_loop(ctx: Context, sql: str, model: str, data: str, steps: int) -> tuple[list[tuple[int, int]], float]:
@@ -48,9 +58,7 @@ def _run_loop(ctx: Context, sql: str, model: str, data: str, steps: int) -> tupl
     t.join()
     if err:
         raise err[0]
-    gaps = [float(r[0]) for r in ctx.conn.execute(
-        "SELECT extract(epoch FROM logged_at - lag(logged_at) OVER (ORDER BY step)) FROM llm_train_log "
-        "WHERE model = %s ORDER BY step", (model,)).fetchall()[2:]]
+    gaps = step_gaps(ctx.conn, model)[1:]
     return sizes, statistics.median(gaps) if gaps else float("nan")
 
 
