@@ -18,3 +18,15 @@ def test_doctor_reports_everything(conn: psycopg.Connection) -> None:
     # the warning appears exactly when sgemm is slow (reference BLAS); this machine must not need it
     assert rows["sgemm"][1].startswith("warning") == (gflops < 20)
     assert "openblas" in rows["blas"][0].lower(), "pg_llm's pip numpy (OpenBLAS) should be the one imported"
+
+
+def test_doctor_sizes_shared_buffers_for_training(conn: psycopg.Connection) -> None:
+    """The shared_buffers row: ok for the tiny models here (the harness gives a quarter of memory, >= 512 MB);
+    the advice itself from the working set's size (GPT-2 small: 124M parameters, 1.4 GB a step)."""
+    value, status = conn.execute("SELECT value, status FROM llm_doctor() WHERE check_name = 'shared_buffers'"
+                                 ).fetchone()
+    assert value.split()[0].isdigit() and int(value.split()[0]) >= 512 and status == "ok", (value, status)
+    from pg_llm.kernels.doctor import buffers_status
+    value, status = buffers_status(512, 124_439_808)
+    assert "1425 MB" in value and status.startswith("warning") and ">= 3362 MB" in status, status
+    assert buffers_status(4096, 124_439_808)[1] == "ok"
