@@ -113,3 +113,16 @@ def test_errors(conn: psycopg.Connection) -> None:
     wrong = call(conn, "SELECT llm_tensor_create('o', ARRAY[3, 3])")
     refused(conn, r'pg_llm: dropout_backward: output tensor "o" has shape \(3, 3\)',
             "SELECT llm_dropout_backward(%s, 0.5, 1, %s)", x, wrong)
+
+
+@pytest.mark.parametrize("n, th", [(23, 5), (300, 256), (40, 256)])
+def test_rows_of_a_matrix_get_its_masks(n: int, th: int) -> None:
+    """dropout_rows of rows lo.. of a matrix, told their first row, equals those rows of the whole matrix's
+    dropout (any cut, edge tiles included); and a matrix of at most th rows has its single tile's masks."""
+    from pg_llm.kernels.dropout import dropout_rows
+    a = np.random.default_rng(n).standard_normal((n, 13)).astype(np.float32)
+    full = dropout_rows(a, 0.4, 9, th, 6)
+    for lo, hi in [(0, n), (1, n), (th - 1, min(n, th + 3)), (n - 1, n), (n // 3, 2 * n // 3)]:
+        assert np.array_equal(dropout_rows(a[lo:hi], 0.4, 9, th, 6, lo), full[lo:hi]), (lo, hi)
+    if n <= th:
+        assert np.array_equal(dropout_rows(a, 0.4, 9, n, 6), full)

@@ -150,3 +150,29 @@ def test_errors(conn: psycopg.Connection, weights, args: str, msg: str) -> None:
     vals = (ix,) if args.count("%s") == 1 else (ix, weights[1])
     with pytest.raises(psycopg.errors.RaiseException, match=msg):
         conn.execute(f"SELECT llm_internal.llm_gpt2_block({args})", vals)
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 1), (1, 3), (2, 5), (0, 5)])
+def test_rows_of_a_batch_get_the_batch_masks(lo: int, hi: int) -> None:
+    """A data-parallel rank's rows (whole sequences lo .. hi-1 of 5, the residual masks' tiles of 16 rows cut
+    across sequences of 37): the block's output and every gradient equal the whole batch's rows, dropout on."""
+    rng = np.random.default_rng(7)
+    w = [(rng.standard_normal(s) * 0.2).astype(np.float32) for s in SHAPES]
+    x = rng.standard_normal((5 * T, C)).astype(np.float32)
+    dy = rng.standard_normal((5 * T, C)).astype(np.float32)
+    whole = BlockArgs(H, T, 1e-5, 0.3, (11, 12, 13), (16, 16))
+    part = BlockArgs(H, T, 1e-5, 0.3, (11, 12, 13), (16, 16), lo * T)
+    rows = slice(lo * T, hi * T)
+    y, _ = block_forward(x, w, whole)
+    y_part, _ = block_forward(x[rows], w, part)
+    # not bit for bit: BLAS blocks a matmul of fewer rows differently (1-ulp differences); a wrong mask would
+    # zero or scale whole entries
+    np.testing.assert_allclose(y_part, y[rows], rtol=1e-5, atol=1e-5)
+    dx_part, g_part = block_backward(x[rows], dy[rows], w, part)
+    dy_masked = dy.copy()
+    dy_masked[:lo * T] = 0
+    dy_masked[hi * T:] = 0
+    dx, g = block_backward(x, dy_masked, w, whole)  # rows outside the share contribute nothing
+    np.testing.assert_allclose(dx_part, dx[rows], rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_part, g, strict=True):  # float32 sums over other row counts
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))

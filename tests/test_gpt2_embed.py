@@ -15,7 +15,7 @@ from helpers import call, get, param, put, refused
 
 V, P, C, T = 53, 20, 48, 7
 TOKENS = [3, 51, 3, 0, 17, 52, 3, 9, 9, 1, 2, 40, 51, 8]  # B = 2 sequences of T; repeats accumulate
-EMBED = "llm_internal.llm_gpt2_embed(%s, %s, %s, 7, %s, 9, 5)"
+EMBED = "llm_internal.llm_gpt2_embed(%s, %s, %s, 7, %s, 9, 0, 5)"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,22 @@ def test_forward_is_the_chains(conn: psycopg.Connection, weights, rate: float) -
     assert np.array_equal(x, get(conn, chain))
 
 
+def test_the_second_sequence_alone_gets_the_batchs_masks(conn: psycopg.Connection, weights) -> None:
+    """A data-parallel rank's share (the second sequence, first row 7): its rows of the whole batch's x, dropout
+    on, forward and backward (whose gradient of wpe is then the batch's with the first sequence's dx zero)."""
+    _, _, ite, ipe = weights
+    x = get(conn, call(conn, f"SELECT {EMBED}", ite, ipe, TOKENS, 0.3))
+    part = get(conn, call(conn, "SELECT llm_internal.llm_gpt2_embed(%s, %s, %s, 7, 0.3, 9, 7, 5)", ite, ipe,
+                          TOKENS[T:]))
+    assert np.array_equal(part, x[T:])
+    dx = np.arange(len(TOKENS) * C, dtype=np.float32).reshape(-1, C) / 100
+    dx[:T] = 0
+    bwd = "SELECT llm_internal.llm_gpt2_embed_backward(%s, %s, %s, %s, 7, 0.3, 9, %s, 5, NULL)"
+    whole = call(conn, bwd, put(conn, dx, (5, 16)), ite, ipe, TOKENS, 0)
+    half = call(conn, bwd, put(conn, dx[T:], (5, 16)), ite, ipe, TOKENS[T:], T)
+    assert np.array_equal(get(conn, half[1]), get(conn, whole[1]))
+
+
 def test_backward_equals_torch_with_the_heads_gradient(conn: psycopg.Connection, weights,
                                                        rng: np.random.Generator) -> None:
     wte, wpe, ite, ipe = weights
@@ -50,8 +66,8 @@ def test_backward_equals_torch_with_the_heads_gradient(conn: psycopg.Connection,
     dhead = call(conn, "SELECT dhead FROM llm_internal.llm_head_nll(%s, %s, %s, 1, NULL)", h, ite, tgt)
     kept = call(conn, "SELECT dhead FROM llm_internal.llm_head_nll(%s, %s, %s, 1, %s)", h, ite, tgt, tape)
     assert kept is None
-    dte, dpe = call(conn, "SELECT llm_internal.llm_gpt2_embed_backward(%s, %s, %s, %s, 7, 0.3, 9, %s)", idx, ite, ipe,
-                    TOKENS, tape)
+    dte, dpe = call(conn, "SELECT llm_internal.llm_gpt2_embed_backward(%s, %s, %s, %s, 7, 0.3, 9, 0, 5, %s)", idx,
+                    ite, ipe, TOKENS, tape)
     assert call(conn, "SELECT llm_internal.llm_head_nll_flush(%s, %s)", tape, ite) is None  # taken by the embedding
     tw, tp = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (wte, wpe))
     mask = torch.tensor(dropout_rows(np.ones_like(dx), 0.3, 9, 5, 16), dtype=torch.float64)
@@ -79,7 +95,7 @@ def test_an_untaken_heads_gradient_is_flushed(conn: psycopg.Connection, weights,
 ])
 def test_errors(conn: psycopg.Connection, weights, tokens: list[int], seq: int, rate: float, msg: str) -> None:
     _, _, ite, ipe = weights
-    refused(conn, msg, "SELECT llm_internal.llm_gpt2_embed(%s, %s, %s, %s, %s, 9, 5)", ite, ipe, tokens, seq, rate)
+    refused(conn, msg, "SELECT llm_internal.llm_gpt2_embed(%s, %s, %s, %s, %s, 9, 0, 5)", ite, ipe, tokens, seq, rate)
 
 
 def test_adamw_on_held_gradients(conn: psycopg.Connection, weights, rng: np.random.Generator) -> None:
@@ -88,7 +104,7 @@ def test_adamw_on_held_gradients(conn: psycopg.Connection, weights, rng: np.rand
     moments AdamW gives on the written gradient, over two steps."""
     wte, _, ite, ipe = weights
     dx = put(conn, rng.standard_normal((len(TOKENS), C)).astype(np.float32), (5, 16))
-    bwd = "SELECT llm_internal.llm_gpt2_embed_backward(%s, %s, %s, %s, 7, 0, NULL, %s)"
+    bwd = "SELECT llm_internal.llm_gpt2_embed_backward(%s, %s, %s, %s, 7, 0, NULL, 0, 5, %s)"
     written = call(conn, bwd, dx, ite, ipe, TOKENS, None)
     tape = 99887766
     conn.execute("SELECT llm_internal.llm_mk_hold(%s, TRUE)", (tape,))

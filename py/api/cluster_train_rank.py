@@ -201,7 +201,8 @@ def _grads() -> str:
         END LOOP;
         v_tape := llm_scratch_mark();
         v_loss := llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
-          llm_site_seed(seed, v_step::TEXT || ':1'), (v_hi - v_lo)::FLOAT8 / batch_size, p_hold => TRUE);
+          llm_site_seed(seed, v_step::TEXT || ':1'), (v_hi - v_lo)::FLOAT8 / batch_size, p_hold => TRUE,
+          p_row0 => v_lo * v_t);
         DELETE FROM {GRAD} AS d WHERE d.cluster = p_cluster AND d.model = llm_dp_rank_grads.model AND d.rank = p_rank;
         tiles := 0;
         FOR p IN SELECT v.id, v.name FROM llm_tensor AS v WHERE v.model = llm_dp_rank_grads.model AND v.role = 'param'

@@ -98,8 +98,8 @@ FUSED_LAYER = f"""
 x := llm_t_gpt2_block(p_tape, x, v_block[layer * 12 + 1:layer * 12 + 12], c.n_head, t, c.layer_norm_epsilon,
                       p_dropout, ARRAY[llm_site_seed(p_seed, pre || 'attn'), llm_site_seed(p_seed, pre || 'attn.resid'),
                                        llm_site_seed(p_seed, pre || 'mlp.resid')],
-                      ARRAY[least({TILE_ROWS}, n), (SELECT least(v.tile[2], llm_cols(v.shape)) FROM llm_tensor AS v
-                                            WHERE v.id = v_block[layer * 12 + 11])]);"""
+                      ARRAY[{TILE_ROWS}, (SELECT least(v.tile[2], llm_cols(v.shape)) FROM llm_tensor AS v
+                                          WHERE v.id = v_block[layer * 12 + 11]), p_row0]);"""
 
 
 def _forward() -> str:
@@ -114,9 +114,14 @@ def _forward() -> str:
         PERFORM llm_tables_analyze();  -- a fresh database has no statistics yet: see llm_tables_analyze
         IF p_tape IS NOT NULL AND {FUSED_TRAIN} THEN  -- one op for the input (ops/gpt2_embed.py)
           x := llm_t_gpt2_embed(p_tape, llm_param(p_model, '{WTE}'), llm_param(p_model, '{WPE}'), p_tokens, t,
-                                p_dropout, llm_site_seed(p_seed, 'embd'), least({TILE_ROWS}, n));
+                                p_dropout, llm_site_seed(p_seed, 'embd'), p_row0, {TILE_ROWS});
           v_block := llm_gpt2_block_params(p_model, c.n_layer);  -- ops/gpt2_block.py: only each block's input kept
         ELSE
+          IF p_row0 <> 0 AND p_dropout > 0 THEN
+            RAISE EXCEPTION 'pg_llm: llm_gpt2_forward: dropout on rows from % of a batch needs the fused training '
+              'forward', p_row0 USING HINT = 'Leave pg_llm.fused_train on (the per-op chain draws masks per tile of '
+              'its own rows).';
+          END IF;
           x := llm_t_add(p_tape,
                          llm_t_embedding(p_tape, llm_param(p_model, '{WTE}'), p_tokens, least({TILE_ROWS}, n)),
                          llm_t_embedding(p_tape, llm_param(p_model, '{WPE}'),
@@ -145,7 +150,7 @@ def _forward() -> str:
     return function("llm_gpt2_forward",
                     "p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, "
                     "p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL, "
-                    "p_hidden BOOLEAN DEFAULT FALSE", "BIGINT",
+                    "p_hidden BOOLEAN DEFAULT FALSE, p_row0 INT DEFAULT 0", "BIGINT",
                     body, settings=KERNEL_SETTINGS,
                     note="""op: GPT-2 forward. tokens (B*T ids, sequences of p_seq_len = T, default all one
                     sequence) -> logits scratch tensor (B*T, vocab), or (cardinality(p_rows), vocab) for only the
@@ -154,7 +159,9 @@ def _forward() -> str:
                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
                     branches) with masks seeded from p_seed; with a tape each block is one gpt2_block op
                     (pg_llm.fused_train = off: the per-op chain). p_hidden: return the last block's output (B*T,
-                    C), before ln_f, instead of the logits. Caller releases scratch tensors.""")
+                    C), before ln_f, instead of the logits. p_row0: the tokens are rows from p_row0 (whole
+                    sequences) of a larger batch, whose dropout masks they get (a data-parallel rank's share).
+                    Caller releases scratch tensors.""")
 
 
 def _api() -> str:

@@ -39,10 +39,11 @@ def _split(s: np.ndarray, n_head: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return h[:, 0].transpose(1, 0, 2), h[:, 1].transpose(1, 2, 0), h[:, 2].transpose(1, 0, 2)
 
 
-def causal_attention(qkv: np.ndarray, n_head: int, seq_len: int, rate: float, seed: int) -> np.ndarray:
+def causal_attention(qkv: np.ndarray, n_head: int, seq_len: int, rate: float, seed: int, b0: int = 0) -> np.ndarray:
     """y (N, C) of causal multi-head attention over qkv (N, 3C) = sequences of seq_len rows, float32: query blocks
     of QUERY_BLOCK rows never touch the keys after their last row; (B, H, T, T) is never formed. rate > 0:
-    inverted dropout on the probabilities (keep_block)."""
+    inverted dropout on the probabilities (keep_block), the sequences numbered from b0 (a rank's share of a
+    batch: its first sequence's index in the whole batch)."""
     N, C = qkv.shape[0], qkv.shape[1] // 3
     y = np.empty((N, C), dtype=np.float32)
     scale = np.float32(1.0 / np.sqrt(C // n_head))
@@ -52,13 +53,13 @@ def causal_attention(qkv: np.ndarray, n_head: int, seq_len: int, rate: float, se
             r1 = min(r0 + QUERY_BLOCK, seq_len)
             p = _probs(q[:, r0:r1], k[:, :, :r1], r0, scale)
             if rate > 0:
-                p *= keep_block(seed, b, r0, p.shape, rate)
+                p *= keep_block(seed, b0 + b, r0, p.shape, rate)
             y[b * seq_len + r0:b * seq_len + r1] = np.matmul(p, v[:, :r1]).transpose(1, 0, 2).reshape(r1 - r0, C)
     return y
 
 
 def causal_attention_backward(qkv: np.ndarray, dy: np.ndarray, n_head: int, seq_len: int, rate: float,
-                              seed: int) -> np.ndarray:
+                              seed: int, b0: int = 0) -> np.ndarray:
     """dqkv (N, 3C) of causal_attention given dy (N, C), recomputing each query block's probabilities (and its
     dropout mask) instead of storing them: FlashAttention's backward, block by block, in float32."""
     N, C = dy.shape
@@ -78,7 +79,7 @@ def causal_attention_backward(qkv: np.ndarray, dy: np.ndarray, n_head: int, seq_
             g = g_all[:, r0:r1]
             dp = np.matmul(g, v[:, :r1].transpose(0, 2, 1))  # (H, r, keys)
             if rate > 0:
-                keep = keep_block(seed, b, r0, p.shape, rate)
+                keep = keep_block(seed, b0 + b, r0, p.shape, rate)
                 dv[:, :r1] += np.matmul((p * keep).transpose(0, 2, 1), g)
                 dp *= keep
                 del keep

@@ -38,17 +38,22 @@ class BlockArgs:
     rate: float  # dropout at the attention probabilities and both residual branches
     seeds: tuple[int, int, int]  # the sites h.i.attn, h.i.attn.resid, h.i.mlp.resid
     drop_tile: tuple[int, int]  # the residual dropout's tiling (the chain's c_proj output tiles)
+    row0: int = 0  # the rows are rows row0.. of the whole batch (a data-parallel rank's share): the masks follow
 
 
 def _drop(a: np.ndarray, k: BlockArgs, site: int) -> np.ndarray:
-    return dropout_rows(a, k.rate, k.seeds[site], *k.drop_tile) if k.rate > 0 else a
+    return dropout_rows(a, k.rate, k.seeds[site], *k.drop_tile, k.row0) if k.rate > 0 else a
+
+
+def _attention(qkv: np.ndarray, k: BlockArgs) -> np.ndarray:
+    return causal_attention(qkv, k.n_head, k.seq_len, k.rate, k.seeds[0], k.row0 // k.seq_len)
 
 
 def block_forward(x: np.ndarray, w: Sequence[np.ndarray], k: BlockArgs, keep: bool = False) -> tuple[np.ndarray, dict]:
     """y (N, C) of one block over rows x (sequences of k.seq_len): gpt2_block with causal_attention and the
     dropout sites, and (keep=True) the intermediates the backward needs."""
     saved: dict = {}
-    y = gpt2_block(x, w, k.eps, lambda qkv: causal_attention(qkv, k.n_head, k.seq_len, k.rate, k.seeds[0]),
+    y = gpt2_block(x, w, k.eps, lambda qkv: _attention(qkv, k),
                    lambda a, site: _drop(a, k, site), saved if keep else None)
     return y, saved
 
@@ -80,7 +85,8 @@ def block_backward(x: np.ndarray, dy: np.ndarray, w: Sequence[np.ndarray], k: Bl
     da += dy
     do = _undrop(da, k, 1)
     dwo, dbo = np.matmul(s['att'].T, do), _colsum(do)
-    dqkv = causal_attention_backward(s['qkv'], np.matmul(do, wo.T), k.n_head, k.seq_len, k.rate, k.seeds[0])
+    dqkv = causal_attention_backward(s['qkv'], np.matmul(do, wo.T), k.n_head, k.seq_len, k.rate, k.seeds[0],
+                                     k.row0 // k.seq_len)
     del do
     dwqkv, dbqkv = np.matmul(s['h1'].T, dqkv), _colsum(dqkv)
     dx, dln1g, dln1b = layernorm_backward_rows(x, np.matmul(dqkv, wqkv.T), ln1g, k.eps)
@@ -107,10 +113,12 @@ def _weights(plpy: Any, GD: dict, params: Sequence[int], cols: int, op: str) -> 
 
 def _args(n_head: int, seq_len: int, eps: float, rate: float, seeds: Sequence[int], drop_tile: Sequence[int],
           rows: int, cols: int, op: str) -> BlockArgs:
-    if n_head < 1 or cols % n_head or seq_len < 1 or rows % seq_len or len(seeds) != 3 or len(drop_tile) != 2:
-        error('pg_llm: %s: %d rows of %d values do not fit n_head %d, seq_len %d (with 3 seeds, a 2-value tile)'
-              % (op, rows, cols, n_head, seq_len))
-    return BlockArgs(n_head, seq_len, eps, rate, tuple(seeds), tuple(drop_tile))
+    row0 = drop_tile[2] if len(drop_tile) == 3 else 0
+    if n_head < 1 or cols % n_head or seq_len < 1 or rows % seq_len or len(seeds) != 3 \
+            or len(drop_tile) not in (2, 3) or row0 < 0 or row0 % seq_len:
+        error('pg_llm: %s: %d rows of %d values from row %d do not fit n_head %d, seq_len %d (with 3 seeds, a tile '
+              'of 2 values and an optional first row)' % (op, rows, cols, row0, n_head, seq_len))
+    return BlockArgs(n_head, seq_len, eps, rate, tuple(seeds), (drop_tile[0], drop_tile[1]), row0)
 
 
 def forward_kernel(plpy: Any, GD: dict, tiles: Sequence[bytes], geom: Sequence[int], params: Sequence[int],

@@ -7,21 +7,39 @@ import numpy as np
 from pg_llm.kernels.tiles import floats
 
 
+def _keep(seed: int, tr: int, tc: int, n: int, rate: float) -> np.ndarray:
+    """The first n keep decisions (row-major) of tile (tr, tc)'s mask: PCG64(SeedSequence([seed, tr, tc])), 53-bit
+    uniforms, kept when >= rate. A prefix: an edge tile's mask is the first rows of a full tile's."""
+    bits = np.random.PCG64(np.random.SeedSequence([seed % 2**64, tr, tc])).random_raw(n)
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0) >= rate  # [0, 1), 53 bits
+
+
+def _apply(a: np.ndarray, keep: np.ndarray, rate: float) -> np.ndarray:
+    return np.where(keep, a * np.float32(1.0 / (1.0 - rate)), np.float32(0)).astype(np.float32)
+
+
 def dropout_array(a: np.ndarray, rate: float, seed: int, tr: int, tc: int) -> np.ndarray:
     """a * mask / (1 - rate) for the values of tile (tr, tc) (row-major), float32; the mask comes from
     PCG64(SeedSequence([seed, tr, tc])) (also the fused training block's residual dropout, per tile)."""
-    bits = np.random.PCG64(np.random.SeedSequence([seed % 2**64, tr, tc])).random_raw(a.size).reshape(a.shape)
-    u = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # [0, 1), 53 bits
-    scale = np.float32(1.0 / (1.0 - rate))
-    return np.where(u >= rate, a * scale, np.float32(0)).astype(np.float32)
+    return _apply(a, _keep(seed, tr, tc, a.size, rate).reshape(a.shape), rate)
 
 
-def dropout_rows(a: np.ndarray, rate: float, seed: int, th: int, tw: int) -> np.ndarray:
-    """dropout_array over a whole matrix cut in tiles (th, tw): the masks the chain's dropout draws per tile."""
+def dropout_rows(a: np.ndarray, rate: float, seed: int, th: int, tw: int, row0: int = 0) -> np.ndarray:
+    """dropout_array over a whole matrix cut in tiles (th, tw): the masks the chain's dropout draws per tile.
+    row0: a's rows are rows row0.. of a larger matrix (a rank's share of a data-parallel batch): each row gets the
+    mask the whole matrix's tiling gives it. Since an edge tile's mask is a prefix of a full tile's, a row's mask
+    depends only on (row0 + its index, th, tw), not on the matrix's height: th = 256 gives every matrix of at
+    most 256 rows the masks of its single tile."""
     out = np.empty_like(a)
-    for r in range(0, a.shape[0], th):
+    i = 0
+    while i < a.shape[0]:
+        tr, o = divmod(row0 + i, th)
+        h = min(th - o, a.shape[0] - i)
         for c in range(0, a.shape[1], tw):
-            out[r:r + th, c:c + tw] = dropout_array(a[r:r + th, c:c + tw], rate, seed, r // th, c // tw)
+            w = min(tw, a.shape[1] - c)
+            keep = _keep(seed, tr, c // tw, (o + h) * w, rate)[o * w:].reshape(h, w)
+            out[i:i + h, c:c + w] = _apply(a[i:i + h, c:c + w], keep, rate)
+        i += h
     return out
 
 

@@ -47,13 +47,14 @@ def _ids(tokens: Sequence[int], vocab: int, op: str) -> np.ndarray:
 
 
 def forward_kernel(plpy: Any, GD: dict, wte: int, wpe: int, tokens: Sequence[int], seq_len: int, rate: float,
-                   seed: int, tile: Sequence[int]) -> list[bytes]:
-    """llm_mk_gpt2_embed: x's tiles (tiling `tile`, (tr, tc) order), wte and wpe from the weight cache."""
+                   seed: int, tile: Sequence[int], drop: Sequence[int]) -> list[bytes]:
+    """llm_mk_gpt2_embed: x's tiles (tiling `tile`, (tr, tc) order), wte and wpe from the weight cache; drop = [the
+    masks' tile rows, x's first row in the whole batch] (dropout_rows)."""
     te, pe = _weights(plpy, GD, wte, wpe, 'gpt2_embed')
     t = _ids(tokens, te.shape[0], 'gpt2_embed')
     x = te[t] + pe[_positions(len(t), seq_len, pe.shape[0], 'gpt2_embed')]
     if rate > 0:
-        x = dropout_rows(x, rate, seed, *tile)
+        x = dropout_rows(x, rate, seed, drop[0], tile[1], drop[1])
     return [d for _, _, d in cut(x, *tile)]
 
 
@@ -66,7 +67,7 @@ def _scatter(rows: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
 
 
 def backward_kernel(plpy: Any, GD: dict, dy_tiles: Sequence[bytes], geom: Sequence[int], wte: int, wpe: int,
-                    tokens: Sequence[int], seq_len: int, rate: float, seed: int, tape: int,
+                    tokens: Sequence[int], seq_len: int, rate: float, seed: int, drop: Sequence[int], tape: int,
                     grad_tiles: Sequence[int], grad_ids: Sequence[int]) -> Iterator[tuple[int, int, int, bytes]]:
     """llm_mk_gpt2_embed_backward: (k, tr, tc, data) rows, k = 0 wte's gradient (with tape's pending gradient of
     wte: the tied head's), k = 1 wpe's, cut in grad_tiles[0:2] and grad_tiles[2:4]; none when the tape holds its
@@ -74,7 +75,7 @@ def backward_kernel(plpy: Any, GD: dict, dy_tiles: Sequence[bytes], geom: Sequen
     rows, cols, th, tw = geom
     d = whole(dy_tiles, rows, cols, th, tw, 'gpt2_embed_backward')
     if rate > 0:
-        d = dropout_rows(d, rate, seed, th, tw)
+        d = dropout_rows(d, rate, seed, drop[0], tw, drop[1])
     te, pe = _weights(plpy, GD, wte, wpe, 'gpt2_embed_backward')
     t = _ids(tokens, te.shape[0], 'gpt2_embed_backward')
     if len(t) != rows or te.shape[1] != cols:

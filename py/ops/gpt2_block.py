@@ -73,9 +73,10 @@ CHECKS = """
         llm_shape_text(r.shape), p_n_head, p_seq_len USING HINT = 'Rows are B sequences of seq_len tokens.';
     END IF;
     IF p_dropout IS NULL OR p_dropout < 0 OR p_dropout >= 1 OR cardinality(p_seeds) IS DISTINCT FROM 3 * p_blocks
-       OR cardinality(p_drop_tile) IS DISTINCT FROM 2 THEN
-      RAISE EXCEPTION 'pg_llm: gpt2_block: dropout must be in [0, 1) with 3 seeds a block and a tile, got %, %, %',
-        p_dropout, p_seeds, p_drop_tile;
+       OR coalesce(cardinality(p_drop_tile), 0) NOT IN (2, 3) OR p_drop_tile[3] < 0
+       OR p_drop_tile[3] % p_seq_len <> 0 THEN
+      RAISE EXCEPTION 'pg_llm: gpt2_block: dropout must be in [0, 1) with 3 seeds a block and a tile (and a first row '
+        'of whole sequences), got %, %, %', p_dropout, p_seeds, p_drop_tile;
     END IF;
     RETURN v_geom;
 """
@@ -132,7 +133,8 @@ def _forward() -> str:
     return function("llm_gpt2_block", "p_x BIGINT, " + ARGS, "BIGINT", body, settings=KERNEL_SETTINGS, note="""
         op: one GPT-2 block forward. x (B*T, C) -> y (B*T, C), x's tiling. p_params: the block's 12 ids
         (llm_gpt2_block_params order); p_seeds: the dropout seeds of the sites attn, attn.resid, mlp.resid;
-        p_drop_tile: the tiling of the residual dropout masks. tiling: one llm_mk_gpt2_block call.""")
+        p_drop_tile: the tiling of the residual dropout masks, and optionally x's first row in the whole batch
+        (a data-parallel rank's rows: the masks are the whole batch's). tiling: one llm_mk_gpt2_block call.""")
 
 
 def _backward() -> str:

@@ -65,8 +65,10 @@ $fn$;
 --                     backward; p_dropout > 0 applies dropout (embeddings, attention probabilities, residual
 --                     branches) with masks seeded from p_seed; with a tape each block is one gpt2_block op
 --                     (pg_llm.fused_train = off: the per-op chain). p_hidden: return the last block's output (B*T,
---                     C), before ln_f, instead of the logits. Caller releases scratch tensors.
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL, p_hidden BOOLEAN DEFAULT FALSE)
+--                     C), before ln_f, instead of the logits. p_row0: the tokens are rows from p_row0 (whole
+--                     sequences) of a larger batch, whose dropout masks they get (a data-parallel rank's share).
+--                     Caller releases scratch tensors.
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_forward(p_model TEXT, p_tokens INT[], p_seq_len INT DEFAULT NULL, p_tape BIGINT DEFAULT NULL, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_rows INT[] DEFAULT NULL, p_hidden BOOLEAN DEFAULT FALSE, p_row0 INT DEFAULT 0)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
@@ -84,9 +86,14 @@ BEGIN
   PERFORM llm_tables_analyze();  -- a fresh database has no statistics yet: see llm_tables_analyze
   IF p_tape IS NOT NULL AND coalesce(current_setting('pg_llm.fused_train', TRUE), '') <> 'off' THEN  -- one op for the input (ops/gpt2_embed.py)
     x := llm_t_gpt2_embed(p_tape, llm_param(p_model, 'wte.weight'), llm_param(p_model, 'wpe.weight'), p_tokens, t,
-                          p_dropout, llm_site_seed(p_seed, 'embd'), least(256, n));
+                          p_dropout, llm_site_seed(p_seed, 'embd'), p_row0, 256);
     v_block := llm_gpt2_block_params(p_model, c.n_layer);  -- ops/gpt2_block.py: only each block's input kept
   ELSE
+    IF p_row0 <> 0 AND p_dropout > 0 THEN
+      RAISE EXCEPTION 'pg_llm: llm_gpt2_forward: dropout on rows from % of a batch needs the fused training '
+        'forward', p_row0 USING HINT = 'Leave pg_llm.fused_train on (the per-op chain draws masks per tile of '
+        'its own rows).';
+    END IF;
     x := llm_t_add(p_tape,
                    llm_t_embedding(p_tape, llm_param(p_model, 'wte.weight'), p_tokens, least(256, n)),
                    llm_t_embedding(p_tape, llm_param(p_model, 'wpe.weight'),
@@ -100,8 +107,8 @@ BEGIN
       x := llm_t_gpt2_block(p_tape, x, v_block[layer * 12 + 1:layer * 12 + 12], c.n_head, t, c.layer_norm_epsilon,
                             p_dropout, ARRAY[llm_site_seed(p_seed, pre || 'attn'), llm_site_seed(p_seed, pre || 'attn.resid'),
                                              llm_site_seed(p_seed, pre || 'mlp.resid')],
-                            ARRAY[least(256, n), (SELECT least(v.tile[2], llm_cols(v.shape)) FROM llm_tensor AS v
-                                                  WHERE v.id = v_block[layer * 12 + 11])]);
+                            ARRAY[256, (SELECT least(v.tile[2], llm_cols(v.shape)) FROM llm_tensor AS v
+                                                WHERE v.id = v_block[layer * 12 + 11]), p_row0]);
       CONTINUE;
     END IF;
     h := llm_t_layernorm(p_tape, x, llm_param(p_model, pre || 'ln_1.weight'),

@@ -170,8 +170,9 @@ $fn$;
 -- Forward (recorded on p_tape) + mean cross-entropy + backward of p_loss_scale * loss.
 --                     Parameter gradients accumulate on p_tape across calls (grad accumulation). p_hold (the fused
 --                     path): they stay in this backend's memory (ops/held.py: llm_grad_acc, llm_global_grad_norm and
---                     llm_adamw_step read them there; llm_mk_hold(tape, FALSE) drops them).
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_loss_backward(p_model TEXT, p_tokens INT[], p_targets INT[], p_seq_len INT, p_tape BIGINT, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_loss_scale FLOAT8 DEFAULT 1, p_hold BOOLEAN DEFAULT FALSE)
+--                     llm_adamw_step read them there; llm_mk_hold(tape, FALSE) drops them). p_row0: the rows' first
+--                     token row in the whole batch (a data-parallel rank's share: its dropout masks).
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_loss_backward(p_model TEXT, p_tokens INT[], p_targets INT[], p_seq_len INT, p_tape BIGINT, p_dropout FLOAT8 DEFAULT 0, p_seed BIGINT DEFAULT 0, p_loss_scale FLOAT8 DEFAULT 1, p_hold BOOLEAN DEFAULT FALSE, p_row0 INT DEFAULT 0)
 RETURNS FLOAT8
 LANGUAGE plpgsql
 VOLATILE
@@ -187,7 +188,8 @@ BEGIN
     IF p_hold THEN  -- parameter gradients in this backend's memory until the step ends (ops/held.py)
       PERFORM llm_mk_hold(p_tape, TRUE);
     END IF;
-    v_x := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed, p_hidden => TRUE);
+    v_x := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed, p_hidden => TRUE,
+                            p_row0 => p_row0);
     c := llm_model_get(p_model);
     v_head := llm_param(p_model, CASE WHEN c.tied_embeddings THEN 'wte.weight' ELSE 'lm_head.weight' END);
     v_ln := ARRAY[llm_param(p_model, 'ln_f.weight'), llm_param(p_model, 'ln_f.bias')];
@@ -201,7 +203,7 @@ BEGIN
     END IF;
     RETURN h.loss;
   END IF;
-  v_logits := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed);
+  v_logits := llm_gpt2_forward(p_model, p_tokens, p_seq_len, p_tape, p_dropout, p_seed, p_row0 => p_row0);
   v_loss := llm_cross_entropy(v_logits, p_targets);
   PERFORM llm_backward(p_tape, v_logits, llm_cross_entropy_backward(v_logits, p_targets, NULL, p_loss_scale),
                        v_after);

@@ -108,7 +108,7 @@ BEGIN
     ELSIF r.op = 'gpt2_embed' THEN  -- x = dropout(wte[tokens] + wpe[pos]); dwte (+ the head's pending part), dwpe by scatter-add
       PERFORM llm_grad_acc(p_tape, u.t, u.g)
       FROM unnest(ARRAY[r.a, r.b], llm_gpt2_embed_backward(g, r.a, r.b, ARRAY(SELECT jsonb_array_elements_text(r.args -> 'tokens'))::INT[], (r.args ->> 'seq_len')::INT, (r.args ->> 'dropout')::FLOAT8,
-                                                               (r.args ->> 'seed')::BIGINT, p_tape)) AS u(t, g);
+                                                               (r.args ->> 'seed')::BIGINT, (r.args ->> 'row0')::INT, (r.args ->> 'tile_rows')::INT, p_tape)) AS u(t, g);
     ELSIF r.op = 'layernorm' THEN  -- out = ln(x; w, b); dx, dw, db
       dx := llm_tensor_like(r.a, 'dx');
       dw := llm_tensor_like(r.b, 'dg');

@@ -175,7 +175,7 @@ SELECT
 $fn$;
 
 -- Recording wrapper: gpt2_embed forward, appended to the tape when p_tape is set.
-CREATE OR REPLACE FUNCTION llm_internal.llm_t_gpt2_embed(p_tape BIGINT, p_wte BIGINT, p_wpe BIGINT, p_tokens INT[], p_seq_len INT, p_dropout FLOAT8, p_seed BIGINT, p_tile_rows INT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_t_gpt2_embed(p_tape BIGINT, p_wte BIGINT, p_wpe BIGINT, p_tokens INT[], p_seq_len INT, p_dropout FLOAT8, p_seed BIGINT, p_row0 INT, p_tile_rows INT)
 RETURNS BIGINT
 LANGUAGE sql
 VOLATILE
@@ -186,10 +186,23 @@ SELECT
   llm_tape_record(
     p_tape,
     'gpt2_embed',
-    llm_gpt2_embed(p_wte, p_wpe, p_tokens, p_seq_len, p_dropout, p_seed, p_tile_rows),
+    llm_gpt2_embed(p_wte, p_wpe, p_tokens, p_seq_len, p_dropout, p_seed, p_row0, p_tile_rows),
     p_wte,
     p_wpe,
-    p_args => jsonb_build_object('tokens', p_tokens, 'seq_len', p_seq_len, 'dropout', p_dropout, 'seed', p_seed)
+    p_args => jsonb_build_object(
+      'tokens',
+      p_tokens,
+      'seq_len',
+      p_seq_len,
+      'dropout',
+      p_dropout,
+      'seed',
+      p_seed,
+      'row0',
+      p_row0,
+      'tile_rows',
+      p_tile_rows
+    )
   )
 $fn$;
 

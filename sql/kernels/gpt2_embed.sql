@@ -11,8 +11,9 @@
 -- Tiling: x is cut in (p_tile_rows, wte's tile columns) tiles; one microkernel call forward (wte and wpe from the
 -- backend's weight cache), one backward receiving every tile of dx. The training forward (llm_gpt2_forward with a
 -- tape) records it unless pg_llm.fused_train = off.
--- gpt2_embed microkernel: x's tiles ((tr, tc) order, tiling `tile`), wte and wpe from the weight cache.
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_embed(wte BIGINT, wpe BIGINT, tokens INT[], seq_len INT, rate FLOAT8, seed BIGINT, tile INT[])
+-- gpt2_embed microkernel: x's tiles ((tr, tc) order, tiling `tile`), wte and wpe from the weight cache; drop =
+-- [the masks' tile rows, x's first row in the whole batch].
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_embed(wte BIGINT, wpe BIGINT, tokens INT[], seq_len INT, rate FLOAT8, seed BIGINT, tile INT[], drop INT[])
 RETURNS BYTEA[]
 LANGUAGE plpython3u
 STABLE
@@ -23,13 +24,13 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.embed_train import forward_kernel
-return forward_kernel(plpy, GD, wte, wpe, tokens, seq_len, rate, seed, tile)
+return forward_kernel(plpy, GD, wte, wpe, tokens, seq_len, rate, seed, tile, drop)
 $fn$;
 
 -- gpt2_embed backward microkernel: (k, tr, tc, data) rows, k = 0 wte's gradient tiles (with the tape's pending
 -- gradient of wte, taken out of the backend's memory), k = 1 wpe's; none when the tape holds its gradients
 -- (kept under grad_ids).
-CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_embed_backward(dx_tiles BYTEA[], geom INT[], wte BIGINT, wpe BIGINT, tokens INT[], seq_len INT, rate FLOAT8, seed BIGINT, tape BIGINT, grad_tiles INT[], grad_ids BIGINT[])
+CREATE OR REPLACE FUNCTION llm_internal.llm_mk_gpt2_embed_backward(dx_tiles BYTEA[], geom INT[], wte BIGINT, wpe BIGINT, tokens INT[], seq_len INT, rate FLOAT8, seed BIGINT, drop INT[], tape BIGINT, grad_tiles INT[], grad_ids BIGINT[])
 RETURNS TABLE(k INT, tr INT, tc INT, data BYTEA)
 LANGUAGE plpython3u
 VOLATILE
@@ -40,13 +41,14 @@ AS $fn$
 if 'pg_llm_boot' not in GD:
     plpy.execute('SELECT llm_py_boot()')
 from pg_llm.kernels.embed_train import backward_kernel
-return backward_kernel(plpy, GD, dx_tiles, geom, wte, wpe, tokens, seq_len, rate, seed, tape, grad_tiles, grad_ids)
+return backward_kernel(plpy, GD, dx_tiles, geom, wte, wpe, tokens, seq_len, rate, seed, drop, tape, grad_tiles, grad_ids)
 $fn$;
 
 -- op: GPT-2's input. wte (V, C), wpe (P, C), tokens (B*T ids, sequences of p_seq_len = T) -> x (B*T, C) =
 -- dropout(wte[tokens] + wpe[i % T], p_dropout, p_seed). tiling: x (least(p_tile_rows, B*T), wte's tile
--- columns), the dropout masks drawn per tile of x; one llm_mk_gpt2_embed call.
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_embed(p_wte BIGINT, p_wpe BIGINT, p_tokens INT[], p_seq_len INT, p_dropout FLOAT8, p_seed BIGINT, p_tile_rows INT)
+-- columns), the dropout masks drawn per tile of (p_tile_rows, those columns) of the whole batch, whose row
+-- p_row0 is x's first (a data-parallel rank's share; 0: x is the batch); one llm_mk_gpt2_embed call.
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_embed(p_wte BIGINT, p_wpe BIGINT, p_tokens INT[], p_seq_len INT, p_dropout FLOAT8, p_seed BIGINT, p_row0 INT, p_tile_rows INT)
 RETURNS BIGINT
 LANGUAGE plpgsql
 VOLATILE
@@ -75,9 +77,10 @@ BEGIN
   IF p_dropout IS NULL OR p_dropout < 0 OR p_dropout >= 1 OR (p_dropout > 0 AND p_seed IS NULL) THEN
     RAISE EXCEPTION 'pg_llm: gpt2_embed: dropout must be in [0, 1) with a seed, got % and %', p_dropout, p_seed;
   END IF;
-      IF p_tile_rows IS NULL OR p_tile_rows < 1 THEN
-        RAISE EXCEPTION 'pg_llm: gpt2_embed: p_tile_rows must be positive, got %', p_tile_rows;
-      END IF;
+  IF p_row0 IS NULL OR p_row0 < 0 OR p_row0 % p_seq_len <> 0 OR p_tile_rows IS NULL OR p_tile_rows < 1 THEN
+    RAISE EXCEPTION 'pg_llm: gpt2_embed: first row % and tile rows % (want a multiple of seq_len %, >= 0, and > 0)',
+      p_row0, p_tile_rows, p_seq_len;
+  END IF;
       v_tile := ARRAY[least(p_tile_rows, v_n), least(re.tile[2], re.shape[2])];
       v_ntc := (re.shape[2] + v_tile[2] - 1) / v_tile[2];
       v_out := llm_output(NULL, 'gpt2_embed', ARRAY[v_n, re.shape[2]], v_tile, FALSE);
@@ -96,7 +99,16 @@ BEGIN
           o.n - 1
         ) % v_ntc,
         o.data
-      FROM UNNEST(llm_mk_gpt2_embed(p_wte, p_wpe, p_tokens, p_seq_len, p_dropout, COALESCE(p_seed, 0), v_tile)) WITH ORDINALITY AS o(data, n);
+      FROM UNNEST(llm_mk_gpt2_embed(
+        p_wte,
+        p_wpe,
+        p_tokens,
+        p_seq_len,
+        p_dropout,
+        COALESCE(p_seed, 0),
+        v_tile,
+        ARRAY[p_tile_rows, p_row0]
+      )) WITH ORDINALITY AS o(data, n);
       RETURN v_out;
 END
 $fn$;
@@ -105,7 +117,7 @@ $fn$;
 -- rows of dx through the forward's dropout, scatter-added by token and by position; dwte includes the tape
 -- p_tape's pending gradient of wte (the tied LM head's, llm_head_nll with a tape). tiling: one
 -- llm_mk_gpt2_embed_backward call over every tile of dx.
-CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_embed_backward(p_dx BIGINT, p_wte BIGINT, p_wpe BIGINT, p_tokens INT[], p_seq_len INT, p_dropout FLOAT8, p_seed BIGINT, p_tape BIGINT)
+CREATE OR REPLACE FUNCTION llm_internal.llm_gpt2_embed_backward(p_dx BIGINT, p_wte BIGINT, p_wpe BIGINT, p_tokens INT[], p_seq_len INT, p_dropout FLOAT8, p_seed BIGINT, p_row0 INT, p_tile_rows INT, p_tape BIGINT)
 RETURNS BIGINT[]
 LANGUAGE plpgsql
 VOLATILE
@@ -133,6 +145,10 @@ BEGIN
   END IF;
   IF p_dropout IS NULL OR p_dropout < 0 OR p_dropout >= 1 OR (p_dropout > 0 AND p_seed IS NULL) THEN
     RAISE EXCEPTION 'pg_llm: gpt2_embed: dropout must be in [0, 1) with a seed, got % and %', p_dropout, p_seed;
+  END IF;
+  IF p_row0 IS NULL OR p_row0 < 0 OR p_row0 % p_seq_len <> 0 OR p_tile_rows IS NULL OR p_tile_rows < 1 THEN
+    RAISE EXCEPTION 'pg_llm: gpt2_embed: first row % and tile rows % (want a multiple of seq_len %, >= 0, and > 0)',
+      p_row0, p_tile_rows, p_seq_len;
   END IF;
       rd := llm_input(p_dx, 'gpt2_embed_backward', 'dx');
       IF rd.shape IS DISTINCT FROM ARRAY[v_n, re.shape[2]] THEN
@@ -170,6 +186,7 @@ BEGIN
         p_seq_len,
         p_dropout,
         COALESCE(p_seed, 0),
+        ARRAY[p_tile_rows, p_row0],
         COALESCE(p_tape, 0),
         v_gtiles,
         v_ids
