@@ -23,6 +23,7 @@ from train_fixtures import run_async, snapshot, synthetic_dataset
 RANKS = ("t_dp_r0", "t_dp_r1", "t_dp_r2")
 HYPER = "lr => 1e-3, warmup_steps => 1, max_steps => 4, seed => 3, dropout => 0"
 DROPOUT = HYPER.replace("dropout => 0", "dropout => 0.1")
+ACCUM = DROPOUT + ", grad_accum => 2"
 STEP = "SELECT (s).* FROM (SELECT llm_cluster_train_step(%s, 'tiny', 'ds', {b}, " + HYPER + ") AS s) AS q"
 LOG = ("loss", "lr", "grad_norm", "tokens", "step")
 
@@ -100,17 +101,20 @@ def steps(ranks: dict[str, str], n: int = 3) -> list[int]:
 
 
 @pytest.mark.parametrize("n, batch, hyper", [(1, 4, HYPER), (2, 4, HYPER), (3, 5, HYPER), (2, 4, DROPOUT),
-                                            (3, 5, DROPOUT)], ids=["1", "2", "3", "2-dropout", "3-dropout"])
+                                            (3, 5, DROPOUT), (2, 3, ACCUM)],
+                         ids=["1", "2", "3", "2-dropout", "3-dropout", "2-dropout-accum"])
 def test_cluster_steps_equal_single_node_steps(coord: psycopg.Connection, ranks: dict[str, str], server: Server,
                                                n: int, batch: int, hyper: str) -> None:
     """Dropout too: each rank's rows get the masks the single-node step draws for them (its first row passed
-    down: the residual masks' tiles and the attention's sequence numbers are the whole batch's)."""
+    down: the residual masks' tiles and the attention's sequence numbers are the whole batch's); and gradient
+    accumulation: each rank takes its rows of every micro-batch."""
     cluster = f"dp{n}"
     reset(coord, ranks, cluster)
     for k, (want, params) in enumerate(reference(coord, batch, hyper)):
         cur = coord.execute(STEP.replace(HYPER, hyper).format(b=batch), (cluster,))
         got = dict(zip([d.name for d in cur.description], cur.fetchone(), strict=True))
-        assert got["step"] == k + 1 and got["tokens"] == want["tokens"] == batch * 16
+        accum = 2 if "grad_accum => 2" in hyper else 1
+        assert got["step"] == k + 1 and got["tokens"] == want["tokens"] == batch * 16 * accum
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"])
         assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-5 * want["grad_norm"]
         assert got["lr"] == want["lr"]
@@ -121,7 +125,7 @@ def test_cluster_steps_equal_single_node_steps(coord: psycopg.Connection, ranks:
             have = snapshot(c, "tiny")
             log = c.execute("SELECT loss, step, tokens, schedule FROM llm_train_log WHERE model = 'tiny' "
                             "AND step = %s", (k + 1,)).fetchone()
-        assert log[:3] == (got["loss"], k + 1, batch * 16) and log[3] == want["schedule"]
+        assert log[:3] == (got["loss"], k + 1, batch * 16 * accum) and log[3] == want["schedule"]
         assert have.keys() == params.keys() and len(have) == 3 * len(snapshot(coord, "tiny", ("param",)))
         bad = [key for key in params if not close(have[key], params[key], key)]
         assert not bad, f"step {k + 1} on {n} rank(s): {bad[:5]}"
@@ -136,7 +140,6 @@ def test_refusals_touch_no_rank(coord: psycopg.Connection, ranks: dict[str, str]
     reset(coord, ranks, "dp2")
     before = [state(ranks[name]) for name in RANKS[:2]]
     cases = [
-        (STEP.format(b=4).replace("dropout => 0", "dropout => 0, grad_accum => 2"), "grad_accum 2", "grad_accum"),
         (STEP.format(b=1), "batch_size 1 is smaller than the 2 ranks", "at least one row"),
         (STEP.format(b=4).replace("%s", "'nope'"), 'unknown cluster "nope"', "llm_cluster_add"),
         (STEP.format(b=4).replace("'tiny'", "'nope'"), 'has no model "nope"', "llm_cluster_sync"),
@@ -270,8 +273,8 @@ def test_the_loop_equals_its_steps_on_one_session_per_rank(coord: psycopg.Connec
 
 
 @pytest.mark.parametrize("args, msg, hint", [
-    (", dataset => 'ds', batch_size => 4, " + HYPER + ", grad_accum => 2", "llm_cluster_train_run: grad_accum 2",
-     "grad_accum => 1"),
+    (", dataset => 'ds', batch_size => 1, " + HYPER, "llm_cluster_train_run: batch_size 1 is smaller than the 2",
+     "at least one row"),
     (", batch_size => 4", "has no run on cluster \"dp2\" to resume", "dataset => NAME"),
     (", dataset => 'nope', batch_size => 4, " + HYPER, 'dataset "nope"', ""),
 ])
@@ -301,6 +304,6 @@ def test_cli_train(coord: psycopg.Connection, ranks: dict[str, str]) -> None:
     assert steps(ranks, 2) == [1, 1]
     p = subprocess.run([*base, "--steps", "1"], capture_output=True, text=True)
     assert p.returncode == 0 and "has made 1 steps already" in p.stdout, p.stderr
-    p = subprocess.run([*base, "--steps", "2", "--grad-accum", "2"], capture_output=True, text=True)
-    assert p.returncode != 0 and "llm_cluster_train_run: grad_accum 2 is not supported" in p.stderr
+    p = subprocess.run([*base[:5], "nope", *base[6:], "--steps", "2"], capture_output=True, text=True)
+    assert p.returncode != 0 and 'unknown cluster "nope"' in p.stderr, p.stderr
     assert steps(ranks, 2) == [1, 1]

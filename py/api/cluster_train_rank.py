@@ -35,7 +35,7 @@ GRAD = f"{INTERNAL}.llm_dp_grad"
 # the arguments every rank function shares with llm_train_step (so llm_train_check and the schedule read them)
 STEP_ARGS = (f"model TEXT, dataset TEXT, batch_size INT DEFAULT {DEFAULTS['batch_size']}, {HYPER}, "
              f"split TEXT DEFAULT '{DEFAULTS['split']}'")
-ROW = ("SELECT b.tokens, b.targets, b.ord FROM llm_train_batch(dataset, split, batch_size, seed, v_step, 1) "
+ROW = ("SELECT b.tokens, b.targets, b.ord FROM llm_train_batch(dataset, split, batch_size, seed, v_step, micro) "
        "WITH ORDINALITY AS b(tokens, targets, ord)")
 PEER = "'llm_peer_' || p_cluster || '_' || {r}"  # this rank's dblink_fdw server of rank r
 DBLINK_SCHEMA = ("(SELECT n.nspname::TEXT FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace "
@@ -174,11 +174,12 @@ def _grads() -> str:
     body = plpgsql("""
         v_step INT; v_tape BIGINT; v_lo INT; v_hi INT; v_t INT; r RECORD; v_tokens INT[] := '{}';
         v_targets INT[] := '{}'; v_sums TEXT[] := '{}'; v_loss FLOAT8; v_g BIGINT; v_n BIGINT; p RECORD;
+        v_ntok BIGINT := 0;
     """, f"""
         PERFORM llm_model_get(model);
         PERFORM llm_model_writable(model, 'llm_cluster_train_step');
         PERFORM llm_train_guard(model);
-        PERFORM llm_train_disk_check('llm_cluster_train_step', model, dataset, batch_size, 1);
+        PERFORM llm_train_disk_check('llm_cluster_train_step', model, dataset, batch_size, grad_accum);
         v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = llm_dp_rank_grads.model) + 1;
         IF v_step <> p_step THEN
           RAISE EXCEPTION 'pg_llm: model "%" is at step % on rank % of cluster "%", the step is %', model, v_step - 1,
@@ -186,23 +187,28 @@ def _grads() -> str:
         END IF;
         v_lo := p_rank * batch_size / p_nranks;  -- rows [floor(r B / n), floor((r + 1) B / n)) of the global batch
         v_hi := (p_rank + 1) * batch_size / p_nranks;
-        FOR r IN
-          @rows
-        LOOP
-          IF v_t IS NULL THEN v_t := cardinality(r.tokens); END IF;
-          IF cardinality(r.tokens) <> v_t OR cardinality(r.targets) <> v_t THEN
-            RAISE EXCEPTION 'pg_llm: dataset "%": rows of different lengths (% and %) in one batch', dataset, v_t,
-              cardinality(r.tokens) USING HINT = 'Load the corpus with one --block-size.';
-          END IF;
-          v_sums := v_sums || md5(r.tokens::TEXT || '/' || r.targets::TEXT);
-          IF r.ord > v_lo AND r.ord <= v_hi THEN
-            v_tokens := v_tokens || r.tokens; v_targets := v_targets || r.targets;
-          END IF;
-        END LOOP;
         v_tape := llm_scratch_mark();
-        v_loss := llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
-          llm_site_seed(seed, v_step::TEXT || ':1'), (v_hi - v_lo)::FLOAT8 / batch_size, p_hold => TRUE,
-          p_row0 => v_lo * v_t);
+        v_loss := 0;
+        FOR micro IN 1 .. grad_accum LOOP  -- the rank's rows of each micro-batch, as llm_train_step's loop
+          v_tokens := '{{}}'; v_targets := '{{}}';
+          FOR r IN
+            @rows
+          LOOP
+            IF v_t IS NULL THEN v_t := cardinality(r.tokens); END IF;
+            IF cardinality(r.tokens) <> v_t OR cardinality(r.targets) <> v_t THEN
+              RAISE EXCEPTION 'pg_llm: dataset "%": rows of different lengths (% and %) in one batch', dataset, v_t,
+                cardinality(r.tokens) USING HINT = 'Load the corpus with one --block-size.';
+            END IF;
+            v_sums := v_sums || md5(r.tokens::TEXT || '/' || r.targets::TEXT);
+            IF r.ord > v_lo AND r.ord <= v_hi THEN
+              v_tokens := v_tokens || r.tokens; v_targets := v_targets || r.targets;
+            END IF;
+          END LOOP;
+          v_loss := v_loss + llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
+            llm_site_seed(seed, v_step::TEXT || ':' || micro::TEXT), (v_hi - v_lo)::FLOAT8 / batch_size / grad_accum,
+            p_hold => TRUE, p_row0 => v_lo * v_t) / grad_accum;
+          v_ntok := v_ntok + cardinality(v_tokens);
+        END LOOP;
         DELETE FROM {GRAD} AS d WHERE d.cluster = p_cluster AND d.model = llm_dp_rank_grads.model AND d.rank = p_rank;
         tiles := 0;
         FOR p IN SELECT v.id, v.name FROM llm_tensor AS v WHERE v.model = llm_dp_rank_grads.model AND v.role = 'param'
@@ -222,7 +228,7 @@ def _grads() -> str:
         PERFORM llm_scratch_release(v_tape);
         rank := p_rank;
         loss := v_loss * (v_hi - v_lo) / batch_size;
-        tokens := cardinality(v_tokens);
+        tokens := v_ntok;
         batch := md5(array_to_string(v_sums, ','));
         RETURN NEXT;
     """, rows=ROW)
@@ -230,7 +236,8 @@ def _grads() -> str:
                     f"{STEP_ARGS}", "TABLE(rank INT, loss FLOAT8, tokens BIGINT, tiles BIGINT, batch TEXT)",
                     "#variable_conflict use_column\n" + body, settings=KERNEL_SETTINGS, note="""
         Phase 1 of a cluster step on rank p_rank of p_nranks (committed on its own): forward + backward of its rows of
-        the step's global batch with the loss scaled by rows / batch_size, the gradient tiles into llm_dp_grad under
+        each of the step's grad_accum global micro-batches with the loss scaled by rows / batch_size / grad_accum
+        (the gradients accumulated on one tape), the gradient tiles into llm_dp_grad under
         p_nonce. Returns its share of the loss (loss x rows / batch_size), its tokens, the tiles written and an md5
         of the global batch's rows (every rank must have drawn the same).""")
 

@@ -5,7 +5,7 @@
 -- what a coordinator that died mid-step left prepared.
 --
 -- A step, from the coordinator, over one dblink connection per rank (api/cluster_train_io.py):
--- 0. Refusals before any rank runs anything: grad_accum > 1, fewer rows than ranks, an unknown
+-- 0. Refusals before any rank runs anything: fewer rows than ranks, an unknown
 --    cluster; then every rank checks (read-only, llm_dp_rank_info) the model, the caller's right to train it, the
 --    hyperparameters and dataset, and that no unfinished step is prepared there; the ranks must run the
 --    coordinator's build, be distinct databases and hold the same config, step and (a checksum of every tile,
@@ -357,10 +357,6 @@ BEGIN
   IF coalesce(v_model, '') = '' THEN
     RAISE EXCEPTION 'pg_llm: %: model must be named', p_caller USING HINT = 'Pass model => NAME.';
   END IF;
-  IF grad_accum > 1 THEN
-    RAISE EXCEPTION 'pg_llm: %: grad_accum % is not supported over a cluster yet', p_caller,
-      grad_accum USING HINT = 'Pass grad_accum => 1 and a larger batch_size: the ranks share its rows.';
-  END IF;
   IF batch_size < v_n THEN
     RAISE EXCEPTION 'pg_llm: %: batch_size % is smaller than the % ranks of cluster "%"', p_caller,
       batch_size, v_n, v_cluster USING HINT = 'Every rank needs at least one row of the batch.';
@@ -494,8 +490,8 @@ $fn$;
 -- runs forward and backward on its share of the step's global batch, the gradients are summed on every rank
 -- in rank order and every rank applies the same AdamW update; the step commits on every rank or on none
 -- (two-phase commit). Returns the step's llm_train_log row (loss of the global batch). Dropout masks are
--- those of the global batch's rows (a rank's rows get the single-node step's masks). grad_accum must be 1
--- (for now).
+-- those of the global batch's rows (a rank's rows get the single-node step's masks); with grad_accum > 1
+-- each rank takes its rows of every micro-batch.
 CREATE OR REPLACE FUNCTION llm_cluster_train_step(cluster TEXT, model TEXT, dataset TEXT, batch_size INT DEFAULT 8, lr FLOAT8 DEFAULT 0.00025, warmup_steps INT DEFAULT 2000, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT 0.01, beta1 FLOAT8 DEFAULT 0.9, beta2 FLOAT8 DEFAULT 0.999, eps FLOAT8 DEFAULT 1e-08, grad_clip FLOAT8 DEFAULT 1.0, dropout FLOAT8 DEFAULT 0.1, grad_accum INT DEFAULT 1, seed BIGINT DEFAULT 1337, split TEXT DEFAULT 'train')
 RETURNS llm_train_log
 LANGUAGE plpgsql
