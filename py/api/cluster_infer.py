@@ -168,6 +168,17 @@ def _ready() -> str:
         v_ranks := llm_cluster_ranks_of(p_cluster);
         PERFORM llm_model_check(p_model);
         PERFORM llm_cluster_proxies();
+        -- PL/Proxy checks the mapping only when it first loads the cluster in a session; afterwards it connects
+        -- as the session user (user= of add_connection) when there is none: refuse every time instead.
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_user_mappings AS u
+                       WHERE u.srvname = llm_cluster_server(p_cluster)
+                         AND (u.umuser = 0 OR u.usename = CURRENT_USER::TEXT)) THEN
+          RAISE EXCEPTION 'pg_llm: cluster "%": role % has no user mapping for foreign server %', p_cluster,
+            CURRENT_USER, llm_cluster_server(p_cluster)
+            USING HINT = format('CREATE USER MAPPING FOR %I SERVER %I OPTIONS (user ..., password ...): the login '
+                                'the ranks know this role by (docs/scaleout.md).', CURRENT_USER,
+                                llm_cluster_server(p_cluster));
+        END IF;
         FOR i IN 1 .. 2 LOOP
           BEGIN
             v_versions := ARRAY(SELECT x.version FROM llm_cluster_rank_version(ARRAY[-1], p_model) AS x)
