@@ -11,6 +11,7 @@ another connection during the timed pg_llm steps; after each pg_llm step the til
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -108,13 +109,14 @@ def _floor(ctx: Context, b: Gpt2Bench, model: str) -> tuple[float, float]:
 
 
 def _flush(ctx: Context) -> None:
-    """CHECKPOINT: the pages a timed statement dirtied are written inside its time. Else, with shared_buffers at a
-    quarter of memory, the checkpointer writes them during the next (torch) step: torch's 1 x 128 step took 6.3 s
-    instead of 2.5-3.3 s beside it (2026-12-03), and a training loop pays those writes too."""
+    """CHECKPOINT, then sync: the pages a timed statement dirtied reach the disk inside its time. Else the
+    checkpointer and the kernel's writeback write them during the next (torch) step: beside them torch's 1 x 128
+    step took 5.1-6.3 s instead of 2.0 s alone (2026-12-03), and a training loop pays those writes too."""
     try:
         ctx.conn.execute("CHECKPOINT")
     except psycopg.Error as e:  # not allowed (--dsn without pg_checkpoint): the ratio then flatters pg_llm
         ctx.log(f"CHECKPOINT: {e}")
+    os.sync()
 
 
 def _sampled(ctx: Context, peak: ScratchPeak, sql: str, args: tuple) -> None:
@@ -174,8 +176,8 @@ def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
                 f"{b.threads} BLAS threads for the server and torch; torch runs a step of more than "
                 f"{TORCH_MICRO_TOKENS} tokens as forwards of {TORCH_MICRO_TOKENS} tokens with accumulated gradients "
                 "(in one forward, 8 x 1024 tokens exceed 24 GiB in transformers' eager attention).",
-                "Each timed pg_llm step (and floor run) ends with a CHECKPOINT, so that it pays for writing the pages "
-                "it dirtied instead of the next torch step.",
+                "Each timed pg_llm step (and floor run) ends with a CHECKPOINT and a sync: it pays for writing what "
+                "it dirtied to the disk, instead of the next torch step.",
                 "peak scratch: pg_total_relation_size('llm_tile_scratch') sampled every 0.1 s during the timed steps "
                 "(it includes earlier steps' dead space until the VACUUM after each step)."]
     f.notes += ["A committed step makes 12 bytes per parameter durable (the new param and both AdamW moments, so "
