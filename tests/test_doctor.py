@@ -27,6 +27,6 @@ def test_doctor_sizes_shared_buffers_for_training(conn: psycopg.Connection) -> N
                                  ).fetchone()
     assert value.split()[0].isdigit() and int(value.split()[0]) >= 512 and status == "ok", (value, status)
     from pg_llm.kernels.doctor import buffers_status
-    value, status = buffers_status(512, 124_439_808)
+    value, status = buffers_status(512, 12 * 124_439_808)
     assert "1425 MB" in value and status.startswith("warning") and ">= 3362 MB" in status, status
-    assert buffers_status(4096, 124_439_808)[1] == "ok"
+    assert buffers_status(4096, 12 * 124_439_808)[1] == "ok"

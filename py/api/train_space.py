@@ -62,14 +62,19 @@ def _room() -> str:
 # 2.2 floats per token and vocabulary entry (logits, their gradient) and 45 per token, layer and channel, plus 1.4
 # per parameter; GPT-2 small, 2 x 1024 tokens: 5.0 GB of scratch estimated, 4.7 GB measured.
 def _estimate() -> str:
+    durable = function("llm_step_durable_bytes", "p_model TEXT", "BIGINT", """
+        SELECT 12 * coalesce(sum(llm_rows(v.shape)::INT8 * llm_cols(v.shape)), 0)
+        FROM llm_tensor AS v WHERE v.model = p_model AND v.role = 'param' AND v.id > 0""", language="sql",
+        volatility="STABLE", note="""
+        Bytes of tiles every training step of model p_model rewrites: the new parameters and both AdamW moments,
+        12 bytes per parameter (also what shared_buffers must hold twice, llm_doctor()).""")
     est = function("llm_train_step_bytes", "p_model TEXT, p_tokens BIGINT, p_grad_accum INT", "BIGINT", f"""
         SELECT (CASE WHEN {FUSED_TRAIN}
                 THEN 4.4 * p_grad_accum * p_tokens * c.n_embd * (c.n_layer + 5)
                 ELSE 4 * (p_grad_accum * (2.2 * p_tokens * c.vocab_size + 45.0 * p_tokens * c.n_layer * c.n_embd)
-                          + 1.4 * s.params) END + 12 * s.params)::BIGINT
+                          + 1.4 * (s.durable / 12)) END + s.durable)::BIGINT  -- durable / 12: the parameters
         FROM llm_model AS m JOIN llm_model_config AS c ON c.name = m.config
-        CROSS JOIN LATERAL (SELECT coalesce(sum(llm_rows(v.shape)::INT8 * llm_cols(v.shape)), 0) AS params
-                            FROM llm_tensor AS v WHERE v.model = m.name AND v.role = 'param' AND v.id > 0) AS s
+        CROSS JOIN LATERAL (SELECT llm_step_durable_bytes(m.name) AS durable) AS s
         WHERE m.name = p_model""", language="sql", volatility="STABLE",
         note="About how many bytes of disk one training step of p_tokens tokens per micro-batch writes.")
     need = function("llm_train_step_need", "p_model TEXT, p_dataset TEXT, p_batch_size INT, p_grad_accum INT",
@@ -100,7 +105,7 @@ def _estimate() -> str:
                      "p_grad_accum INT", "VOID", body,
                      note="Refuse a step before it starts when its estimated disk (llm_train_step_bytes) exceeds "
                           "pg_llm.max_step_disk or would leave less than pg_llm.min_free_disk free.")
-    return "\n".join([est, need, check])
+    return "\n".join([durable, est, need, check])
 
 
 def _loopback() -> str:
@@ -187,8 +192,7 @@ def _loopback() -> str:
 
 def _pinned_notice() -> str:
     body = plpgsql("v_bytes FLOAT8;", """
-        v_bytes := 12.0 * (SELECT sum(llm_rows(t.shape)::INT8 * llm_cols(t.shape)) FROM llm_tensor AS t
-                           WHERE t.model = p_model AND t.role = 'param');
+        v_bytes := llm_step_durable_bytes(p_model);
         IF v_bytes * greatest(p_steps - p_step, 0) > pg_size_bytes('1GB') THEN
           RAISE NOTICE 'pg_llm: a SELECT holds one snapshot until it returns, so the % of parameters and AdamW '
             'moments each step rewrites (and its scratch tiles) stay on disk until then; it stops before the disk '

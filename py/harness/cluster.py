@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 SERVER_PYTHON_DEFAULT = Path("/usr/local/lib/pg_llm/python3")
 
 
-
 def shared_buffers_mb(total_mb: int | None = None) -> int:
     """PostgreSQL's guidance, a quarter of the machine's memory, within [512 MB, 8 GB]. Why it matters here: a
     training step rewrites every parameter and moment tile (1.5 GB at GPT-2 small), and with their old versions

@@ -58,24 +58,19 @@ def doctor(plpy: Any) -> list[tuple[str, str, str]]:
     return rows
 
 
-# The durable bytes a training step rewrites per parameter float: the parameter and its two AdamW moments.
-STEP_BYTES_PER_PARAM = 12
-
-
 def buffers_check(plpy: Any) -> tuple[str, str]:
     """(value, status) of shared_buffers against the largest visible model's training working set."""
     r = plpy.execute(
-        "SELECT (SELECT setting::BIGINT * 8192 / 1048576 FROM pg_settings WHERE name = 'shared_buffers') AS sb, "
-        "(SELECT max(n) FROM (SELECT model, sum(shape[1]::BIGINT * coalesce(shape[2], 1)) AS n FROM llm_tensor "
-        " WHERE role = 'param' AND model <> '' GROUP BY model) AS m) AS params")[0]
-    return buffers_status(int(r['sb']), int(r['params'] or 0))
+        "SELECT pg_size_bytes(current_setting('shared_buffers')) / 1048576 AS sb, "
+        "(SELECT max(llm_step_durable_bytes(m.name)) FROM llm_model AS m) AS step")[0]
+    return buffers_status(int(r['sb']), int(r['step'] or 0))
 
 
-def buffers_status(sb_mb: int, params: int) -> tuple[str, str]:
-    """A training step rewrites every parameter and moment tile; with their old versions they must fit in
-    shared_buffers, or the backend writes out evicted dirty pages itself (a GPT-2 small 1 x 128 step: 9.9-16 s
-    with 512 MB, 5.8-7 s with 4 GB, measured 2026-12-03)."""
-    step_mb = -(-params * STEP_BYTES_PER_PARAM // 1048576)
+def buffers_status(sb_mb: int, step_bytes: int) -> tuple[str, str]:
+    """A training step rewrites every parameter and moment tile (step_bytes, llm_step_durable_bytes); with their
+    old versions they must fit in shared_buffers, or the backend writes out evicted dirty pages itself (a GPT-2
+    small 1 x 128 step: 9.9-16 s with 512 MB, 5.8-7 s with 4 GB, measured 2026-12-03)."""
+    step_mb = -(-step_bytes // 1048576)
     value = '%d MB; the largest model rewrites %d MB of parameter and moment tiles a training step' % (sb_mb, step_mb)
     want = 2 * step_mb + 512
     if sb_mb >= want:

@@ -57,6 +57,21 @@ BEGIN
 END
 $fn$;
 
+-- Bytes of tiles every training step of model p_model rewrites: the new parameters and both AdamW moments,
+-- 12 bytes per parameter (also what shared_buffers must hold twice, llm_doctor()).
+CREATE OR REPLACE FUNCTION llm_internal.llm_step_durable_bytes(p_model TEXT)
+RETURNS BIGINT
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
+AS $fn$
+SELECT
+  12 * COALESCE(SUM(CAST(llm_rows(v.shape) AS BIGINT) * llm_cols(v.shape)), 0)
+FROM llm_tensor AS v
+WHERE
+  v.model = p_model AND v.role = 'param' AND v.id > 0
+$fn$;
+
 -- About how many bytes of disk one training step of p_tokens tokens per micro-batch writes.
 CREATE OR REPLACE FUNCTION llm_internal.llm_train_step_bytes(p_model TEXT, p_tokens BIGINT, p_grad_accum INT)
 RETURNS BIGINT
@@ -74,19 +89,18 @@ SELECT
       ELSE 4 * (
         p_grad_accum * (
           2.2 * p_tokens * c.vocab_size + 45.0 * p_tokens * c.n_layer * c.n_embd
-        ) + 1.4 * s.params
+        ) + 1.4 * (
+          s.durable / 12
+        )
       )
-    END + 12 * s.params
-  ) AS BIGINT)
+    END + s.durable
+  ) AS BIGINT) /* durable / 12: the parameters */
 FROM llm_model AS m
 JOIN llm_model_config AS c
   ON c.name = m.config
 CROSS JOIN LATERAL (
   SELECT
-    COALESCE(SUM(CAST(llm_rows(v.shape) AS BIGINT) * llm_cols(v.shape)), 0) AS params
-  FROM llm_tensor AS v
-  WHERE
-    v.model = m.name AND v.role = 'param' AND v.id > 0
+    llm_step_durable_bytes(m.name) AS durable
 ) AS s
 WHERE
   m.name = p_model
@@ -263,8 +277,7 @@ AS $fn$
 DECLARE
   v_bytes FLOAT8;
 BEGIN
-  v_bytes := 12.0 * (SELECT sum(llm_rows(t.shape)::INT8 * llm_cols(t.shape)) FROM llm_tensor AS t
-                     WHERE t.model = p_model AND t.role = 'param');
+  v_bytes := llm_step_durable_bytes(p_model);
   IF v_bytes * greatest(p_steps - p_step, 0) > pg_size_bytes('1GB') THEN
     RAISE NOTICE 'pg_llm: a SELECT holds one snapshot until it returns, so the % of parameters and AdamW '
       'moments each step rewrites (and its scratch tiles) stay on disk until then; it stops before the disk '
