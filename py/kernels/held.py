@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pg_llm.kernels.runtime import keep_freed_memory
 from pg_llm.kernels.tiles import cut
 
 CHUNK = 1 << 20  # floats per float64 chunk of a sum of squares
@@ -125,8 +126,10 @@ def emit_grad(GD: dict, tape: int | None, tid: int, g: np.ndarray, k: int, th: i
 # ---- PL/Python entry points (py/ops/held.py) ---------------------------------------------------------------
 
 def hold_kernel(GD: dict, tape: int, on: bool) -> int:
-    """llm_mk_hold: start holding tape's gradients (on) or drop them (off: how many were held)."""
+    """llm_mk_hold: start holding tape's gradients (on) or drop them (off: how many were held). A backend that
+    trains keeps the memory it frees (runtime.keep_freed_memory)."""
     if on:
+        keep_freed_memory(GD)
         start(GD, tape)
         return 0
     return stop(GD, tape)
