@@ -4,13 +4,14 @@ One `llm_train_step` (dropout 0.1, AdamW, clipping, the GPT-2 recipe's hyperpara
 weights, imported once) at batch 1 x 128 and 2 x 1024 tokens (8 x 1024 in the optional section `train_long`),
 against the same step in torch (transformers GPT2LMHeadModel in train mode, dropout 0.1, cross-entropy,
 backward, clip_grad_norm_, AdamW with decay groups; torch.set_num_threads = the server's BLAS threads) on the
-same rows. Per case: one untimed warm-up step each (it creates pg_llm's AdamW moments), then the median of two
-interleaved steps. Peak scratch = the largest size of the UNLOGGED scratch partition sampled every 0.1 s from
-another connection during the timed pg_llm steps; after each pg_llm step the tile partitions are vacuumed
-(untimed), as CALL llm_train_run does between its steps.
+same rows. Per case: torch's steps first (warm-up steps, then timed consecutive ones), then pg_llm's on the
+same rows (each followed by the VACUUM CALL llm_train_run runs between its steps, the timed ones by one
+CHECKPOINT and a sync), as seconds per step of a sustained loop. Peak scratch = the largest size of the
+UNLOGGED scratch partition sampled every 0.1 s from another connection during the timed pg_llm steps.
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import psycopg
 
-from pg_llm.bench import Context, Table, Timed, random_dataset
+from pg_llm.bench import Context, Table, random_dataset
 from pg_llm.bench.gpt2 import HP, Gpt2Bench, checkpoint, torch_model
 
 CASES = ((1, 128), (2, 1024))
@@ -119,11 +120,39 @@ def _flush(ctx: Context) -> None:
     os.sync()
 
 
-def _sampled(ctx: Context, peak: ScratchPeak, sql: str, args: tuple) -> None:
+def _torch_phase(path, batches: list[tuple[np.ndarray, np.ndarray]], B: int, warmup: int, runs: int) -> float:
+    """Seconds per step of `runs` consecutive torch steps after `warmup` ones, before pg_llm trains: beside a
+    server that had run training steps, torch's 1 x 128 step took 2.3-6.6 s instead of 1.7-2.1 s alone (the
+    kernel reclaiming the memory PostgreSQL churned through, 2026-12-03), which flattered the ratio."""
+    step = _torch_step(path, batches, B)
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        step()
+    secs = (time.perf_counter() - t0) / runs
+    del step
+    gc.collect()  # the model, its gradients and AdamW state: gigabytes at 8 x 1024
+    return secs
+
+
+def _pg_phase(ctx: Context, b: Gpt2Bench, peak: ScratchPeak, sql: str, args: tuple, warmup: int,
+              runs: int) -> float:
+    """Seconds per step of `runs` consecutive llm_train_step calls after `warmup` ones, each followed by the
+    VACUUM that CALL llm_train_run runs between its steps, and the run by a CHECKPOINT and a sync: a training
+    loop's sustained cost, the writes of its committed steps included."""
+    for _ in range(warmup):
+        ctx.conn.execute(sql, args)
+        b.vacuum()
+    _flush(ctx)
     peak.start()
     try:
-        ctx.conn.execute(sql, args)
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            ctx.conn.execute(sql, args)
+            b.vacuum()
         _flush(ctx)
+        return (time.perf_counter() - t0) / runs
     finally:
         peak.stop()
 
@@ -148,20 +177,18 @@ def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
             args = (model, ds, B, DROPOUT, SEED, HP["lr"], HP["weight_decay"], HP["beta1"], HP["beta2"], HP["eps"],
                     HP["grad_clip"])
             # short steps: 2 warm-up steps (the first creates the AdamW moments, the second still grows the durable
-            # partition to its steady size: old and new tile versions; 9.7 s, then 5.8-6.9 s, 2026-12-03) and 3 runs
-            warmup, runs = (2, 3) if B * T <= SHORT_TOKENS else (1, 2)
+            # partition to its steady size: old and new tile versions; 9.7 s, then 5.8-6.9 s, 2026-12-03)
+            warmup, runs = (2, 4) if B * T <= SHORT_TOKENS else (1, 2)
             batches = []  # the rows of pg_llm's steps (the warm-up steps and the timed ones)
             for s in range(1, warmup + runs + 1):
                 rows = ctx.conn.execute("SELECT tokens, targets FROM llm_internal.llm_train_batch(%s, 'train', %s, "
                                         "%s, %s, 1)", (ds, B, SEED, s)).fetchall()
                 batches.append((np.array([r[0] for r in rows]), np.array([r[1] for r in rows])))
-            ctx.log(f"train: {B} x {T}")
+            ctx.log(f"train: {B} x {T}: torch")
+            tor = _torch_phase(path, batches, B, warmup, runs)
+            ctx.log(f"train: {B} x {T}: pg_llm")
             peak.peak = 0
-
-            st = b.compare({"pg": Timed(lambda q=sql, a=args: _sampled(ctx, peak, q, a), after=b.vacuum),
-                            "torch": Timed(_torch_step(path, batches, B))},
-                           runs=runs, warmup=warmup)
-            pg, tor = st["pg"].median, st["torch"].median
+            pg = _pg_phase(ctx, b, peak, sql, args, warmup, runs)
             t.add(f"{B} x {T}", B * T, pg, tor, pg / tor, B * T / pg, B * T / tor, peak.peak / 2**20)
             if B * T == min(b_ * t_ for b_, t_ in cases):
                 mb, secs = _floor(ctx, b, model)
@@ -171,13 +198,14 @@ def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
     finally:
         peak.close()
         b.close()
-    t.notes += [f"GPT-2 small, random weights (seed 0); medians of 2 interleaved steps after one warm-up step each "
-                f"(of 3 after 2 up to {SHORT_TOKENS} tokens: the second step still grows the durable partition); "
-                f"{b.threads} BLAS threads for the server and torch; torch runs a step of more than "
-                f"{TORCH_MICRO_TOKENS} tokens as forwards of {TORCH_MICRO_TOKENS} tokens with accumulated gradients "
-                "(in one forward, 8 x 1024 tokens exceed 24 GiB in transformers' eager attention).",
-                "Each timed pg_llm step (and floor run) ends with a CHECKPOINT and a sync: it pays for writing what "
-                "it dirtied to the disk, instead of the next torch step.",
+    t.notes += [f"GPT-2 small, random weights (seed 0); seconds per step of consecutive steps: torch first (after "
+                f"its warm-up steps, before pg_llm's), then pg_llm, each step followed by the VACUUM CALL "
+                f"llm_train_run runs, and the timed steps by a CHECKPOINT and a sync (their writes reach the disk "
+                f"inside their time); 2 timed steps after 1 warm-up step (4 after 2 up to {SHORT_TOKENS} tokens: the "
+                f"second step still grows the durable partition); {b.threads} BLAS threads for the server and torch; "
+                f"torch runs a step of more than {TORCH_MICRO_TOKENS} tokens as forwards of {TORCH_MICRO_TOKENS} "
+                "tokens with accumulated gradients (in one forward, 8 x 1024 tokens exceed 24 GiB in transformers' "
+                "eager attention).",
                 "peak scratch: pg_total_relation_size('llm_tile_scratch') sampled every 0.1 s during the timed steps "
                 "(it includes earlier steps' dead space until the VACUUM after each step)."]
     f.notes += ["A committed step makes 12 bytes per parameter durable (the new param and both AdamW moments, so "
