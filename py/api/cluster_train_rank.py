@@ -35,8 +35,6 @@ GRAD = f"{INTERNAL}.llm_dp_grad"
 # the arguments every rank function shares with llm_train_step (so llm_train_check and the schedule read them)
 STEP_ARGS = (f"model TEXT, dataset TEXT, batch_size INT DEFAULT {DEFAULTS['batch_size']}, {HYPER}, "
              f"split TEXT DEFAULT '{DEFAULTS['split']}'")
-ROW = ("SELECT b.tokens, b.targets, b.ord FROM llm_train_batch(dataset, split, batch_size, seed, v_step, micro) "
-       "WITH ORDINALITY AS b(tokens, targets, ord)")
 PEER = "'llm_peer_' || p_cluster || '_' || {r}"  # this rank's dblink_fdw server of rank r
 DBLINK_SCHEMA = ("(SELECT n.nspname::TEXT FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace "
                  "WHERE e.extname = 'dblink')")
@@ -172,9 +170,8 @@ def _peers() -> str:
 
 def _grads() -> str:
     body = plpgsql("""
-        v_step INT; v_tape BIGINT; v_lo INT; v_hi INT; v_t INT; r RECORD; v_tokens INT[] := '{}';
-        v_targets INT[] := '{}'; v_sums TEXT[] := '{}'; v_loss FLOAT8; v_g BIGINT; v_n BIGINT; p RECORD;
-        v_ntok BIGINT := 0;
+        v_step INT; v_tape BIGINT; v_lo INT; v_hi INT; mb RECORD; v_sums TEXT[] := '{}'; v_loss FLOAT8;
+        v_g BIGINT; v_n BIGINT; p RECORD; v_ntok BIGINT := 0;
     """, f"""
         PERFORM llm_model_get(model);
         PERFORM llm_model_writable(model, 'llm_cluster_train_step');
@@ -190,24 +187,12 @@ def _grads() -> str:
         v_tape := llm_scratch_mark();
         v_loss := 0;
         FOR micro IN 1 .. grad_accum LOOP  -- the rank's rows of each micro-batch, as llm_train_step's loop
-          v_tokens := '{{}}'; v_targets := '{{}}';
-          FOR r IN
-            @rows
-          LOOP
-            IF v_t IS NULL THEN v_t := cardinality(r.tokens); END IF;
-            IF cardinality(r.tokens) <> v_t OR cardinality(r.targets) <> v_t THEN
-              RAISE EXCEPTION 'pg_llm: dataset "%": rows of different lengths (% and %) in one batch', dataset, v_t,
-                cardinality(r.tokens) USING HINT = 'Load the corpus with one --block-size.';
-            END IF;
-            v_sums := v_sums || md5(r.tokens::TEXT || '/' || r.targets::TEXT);
-            IF r.ord > v_lo AND r.ord <= v_hi THEN
-              v_tokens := v_tokens || r.tokens; v_targets := v_targets || r.targets;
-            END IF;
-          END LOOP;
-          v_loss := v_loss + llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
+          mb := llm_train_micro(dataset, split, batch_size, seed, v_step, micro, v_lo, v_hi, TRUE);
+          v_sums := v_sums || mb.sums;
+          v_loss := v_loss + llm_gpt2_loss_backward(model, mb.tokens, mb.targets, mb.seq_len, v_tape, dropout,
             llm_site_seed(seed, v_step::TEXT || ':' || micro::TEXT), (v_hi - v_lo)::FLOAT8 / batch_size / grad_accum,
-            p_hold => TRUE, p_row0 => v_lo * v_t) / grad_accum;
-          v_ntok := v_ntok + cardinality(v_tokens);
+            p_hold => TRUE, p_row0 => v_lo * mb.seq_len) / grad_accum;
+          v_ntok := v_ntok + cardinality(mb.tokens);
         END LOOP;
         DELETE FROM {GRAD} AS d WHERE d.cluster = p_cluster AND d.model = llm_dp_rank_grads.model AND d.rank = p_rank;
         tiles := 0;
@@ -231,7 +216,7 @@ def _grads() -> str:
         tokens := v_ntok;
         batch := md5(array_to_string(v_sums, ','));
         RETURN NEXT;
-    """, rows=ROW)
+    """)
     return function("llm_dp_rank_grads", f"p_cluster TEXT, p_nonce TEXT, p_rank INT, p_nranks INT, p_step INT, "
                     f"{STEP_ARGS}", "TABLE(rank INT, loss FLOAT8, tokens BIGINT, tiles BIGINT, batch TEXT)",
                     "#variable_conflict use_column\n" + body, settings=KERNEL_SETTINGS, note="""

@@ -93,6 +93,34 @@ def _batch() -> str:
                          "hash of (seed, step, micro, row id), so any session draws the same rows.")
 
 
+def _micro() -> str:
+    body = plpgsql("r RECORD;", """
+        tokens := '{}'; targets := '{}'; sums := '{}';
+        FOR r IN
+          @rows
+        LOOP
+          IF seq_len IS NULL THEN seq_len := cardinality(r.tk); END IF;
+          IF cardinality(r.tk) <> seq_len OR cardinality(r.tg) <> seq_len THEN
+            RAISE EXCEPTION 'pg_llm: dataset "%": rows of different lengths (% and %) in one batch', p_dataset,
+              seq_len, cardinality(r.tk) USING HINT = 'Load the corpus with one --block-size.';
+          END IF;
+          IF p_sums THEN sums := sums || md5(r.tk::TEXT || '/' || r.tg::TEXT); END IF;
+          IF r.ord > p_lo AND r.ord <= p_hi THEN
+            tokens := tokens || r.tk; targets := targets || r.tg;
+          END IF;
+        END LOOP;
+    """, rows="SELECT b.tk, b.tg, b.ord FROM llm_train_batch(p_dataset, p_split, p_batch_size, p_seed, p_step, "
+              "p_micro) WITH ORDINALITY AS b(tk, tg, ord)")
+    return function("llm_train_micro", "p_dataset TEXT, p_split TEXT, p_batch_size INT, p_seed BIGINT, p_step INT, "
+                    "p_micro INT, p_lo INT, p_hi INT, p_sums BOOLEAN, OUT tokens INT[], OUT targets INT[], "
+                    "OUT seq_len INT, OUT sums TEXT[]", "RECORD", body, volatility="STABLE",
+                    settings=KERNEL_SETTINGS,
+                    note="""Micro-batch p_micro of step p_step (llm_train_batch): rows (p_lo, p_hi] of it (all:
+                    0, p_batch_size; a data-parallel rank's share) as flat token and target arrays, the rows'
+                    length (all rows' lengths checked), and with p_sums an md5 of every row of the micro-batch
+                    (ranks compare them: the same rows everywhere).""")
+
+
 def _grads() -> str:
     body = plpgsql("""
         v_tape BIGINT := llm_scratch_mark();
@@ -157,18 +185,10 @@ STEP = f"""
     v_step := (SELECT m.step FROM llm_model AS m WHERE m.name = model FOR UPDATE) + 1;
     v_tape := llm_scratch_mark();
     FOR micro IN 1 .. grad_accum LOOP
-      v_tokens := '{{}}'; v_targets := '{{}}'; v_t := NULL;
-      FOR r IN SELECT * FROM llm_train_batch(dataset, split, batch_size, seed, v_step, micro) LOOP
-        IF v_t IS NULL THEN v_t := cardinality(r.tokens); END IF;
-        IF cardinality(r.tokens) <> v_t OR cardinality(r.targets) <> v_t THEN
-          RAISE EXCEPTION 'pg_llm: dataset "%": rows of different lengths (% and %) in one batch', dataset, v_t,
-            cardinality(r.tokens) USING HINT = 'Load the corpus with one --block-size.';
-        END IF;
-        v_tokens := v_tokens || r.tokens; v_targets := v_targets || r.targets;
-      END LOOP;
-      v_loss := v_loss + llm_gpt2_loss_backward(model, v_tokens, v_targets, v_t, v_tape, dropout,
+      mb := llm_train_micro(dataset, split, batch_size, seed, v_step, micro, 0, batch_size, FALSE);
+      v_loss := v_loss + llm_gpt2_loss_backward(model, mb.tokens, mb.targets, mb.seq_len, v_tape, dropout,
         llm_site_seed(seed, v_step::TEXT || ':' || micro::TEXT), 1.0 / grad_accum, p_hold => TRUE) / grad_accum;
-      v_ntok := v_ntok + cardinality(v_tokens);
+      v_ntok := v_ntok + cardinality(mb.tokens);
     END LOOP;
     v_params := ARRAY(SELECT v.id FROM llm_tensor AS v WHERE v.model = llm_train_step.model AND v.role = 'param'
                       AND v.id > 0 ORDER BY v.id);
@@ -212,8 +232,7 @@ SHORT_CONTEXT = """
 
 def _step() -> str:
     body = plpgsql("""
-        v_t0 TIMESTAMPTZ; v_step INT; v_tape BIGINT; v_t INT; r RECORD; st RECORD;
-        v_tokens INT[]; v_targets INT[]; v_loss FLOAT8 := 0; v_ntok BIGINT := 0;
+        v_t0 TIMESTAMPTZ; v_step INT; v_tape BIGINT; mb RECORD; st RECORD; v_loss FLOAT8 := 0; v_ntok BIGINT := 0;
         v_params BIGINT[]; v_grads BIGINT[]; v_norm FLOAT8; v_coef FLOAT8; v_lr FLOAT8; v_name TEXT;
         v_log llm_train_log; v_msg TEXT; v_detail TEXT; v_hint TEXT; v_state TEXT;
     """, "BEGIN\n" + textwrap.indent(textwrap.dedent(STEP).strip("\n"), "  ") + textwrap.dedent(SHORT_CONTEXT))
@@ -255,4 +274,4 @@ def _decay() -> str:
 
 
 def emit() -> str:
-    return "\n".join([comment(__doc__ or ""), _tables(), _guard(), _decay(), _batch(), _grads(), _step()])
+    return "\n".join([comment(__doc__ or ""), _tables(), _guard(), _decay(), _batch(), _micro(), _grads(), _step()])
