@@ -4,10 +4,11 @@ One `llm_train_step` (dropout 0.1, AdamW, clipping, the GPT-2 recipe's hyperpara
 weights, imported once) at batch 1 x 128 and 2 x 1024 tokens (8 x 1024 in the optional section `train_long`),
 against the same step in torch (transformers GPT2LMHeadModel in train mode, dropout 0.1, cross-entropy,
 backward, clip_grad_norm_, AdamW with decay groups; torch.set_num_threads = the server's BLAS threads) on the
-same rows. Per case: torch's steps first (warm-up steps, then timed consecutive ones), then pg_llm's on the
-same rows (each followed by the VACUUM CALL llm_train_run runs between its steps, the timed ones by one
-CHECKPOINT and a sync), as seconds per step of a sustained loop. Peak scratch = the largest size of the
-UNLOGGED scratch partition sampled every 0.1 s from another connection during the timed pg_llm steps.
+same rows. Per case: torch's steps first (warm-up steps, then timed consecutive ones, the C library keeping freed
+memory as in pg_llm's training backends), then pg_llm's on the same rows (each followed by the VACUUM CALL
+llm_train_run runs between its steps, the timed ones by one CHECKPOINT and a sync), as seconds per step of a
+sustained loop. Peak scratch = the largest size of the UNLOGGED scratch partition sampled every 0.1 s from another
+connection during the timed pg_llm steps.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import psycopg
 
 from pg_llm.bench import Context, Table, random_dataset
 from pg_llm.bench.gpt2 import HP, Gpt2Bench, checkpoint, torch_model
+from pg_llm.kernels.runtime import keep_freed_memory
 
 CASES = ((1, 128), (2, 1024))
 ROWS = 32  # dataset rows of 1024 tokens: batches are drawn from them by the step's seed
@@ -30,6 +32,7 @@ DROPOUT = 0.1
 # forward took more than the machine's 24 GiB (OOM-killed), so torch runs the step in forwards of 2,048 tokens
 # (the same step: the mean loss over all rows, gradients accumulated before clipping and AdamW)
 TORCH_MICRO_TOKENS = 2048
+TORCH_WARMUP = 2  # with freed memory kept, torch's second step still grew its heap (2 x 1024: 77 s, then 21-34 s)
 SHORT_TOKENS = 1024  # steps this short get 2 warm-up steps and 3 timed ones
 
 
@@ -121,11 +124,13 @@ def _flush(ctx: Context) -> None:
 
 
 def _torch_phase(path, batches: list[tuple[np.ndarray, np.ndarray]], B: int, warmup: int, runs: int) -> float:
-    """Seconds per step of `runs` consecutive torch steps after `warmup` ones, before pg_llm trains: beside a
+    """Seconds per step of `runs` consecutive torch steps after `warmup` ones (at least TORCH_WARMUP), in this
+    process with the C library keeping freed memory as pg_llm's training backends do, before pg_llm trains: beside a
     server that had run training steps, torch's 1 x 128 step took 2.3-6.6 s instead of 1.7-2.1 s alone (the
     kernel reclaiming the memory PostgreSQL churned through, 2026-12-03), which flattered the ratio."""
+    keep_freed_memory({})  # the allocator policy of pg_llm's training backends (torch's 2 x 1024: 40-55 s -> 21-34 s)
     step = _torch_step(path, batches, B)
-    for _ in range(warmup):
+    for _ in range(max(warmup, TORCH_WARMUP)):
         step()
     t0 = time.perf_counter()
     for _ in range(runs):
@@ -201,7 +206,10 @@ def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
     t.notes += [f"GPT-2 small, random weights (seed 0); seconds per step of consecutive steps: torch first (after "
                 f"its warm-up steps, before pg_llm's), then pg_llm, each step followed by the VACUUM CALL "
                 f"llm_train_run runs, and the timed steps by a CHECKPOINT and a sync (their writes reach the disk "
-                f"inside their time); 2 timed steps after 1 warm-up step (4 after 2 up to {SHORT_TOKENS} tokens: the "
+                f"inside their time); torch in this process with the C library keeping the memory it frees, as "
+                f"pg_llm's training backends do (kernels/runtime.keep_freed_memory), and {TORCH_WARMUP} warm-up "
+                f"steps at least; "
+                f"2 timed steps after 1 warm-up step (4 after 2 up to {SHORT_TOKENS} tokens: the "
                 f"second step still grows the durable partition); {b.threads} BLAS threads for the server and torch; "
                 f"torch runs a step of more than {TORCH_MICRO_TOKENS} tokens as forwards of {TORCH_MICRO_TOKENS} "
                 "tokens with accumulated gradients (in one forward, 8 x 1024 tokens exceed 24 GiB in transformers' "
