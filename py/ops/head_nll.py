@@ -77,7 +77,7 @@ def _run() -> str:
         (with p_tape, dhead NULL: kept as the tape's pending gradient of the head, see llm_head_nll_flush). With
         p_ln (ln_f's weight and bias ids), x is the last block's output: ln_f(x, eps p_eps) feeds the head, dx is
         through ln_f and dln holds ln_f's two gradients.
-        tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 256 rows, never stored.""")
+        tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 1024 rows, never stored.""")
 
 
 FLUSH = "SELECT k.tr, k.tc, k.data FROM llm_mk_head_nll_flush(p_tape, p_head, v_htile, v_g) AS k"

@@ -47,7 +47,7 @@ $fn$;
 -- (with p_tape, dhead NULL: kept as the tape's pending gradient of the head, see llm_head_nll_flush). With
 -- p_ln (ln_f's weight and bias ids), x is the last block's output: ln_f(x, eps p_eps) feeds the head, dx is
 -- through ln_f and dln holds ln_f's two gradients.
--- tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 256 rows, never stored.
+-- tiling: one llm_mk_head_nll call over every tile of x; logits in chunks of 1024 rows, never stored.
 CREATE OR REPLACE FUNCTION llm_internal.llm_head_nll(p_x BIGINT, p_head BIGINT, p_targets INT[], p_scale FLOAT8 DEFAULT 1, p_tape BIGINT DEFAULT NULL, p_ln BIGINT[] DEFAULT NULL, p_eps FLOAT8 DEFAULT 1e-5, OUT loss FLOAT8, OUT dx BIGINT, OUT dhead BIGINT, OUT dln BIGINT[])
 RETURNS RECORD
 LANGUAGE plpgsql
