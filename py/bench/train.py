@@ -33,7 +33,7 @@ DROPOUT = 0.1
 # (the same step: the mean loss over all rows, gradients accumulated before clipping and AdamW)
 TORCH_MICRO_TOKENS = 2048
 TORCH_WARMUP = 2  # with freed memory kept, torch's second step still grew its heap (2 x 1024: 77 s, then 21-34 s)
-SHORT_TOKENS = 1024  # steps this short get 2 warm-up steps and 3 timed ones
+SHORT_TOKENS = 1024  # steps this short get 2 warm-up steps and 4 timed ones
 
 
 class ScratchPeak:
@@ -66,18 +66,15 @@ class ScratchPeak:
         self.conn.close()
 
 
-def _torch_step(path, batches: list[tuple[np.ndarray, np.ndarray]], B: int):
-    """torch's step s on the rows pg_llm's step s drew (batches[s - 1]): train mode (dropout 0.1), AdamW with
-    decay groups."""
+def _torch_step(path, B: int, T: int):
+    """torch's step on the rows (x, y) it is given: train mode (dropout 0.1), AdamW with decay groups."""
     import torch
 
     model, opt = torch_model(path, DROPOUT)
-    state = {"step": 0}
-    micro = max(1, TORCH_MICRO_TOKENS // batches[0][0].shape[1])  # rows per torch forward
+    micro = max(1, TORCH_MICRO_TOKENS // T)  # rows per torch forward
 
-    def step() -> float:
-        state["step"] += 1
-        x, y = batches[(state["step"] - 1) % len(batches)]
+    def step(batch: tuple[np.ndarray, np.ndarray]) -> float:
+        x, y = batch
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for r in range(0, B, micro):  # the same step: mean loss over all B rows, gradients accumulated
@@ -129,12 +126,12 @@ def _torch_phase(path, batches: list[tuple[np.ndarray, np.ndarray]], B: int, war
     server that had run training steps, torch's 1 x 128 step took 2.3-6.6 s instead of 1.7-2.1 s alone (the
     kernel reclaiming the memory PostgreSQL churned through, 2026-12-03), which flattered the ratio."""
     keep_freed_memory({})  # the allocator policy of pg_llm's training backends (torch's 2 x 1024: 40-55 s -> 21-34 s)
-    step = _torch_step(path, batches, B)
-    for _ in range(max(warmup, TORCH_WARMUP)):
-        step()
+    step = _torch_step(path, B, batches[0][0].shape[1])
+    for i in range(max(warmup, TORCH_WARMUP)):  # extra warm-ups repeat pg_llm's warm-up rows
+        step(batches[i % warmup])
     t0 = time.perf_counter()
-    for _ in range(runs):
-        step()
+    for batch in batches[warmup:warmup + runs]:  # the rows of pg_llm's timed steps
+        step(batch)
     secs = (time.perf_counter() - t0) / runs
     del step
     gc.collect()  # the model, its gradients and AdamW state: gigabytes at 8 x 1024
