@@ -30,3 +30,17 @@ def test_doctor_sizes_shared_buffers_for_training(conn: psycopg.Connection) -> N
     value, status = buffers_status(512, 12 * 124_439_808)
     assert "1425 MB" in value and status.startswith("warning") and ">= 3362 MB" in status, status
     assert buffers_status(4096, 12 * 124_439_808)[1] == "ok"
+
+
+def test_doctor_wal_settings_for_training(conn: psycopg.Connection) -> None:
+    """The wal row: ok under the harness's settings; the advice from a step's WAL (GPT-2 small: 1.4 GB)."""
+    value, status = conn.execute("SELECT value, status FROM llm_doctor() WHERE check_name = 'wal'").fetchone()
+    assert value.startswith("min_wal_size ") and status == "ok", (value, status)
+    from pg_llm.kernels.doctor import wal_status
+    step = 12 * 124_439_808
+    assert wal_status(80, 1024, 16, step)[1].startswith("warning: ")  # PostgreSQL's defaults
+    assert "min_wal_size >= 1024 MB" in wal_status(80, 1024, 256, step)[1]
+    assert "min_wal_size >= 2850 MB" in wal_status(80, 4096, 256, step)[1]
+    assert wal_status(4096, 4096, 256, step)[1] == "ok"
+    assert wal_status(4096, 4096, 16, step)[1].startswith("warning: ")  # the backend writes its WAL
+    assert wal_status(80, 1024, 16, 12 * 1000)[1] == "ok"  # a tiny model's steps write little WAL

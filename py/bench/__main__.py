@@ -60,7 +60,8 @@ def env_table(ctx: Context) -> Table:
         built = f"unknown ({e})"
     pg, jit, sb, wal = conn.execute(
         "SELECT current_setting('server_version'), pg_jit_available(), current_setting('shared_buffers'), "
-        "current_setting('max_wal_size')").fetchone()
+        "concat_ws(' / ', current_setting('min_wal_size'), current_setting('max_wal_size'), "
+        "current_setting('wal_buffers'))").fetchone()
     t = Table("Environment", ["item", "client (.venv)", "server (plpython3u)"])
     for label, c, s in zip(("numpy", "OpenBLAS core, threads", "OpenBLAS build", "OpenBLAS/OMP env"),
                            _blas_row(client), _blas_row(server), strict=True):
@@ -68,7 +69,7 @@ def env_table(ctx: Context) -> Table:
     t.add("np.show_config blas", built, "same wheel" if server.get("numpy") == client.get("numpy") else "?")
     t.add("threadpoolctl", pools, "-")
     t.add("PostgreSQL, JIT available", "-", f"{pg}, {jit}")
-    t.add("shared_buffers, max_wal_size", "-", f"{sb}, {wal}")
+    t.add("shared_buffers, min / max_wal_size / wal_buffers", "-", f"{sb}, {wal}")
     t.add("cores, load average", f"{os.cpu_count()}, {' '.join(f'{x:.2f}' for x in os.getloadavg())}", "-")
     t.notes.append(f"{datetime.now():%Y-%m-%d %H:%M}; median of {ctx.runs} runs after {ctx.warmup} warm-up; "
                    "other processes share the cores, so compare ratios measured in the same run.")
