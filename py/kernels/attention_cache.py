@@ -2,6 +2,7 @@
 positions against a key/value cache, for incremental decoding (and the fused block step)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -12,6 +13,14 @@ from pg_llm.kernels.tiles import F32, floats, whole
 QUERY_BLOCK = 256  # query rows at a time: a block attends only to the keys up to its last row
 
 
+@functools.cache
+def _future(r: int) -> np.ndarray:
+    """(r, r) float32: -inf above the diagonal (a row's future keys), 0 elsewhere; read-only, made once per r."""
+    m = np.triu(np.full((r, r), -np.inf, dtype=F32), 1)
+    m.flags.writeable = False
+    return m
+
+
 def causal_exp(q: np.ndarray, k: np.ndarray, first: int, scale: np.float32) -> np.ndarray:
     """exp(q k * scale - rowmax), float32 (H, r, keys), of query rows at positions first .. first+r-1 (q: (H, r, hd))
     over the keys 0 .. first+r-1 (k: (H, hd, keys)); the future entries are exactly 0. Unnormalized: the
@@ -20,7 +29,7 @@ def causal_exp(q: np.ndarray, k: np.ndarray, first: int, scale: np.float32) -> n
     e *= scale
     r = q.shape[1]
     if r > 1:  # only the block's own keys can be in the future of one of its rows
-        e[:, :, first:][:, np.triu(np.ones((r, r), dtype=bool), 1)] = -np.inf
+        e[:, :, first:] += _future(r)  # x + 0 is x, x + -inf is -inf: a boolean-mask store took 4x as long
     e -= e.max(axis=-1, keepdims=True)
     np.exp(e, out=e)
     return e
