@@ -133,29 +133,3 @@ def test_a_step_too_big_for_the_disk_or_the_cap_is_refused(conn: psycopg.Connect
             conn.execute(f"RESET {setting}")
     after = conn.execute("SELECT (SELECT count(*) FROM llm_train_log), (SELECT step FROM llm_model)").fetchone()
     assert before == after
-
-
-def test_call_loop_vacuum_runs_beside_the_next_step_which_waits_for_it(conn: psycopg.Connection,
-                                                                       model: str) -> None:
-    """llm_loopback_vacuum starts the VACUUM and returns; the next step of CALL llm_train_run (named by
-    pg_llm.loop_vacuum) waits for whatever runs on that connection before its AdamW writes: a 5 s statement there
-    has ended when a (sub-second) tiny step returns."""
-    conn.execute("SELECT llm_internal.llm_loopback_connect('vac')")
-    try:
-        assert conn.execute("SELECT llm_internal.llm_loopback_wait(NULL), llm_internal.llm_loopback_wait('none'), "
-                            "llm_internal.llm_loopback_wait('vac')").fetchone() == (None, None, None)  # idle: at once
-        conn.execute("SELECT llm_internal.llm_loopback_vacuum('vac')")
-        assert conn.execute("SELECT llm_internal.llm_loopback_wait('vac')").fetchone()[0] == "VACUUM"
-        conn.execute("SELECT dblink_send_query('vac', 'SELECT pg_sleep(5)')")
-        assert conn.execute("SELECT dblink_is_busy('vac')").fetchone()[0] == 1
-        step = conn.execute("SELECT step FROM llm_model WHERE name = 'm'").fetchone()[0]
-        conn.execute("SET pg_llm.loop_vacuum = 'vac'")
-        try:
-            conn.execute(f"SELECT llm_train_step('m', {ARGS.replace('max_steps => 20', f'max_steps => {step + 9}')})")
-        finally:
-            conn.execute("RESET pg_llm.loop_vacuum")
-        assert conn.execute("SELECT dblink_is_busy('vac')").fetchone()[0] == 0
-        assert conn.execute("SELECT step FROM llm_model WHERE name = 'm'").fetchone()[0] == step + 1
-    finally:
-        conn.execute("SELECT llm_internal.llm_loopback_close('vac')")
-    assert "vac" not in (conn.execute("SELECT dblink_get_connections()").fetchone()[0] or [])

@@ -196,9 +196,6 @@ STEP = f"""
     v_norm := llm_global_grad_norm(ARRAY(SELECT g FROM unnest(v_grads) AS g WHERE g IS NOT NULL));
     v_coef := llm_clip_coef(v_norm, grad_clip);
     v_lr := llm_lr_at(v_step, lr, warmup_steps, coalesce(max_steps, v_step), min_lr);
-    -- CALL llm_train_run's VACUUM of its previous step ran beside this step's forward and backward: it ends
-    -- before the AdamW writes, so that they reuse the space it frees
-    PERFORM llm_loopback_wait(nullif(current_setting('pg_llm.loop_vacuum', TRUE), ''), FALSE);
     FOR i IN 1 .. cardinality(v_params) LOOP
       CONTINUE WHEN v_grads[i] IS NULL;  -- like torch: a parameter without a gradient is not updated
       v_name := (SELECT v.name FROM llm_tensor AS v WHERE v.id = v_params[i]);

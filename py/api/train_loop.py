@@ -157,8 +157,6 @@ def _procedure() -> str:
               'llm_train_run(...) again: it resumes at the next step.';
             EXIT;
           END IF;
-          -- the step waits for the previous step's VACUUM (below) before its AdamW writes reuse what it frees
-          PERFORM set_config('pg_llm.loop_vacuum', coalesce(v_conn, ''), TRUE);
           v_log := {STEP_CALL});
           v_val := NULL;
           IF eval_every > 0 AND (v_log.step % eval_every = 0 OR v_log.step = steps) THEN
@@ -169,8 +167,7 @@ def _procedure() -> str:
             tokens_per_s = v_log.tokens / v_log.seconds, updated_at = clock_timestamp() WHERE j.model = v_log.model;
     """ + NOTICE + """
           COMMIT;
-          -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here),
-          -- on the loopback connection while the next step's forward and backward run
+          -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
           PERFORM llm_loopback_vacuum(v_conn);
           v_now := llm_disk_free();
           v_growth := greatest(v_free - v_now, 0);  -- the last step's: pages are reused after VACUUM
@@ -182,8 +179,7 @@ def _procedure() -> str:
                      note="""CALL form of the training loop: steps are committed one by one (an interruption
                      loses at most the step in progress); resumes at llm_model.step up to `steps`. After
                      each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
-                     procedure) while the next step computes (that step's AdamW waits for it), so disk use
-                     stays flat; it stops with a WARNING before the disk fills.""")
+                     procedure), so disk use stays flat; it stops with a WARNING before the disk fills.""")
 
 
 def _function() -> str:

@@ -150,9 +150,7 @@ def _loopback() -> str:
                         note="""Open the named dblink connection to this database as this user (set pg_llm.loopback
                         to extra conninfo, e.g. a password, if the server needs it)."""))
     body = plpgsql("v TEXT;", """
-        IF p_conn IS NULL OR NOT p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
-          RETURN NULL;
-        END IF;
+        PERFORM dblink_send_query(p_conn, p_sql);
         BEGIN
           WHILE dblink_is_busy(p_conn) = 1 LOOP
             PERFORM pg_sleep(0.005);  -- where a cancel or statement_timeout of the caller lands
@@ -169,32 +167,21 @@ def _loopback() -> str:
         PERFORM * FROM dblink_get_result(p_conn, FALSE) AS x(v TEXT);  -- the end of its results
         RETURN v;
     """)
-    out.append(function("llm_loopback_wait", "p_conn TEXT, p_fail BOOLEAN DEFAULT TRUE", "TEXT", body,
-                        note="""Wait for the statement sent on the loopback connection p_conn (none, or no such
-                        connection, e.g. NULL: returns NULL at once) and return the first column of its first row
-                        as text (a command: its status). Interruptible: the caller's cancel or statement_timeout
-                        cancels the loopback statement as well (a plain dblink call waits for it) and returns once
-                        it has ended (at most 30 s later). p_fail FALSE: a failed statement returns NULL (with a
-                        WARNING)."""))
-    body = plpgsql("", """
-        PERFORM dblink_send_query(p_conn, p_sql);
-        RETURN llm_loopback_wait(p_conn, p_fail);
-    """)
     out.append(function("llm_loopback_run", "p_conn TEXT, p_sql TEXT, p_fail BOOLEAN DEFAULT TRUE", "TEXT", body,
-                        note="Run one statement on the loopback connection p_conn; llm_loopback_wait's result."))
+                        note="""Run one statement on the loopback connection p_conn and return the first column of
+                        its first row as text (a command: its status). Interruptible: the caller's cancel or
+                        statement_timeout cancels the loopback statement as well (a plain dblink call waits
+                        for it) and returns once it has ended (at most 30 s later). p_fail FALSE: a failed
+                        statement returns NULL (with a WARNING)."""))
     body = plpgsql("", """
         IF p_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
-          PERFORM llm_loopback_wait(p_conn, FALSE);
-          PERFORM dblink_send_query(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch');
+          PERFORM llm_loopback_run(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
         END IF;
     """)
     out.append(function("llm_loopback_vacuum", "p_conn TEXT", "VOID", body,
-                        note="""Start a VACUUM of the tile partitions on the loopback connection p_conn (NULL:
-                        nothing) and return: it runs beside the caller's next statements, which wait for it with
-                        llm_loopback_wait (llm_train_run's next step does before its AdamW writes)."""))
+                        note="VACUUM the tile partitions through the loopback connection p_conn (NULL: nothing)."))
     body = plpgsql("", """
         IF p_conn IS NOT NULL THEN
-          PERFORM llm_loopback_wait(p_conn, FALSE);  -- a VACUUM still running
           PERFORM dblink_disconnect(p_conn);
         END IF;
     """)

@@ -1,14 +1,14 @@
 """Bench section `train`: GPT-2 small training steps at the playbook's shapes against torch, same run.
 
-Steps of `CALL llm_train_run` (dropout 0.1, AdamW, clipping, the GPT-2 recipe's hyperparameters) on GPT-2 small
-(random weights, imported once) at batch 1 x 128 and 2 x 1024 tokens (8 x 1024 in the optional section
-`train_long`), against the same step in torch (transformers GPT2LMHeadModel in train mode, dropout 0.1,
-cross-entropy, backward, clip_grad_norm_, AdamW with decay groups; torch.set_num_threads = the server's BLAS
-threads) on the same rows. Per case: torch's steps first (warm-up steps, then timed consecutive ones, the C
-library keeping freed memory as in pg_llm's training backends), then pg_llm's on the same rows (a commit and a
-VACUUM after each step, the timed ones followed by one CHECKPOINT and a sync), as seconds per step of a
-sustained loop. Peak scratch = the largest size of the UNLOGGED scratch partition sampled every 0.1 s from
-another connection during the timed pg_llm steps.
+One `llm_train_step` (dropout 0.1, AdamW, clipping, the GPT-2 recipe's hyperparameters) of GPT-2 small (random
+weights, imported once) at batch 1 x 128 and 2 x 1024 tokens (8 x 1024 in the optional section `train_long`),
+against the same step in torch (transformers GPT2LMHeadModel in train mode, dropout 0.1, cross-entropy,
+backward, clip_grad_norm_, AdamW with decay groups; torch.set_num_threads = the server's BLAS threads) on the
+same rows. Per case: torch's steps first (warm-up steps, then timed consecutive ones, the C library keeping freed
+memory as in pg_llm's training backends), then pg_llm's on the same rows (each followed by the VACUUM CALL
+llm_train_run runs between its steps, the timed ones by one CHECKPOINT and a sync), as seconds per step of a
+sustained loop. Peak scratch = the largest size of the UNLOGGED scratch partition sampled every 0.1 s from another
+connection during the timed pg_llm steps.
 """
 from __future__ import annotations
 
@@ -138,17 +138,21 @@ def _torch_phase(path, batches: list[tuple[np.ndarray, np.ndarray]], B: int, war
     return secs
 
 
-def _pg_phase(ctx: Context, peak: ScratchPeak, call: str, model: str, args: tuple, warmup: int,
+def _pg_phase(ctx: Context, b: Gpt2Bench, peak: ScratchPeak, sql: str, args: tuple, warmup: int,
               runs: int) -> float:
-    """Seconds per step of `runs` consecutive steps of CALL llm_train_run (a commit and the loop's VACUUM after
-    each) after `warmup` ones, and a CHECKPOINT and a sync after them: a training loop's sustained cost, the
-    writes of its committed steps included."""
-    ctx.conn.execute(call, (model, warmup, *args))
+    """Seconds per step of `runs` consecutive llm_train_step calls after `warmup` ones, each followed by the
+    VACUUM that CALL llm_train_run runs between its steps, and the run by a CHECKPOINT and a sync: a training
+    loop's sustained cost, the writes of its committed steps included."""
+    for _ in range(warmup):
+        ctx.conn.execute(sql, args)
+        b.vacuum()
     _flush(ctx)
     peak.start()
     try:
         t0 = time.perf_counter()
-        ctx.conn.execute(call, (model, warmup + runs, *args))
+        for _ in range(runs):
+            ctx.conn.execute(sql, args)
+            b.vacuum()
         _flush(ctx)
         return (time.perf_counter() - t0) / runs
     finally:
@@ -170,9 +174,9 @@ def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
             ds = f"{model}_ds"
             b.datasets.append(ds)
             random_dataset(ctx.conn, ds, max(ROWS, 4 * B), T, 50257, SEED)
-            call = ("CALL llm_train_run(%s, %s, dataset => %s, batch_size => %s, dropout => %s, "
-                    "seed => %s, lr => %s, weight_decay => %s, beta1 => %s, beta2 => %s, eps => %s, grad_clip => %s)")
-            args = (ds, B, DROPOUT, SEED, HP["lr"], HP["weight_decay"], HP["beta1"], HP["beta2"], HP["eps"],
+            sql = ("SELECT loss FROM llm_train_step(%s, %s, batch_size => %s, dropout => %s, seed => %s, lr => %s, "
+                   "weight_decay => %s, beta1 => %s, beta2 => %s, eps => %s, grad_clip => %s)")
+            args = (model, ds, B, DROPOUT, SEED, HP["lr"], HP["weight_decay"], HP["beta1"], HP["beta2"], HP["eps"],
                     HP["grad_clip"])
             # short steps: 2 warm-up steps (the first creates the AdamW moments, the second still grows the durable
             # partition to its steady size: old and new tile versions; 9.7 s, then 5.8-6.9 s, 2026-12-03)
@@ -186,7 +190,7 @@ def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
             tor = _torch_phase(path, batches, B, warmup, runs)
             ctx.log(f"train: {B} x {T}: pg_llm")
             peak.peak = 0
-            pg = _pg_phase(ctx, peak, call, model, args, warmup, runs)
+            pg = _pg_phase(ctx, b, peak, sql, args, warmup, runs)
             t.add(f"{B} x {T}", B * T, pg, tor, pg / tor, B * T / pg, B * T / tor, peak.peak / 2**20)
             if B * T == min(b_ * t_ for b_, t_ in cases):
                 mb, secs = _floor(ctx, b, model)
@@ -197,10 +201,9 @@ def run_cases(ctx: Context, cases: tuple[tuple[int, int], ...]) -> list[Table]:
         peak.close()
         b.close()
     t.notes += [f"GPT-2 small, random weights (seed 0); seconds per step of consecutive steps: torch first (after "
-                f"its warm-up steps, before pg_llm's), then pg_llm's as CALL llm_train_run (a commit after each step, "
-                f"and its VACUUM, run beside the next step's forward and backward), the timed steps followed by a "
-                f"CHECKPOINT and a sync (their writes reach the disk inside their time); torch in this process with "
-                f"the C library keeping the memory it frees, as "
+                f"its warm-up steps, before pg_llm's), then pg_llm, each step followed by the VACUUM CALL "
+                f"llm_train_run runs, and the timed steps by a CHECKPOINT and a sync (their writes reach the disk "
+                f"inside their time); torch in this process with the C library keeping the memory it frees, as "
                 f"pg_llm's training backends do (kernels/runtime.keep_freed_memory), and {TORCH_WARMUP} warm-up "
                 f"steps at least; "
                 f"2 timed steps after 1 warm-up step (4 after 2 up to {SHORT_TOKENS} tokens: the "

@@ -95,8 +95,7 @@ $fn$;
 -- CALL form of the training loop: steps are committed one by one (an interruption
 --                      loses at most the step in progress); resumes at llm_model.step up to `steps`. After
 --                      each commit it vacuums the tile partitions (through dblink: VACUUM cannot run in a
---                      procedure) while the next step computes (that step's AdamW waits for it), so disk use
---                      stays flat; it stops with a WARNING before the disk fills.
+--                      procedure), so disk use stays flat; it stops with a WARNING before the disk fills.
 CREATE OR REPLACE PROCEDURE llm_train_run(model TEXT, steps INT, dataset TEXT DEFAULT NULL, batch_size INT DEFAULT NULL, lr FLOAT8 DEFAULT NULL, warmup_steps INT DEFAULT NULL, max_steps INT DEFAULT NULL, min_lr FLOAT8 DEFAULT NULL, weight_decay FLOAT8 DEFAULT NULL, beta1 FLOAT8 DEFAULT NULL, beta2 FLOAT8 DEFAULT NULL, eps FLOAT8 DEFAULT NULL, grad_clip FLOAT8 DEFAULT NULL, dropout FLOAT8 DEFAULT NULL, grad_accum INT DEFAULT NULL, seed BIGINT DEFAULT NULL, eval_every INT DEFAULT 0, eval_rows INT DEFAULT 64, split TEXT DEFAULT NULL, grad_workers INT DEFAULT NULL, prune_workers INT DEFAULT NULL)
 LANGUAGE plpgsql
 AS $fn$
@@ -167,8 +166,6 @@ BEGIN
         'llm_train_run(...) again: it resumes at the next step.';
       EXIT;
     END IF;
-    -- the step waits for the previous step's VACUUM (below) before its AdamW writes reuse what it frees
-    PERFORM set_config('pg_llm.loop_vacuum', coalesce(v_conn, ''), TRUE);
     v_log := llm_train_step(model, dataset, batch_size, lr => lr, warmup_steps => warmup_steps, min_lr => min_lr, weight_decay => weight_decay, beta1 => beta1, beta2 => beta2, eps => eps, grad_clip => grad_clip, dropout => dropout, grad_accum => grad_accum, seed => seed, max_steps => coalesce(max_steps, steps), split => split);
     v_val := NULL;
     IF eval_every > 0 AND (v_log.step % eval_every = 0 OR v_log.step = steps) THEN
@@ -187,8 +184,7 @@ BEGIN
     COMMIT;
 
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, @extschema@, llm_internal, pg_temp', TRUE);
-    -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here),
-    -- on the loopback connection while the next step's forward and backward run
+    -- the step's old tile versions are dead to every snapshot now: reclaim them (VACUUM cannot run here)
     PERFORM llm_loopback_vacuum(v_conn);
     v_now := llm_disk_free();
     v_growth := greatest(v_free - v_now, 0);  -- the last step's: pages are reused after VACUUM

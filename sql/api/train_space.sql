@@ -206,13 +206,12 @@ BEGIN
 END
 $fn$;
 
--- Wait for the statement sent on the loopback connection p_conn (none, or no such
---                         connection, e.g. NULL: returns NULL at once) and return the first column of its first row
---                         as text (a command: its status). Interruptible: the caller's cancel or statement_timeout
---                         cancels the loopback statement as well (a plain dblink call waits for it) and returns once
---                         it has ended (at most 30 s later). p_fail FALSE: a failed statement returns NULL (with a
---                         WARNING).
-CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_wait(p_conn TEXT, p_fail BOOLEAN DEFAULT TRUE)
+-- Run one statement on the loopback connection p_conn and return the first column of
+--                         its first row as text (a command: its status). Interruptible: the caller's cancel or
+--                         statement_timeout cancels the loopback statement as well (a plain dblink call waits
+--                         for it) and returns once it has ended (at most 30 s later). p_fail FALSE: a failed
+--                         statement returns NULL (with a WARNING).
+CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_run(p_conn TEXT, p_sql TEXT, p_fail BOOLEAN DEFAULT TRUE)
 RETURNS TEXT
 LANGUAGE plpgsql
 VOLATILE
@@ -221,9 +220,7 @@ AS $fn$
 DECLARE
   v TEXT;
 BEGIN
-  IF p_conn IS NULL OR NOT p_conn = ANY(coalesce(dblink_get_connections(), '{}')) THEN
-    RETURN NULL;
-  END IF;
+  PERFORM dblink_send_query(p_conn, p_sql);
   BEGIN
     WHILE dblink_is_busy(p_conn) = 1 LOOP
       PERFORM pg_sleep(0.005);  -- where a cancel or statement_timeout of the caller lands
@@ -242,22 +239,7 @@ BEGIN
 END
 $fn$;
 
--- Run one statement on the loopback connection p_conn; llm_loopback_wait's result.
-CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_run(p_conn TEXT, p_sql TEXT, p_fail BOOLEAN DEFAULT TRUE)
-RETURNS TEXT
-LANGUAGE plpgsql
-VOLATILE
-SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
-AS $fn$
-BEGIN
-  PERFORM dblink_send_query(p_conn, p_sql);
-  RETURN llm_loopback_wait(p_conn, p_fail);
-END
-$fn$;
-
--- Start a VACUUM of the tile partitions on the loopback connection p_conn (NULL:
---                         nothing) and return: it runs beside the caller's next statements, which wait for it with
---                         llm_loopback_wait (llm_train_run's next step does before its AdamW writes).
+-- VACUUM the tile partitions through the loopback connection p_conn (NULL: nothing).
 CREATE OR REPLACE FUNCTION llm_internal.llm_loopback_vacuum(p_conn TEXT)
 RETURNS VOID
 LANGUAGE plpgsql
@@ -266,8 +248,7 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   IF p_conn IS NOT NULL THEN  -- a failed VACUUM (e.g. not the tables' owner) must not stop training
-    PERFORM llm_loopback_wait(p_conn, FALSE);
-    PERFORM dblink_send_query(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch');
+    PERFORM llm_loopback_run(p_conn, 'VACUUM llm_tile_durable, llm_tile_scratch', FALSE);
   END IF;
 END
 $fn$;
@@ -281,7 +262,6 @@ SET search_path = pg_catalog, @extschema@, llm_internal, pg_temp
 AS $fn$
 BEGIN
   IF p_conn IS NOT NULL THEN
-    PERFORM llm_loopback_wait(p_conn, FALSE);  -- a VACUUM still running
     PERFORM dblink_disconnect(p_conn);
   END IF;
 END
