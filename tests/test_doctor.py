@@ -39,8 +39,9 @@ def test_doctor_wal_settings_for_training(conn: psycopg.Connection) -> None:
     from pg_llm.kernels.doctor import wal_status
     step = 12 * 124_439_808
     assert wal_status(80, 1024, 16, step)[1].startswith("warning: ")  # PostgreSQL's defaults
-    assert "min_wal_size >= 1024 MB" in wal_status(80, 1024, 256, step)[1]
-    assert "min_wal_size >= 2850 MB" in wal_status(80, 4096, 256, step)[1]
+    assert "min_wal_size and max_wal_size >= 2850 MB" in wal_status(80, 4096, 256, step)[1]
+    assert "min_wal_size and max_wal_size >= 2850 MB" in wal_status(2048, 2048, 256, step)[1]  # a checkpoint a step
     assert wal_status(4096, 4096, 256, step)[1] == "ok"
+    assert wal_status(2850, 8192, 64, step)[1] == "ok"
     assert wal_status(4096, 4096, 16, step)[1].startswith("warning: ")  # the backend writes its WAL
     assert wal_status(80, 1024, 16, 12 * 1000)[1] == "ok"  # a tiny model's steps write little WAL

@@ -97,11 +97,12 @@ def wal_status(lo_mb: int, hi_mb: int, buf_mb: int, step_bytes: int) -> tuple[st
     max_wal_size, wal_init_zero off, wal_buffers 256 MB and wal_writer_delay 10ms)."""
     value = 'min_wal_size %d MB, max_wal_size %d MB, wal_buffers %d MB' % (lo_mb, hi_mb, buf_mb)
     step_mb = -(-step_bytes // 1048576)
-    if step_mb < 256 or (lo_mb >= min(hi_mb, 2 * step_mb) and buf_mb >= 64):
+    want = 2 * step_mb  # the WAL of two steps: each step's segments are ones a checkpoint recycled
+    if step_mb < 256 or (lo_mb >= want and hi_mb >= want and buf_mb >= 64):
         return value, 'ok'
     return value, ('warning: training steps will recreate WAL segments and write WAL from the backend: set '
-                   'min_wal_size >= %d MB, wal_buffers = 256MB (a restart), wal_writer_delay = 10ms, '
-                   'wal_init_zero = off' % min(hi_mb, 2 * step_mb))
+                   'min_wal_size and max_wal_size >= %d MB, wal_buffers = 256MB (a restart), wal_writer_delay = '
+                   '10ms, wal_init_zero = off' % want)
 
 
 def blas_probe(threads: int = 0) -> dict:

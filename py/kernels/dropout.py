@@ -13,7 +13,7 @@ def _drop(seed: int, tr: int, tc: int, n: int, rate: float) -> np.ndarray:
     """The first n drop decisions (row-major) of tile (tr, tc)'s mask: PCG64(SeedSequence([seed, tr, tc])), 53-bit
     uniforms u = (bits >> 11) / 2^53, dropped when u < rate. A prefix: an edge tile's mask is the first rows of a
     full tile's. Compared as integers, the same decisions: u < rate <=> bits >> 11 < ceil(rate 2^53) <=> bits <
-    ceil(rate 2^53) << 11 (rate 2^53 is exact; 5x cheaper than forming the float64 uniforms)."""
+    ceil(rate 2^53) << 11 (rate 2^53 is exact), with no float64 array formed."""
     bits = np.random.PCG64(np.random.SeedSequence([seed % 2**64, tr, tc])).random_raw(n)
     return bits < np.uint64(math.ceil(rate * 2.0 ** 53) << 11)
 
