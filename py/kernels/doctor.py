@@ -32,7 +32,7 @@ def sgemm_gflops(n: int = 512, seconds: float = 0.05) -> float:
 
 
 def doctor(plpy: Any) -> list[tuple[str, str, str]]:
-    """(check, value, status) rows: server, plpython3u, numpy, BLAS, cores, sgemm speed, jit."""
+    """(check, value, status) rows: server, plpython3u, numpy, BLAS, cores, sgemm speed, jit, shared_buffers, wal."""
     rows: list[tuple[str, str, str]] = []
 
     def add(check: str, value: object, status: str = 'ok') -> None:
@@ -54,17 +54,17 @@ def doctor(plpy: Any) -> list[tuple[str, str, str]]:
             'install pg_llm numpy (make setup) and put it on the postmaster PYTHONPATH')
     add('jit', plpy.execute("SELECT current_setting('jit') AS v")[0]['v'],
         'ok (pg_llm kernels set jit = off per function)')
-    add('shared_buffers', *buffers_check(plpy))
-    add('wal', *wal_check(plpy))
-    return rows
-
-
-def buffers_check(plpy: Any) -> tuple[str, str]:
-    """(value, status) of shared_buffers against the largest visible model's training working set."""
+    # the settings a training step depends on, against the largest visible model's step (read once for both rows)
     r = plpy.execute(
         "SELECT pg_size_bytes(current_setting('shared_buffers')) / 1048576 AS sb, "
+        "pg_size_bytes(current_setting('min_wal_size')) / 1048576 AS lo, "
+        "pg_size_bytes(current_setting('max_wal_size')) / 1048576 AS hi, "
+        "pg_size_bytes(current_setting('wal_buffers')) / 1048576 AS buf, "
         "(SELECT max(llm_step_durable_bytes(m.name)) FROM llm_model AS m) AS step")[0]
-    return buffers_status(int(r['sb']), int(r['step'] or 0))
+    step = int(r['step'] or 0)
+    add('shared_buffers', *buffers_status(int(r['sb']), step))
+    add('wal', *wal_status(int(r['lo']), int(r['hi']), int(r['buf']), step))
+    return rows
 
 
 def buffers_status(sb_mb: int, step_bytes: int) -> tuple[str, str]:
@@ -78,16 +78,6 @@ def buffers_status(sb_mb: int, step_bytes: int) -> tuple[str, str]:
         return value, 'ok'
     return value, ('warning: training will write evicted pages from the backend: set shared_buffers >= %d MB '
                    '(a restart), a quarter of memory at most' % want)
-
-
-def wal_check(plpy: Any) -> tuple[str, str]:
-    """(value, status) of the WAL settings a training step's ~12 bytes of WAL per parameter wants."""
-    r = plpy.execute(
-        "SELECT pg_size_bytes(current_setting('min_wal_size')) / 1048576 AS lo, "
-        "pg_size_bytes(current_setting('max_wal_size')) / 1048576 AS hi, "
-        "pg_size_bytes(current_setting('wal_buffers')) / 1048576 AS buf, "
-        "(SELECT max(llm_step_durable_bytes(m.name)) FROM llm_model AS m) AS step")[0]
-    return wal_status(int(r['lo']), int(r['hi']), int(r['buf']), int(r['step'] or 0))
 
 
 def wal_status(lo_mb: int, hi_mb: int, buf_mb: int, step_bytes: int) -> tuple[str, str]:
